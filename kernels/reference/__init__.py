@@ -1,0 +1,24 @@
+"""Pure-torch twins of every kernel: the test oracle and the CPU fallback.
+
+One module per kernel (variant, keyframe, advantage, logprob); the names below are re-exported so
+`from strive_kernels.reference import keyframe_sample_reference` works.
+"""
+import importlib
+
+_EXPORTS = {
+    "variant_patchify_reference": "strive_kernels.reference.variant",
+    "keyframe_sample_reference": "strive_kernels.reference.keyframe",
+    "group_advantages_reference": "strive_kernels.reference.advantage",
+    "fused_logprob_loss_reference": "strive_kernels.reference.logprob",
+    "fused_logprobs_reference": "strive_kernels.reference.logprob",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'strive_kernels.reference' has no attribute {name!r}")

@@ -1,0 +1,52 @@
+"""Builds strive_kernels._C (the variant op) by driving CMake; every compile flag lives in CMakeLists.txt.
+
+The CUDA kernel is built only when the installed torch is a CUDA build (torch.version.cuda); a CPU torch
+gets the CPU kernel. Set STRIVE_CUDA_ARCHS="80;90" (CMake list) to choose CUDA architectures,
+STRIVE_BUILD_TYPE=Debug for a debug build, MAX_JOBS to bound parallel compilation.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import torch  # the torch we build against; needs --no-build-isolation
+
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        with_cuda = torch.version.cuda is not None
+        args = [
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('STRIVE_BUILD_TYPE', 'Release')}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out.parent}",
+            f"-DSTRIVE_OUTPUT_NAME={out.name}",
+            f"-DSTRIVE_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
+        ]
+        if os.environ.get("STRIVE_CUDA_ARCHS"):
+            args.append(f"-DSTRIVE_CUDA_ARCHS={os.environ['STRIVE_CUDA_ARCHS']}")
+        try:
+            import ninja  # noqa: F401
+
+            args.append("-GNinja")
+        except ImportError:
+            pass
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
+        subprocess.check_call(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs])
+
+
+setup(ext_modules=[CMakeExtension("strive_kernels._C")], cmdclass={"build_ext": CMakeBuild})

@@ -1,0 +1,478 @@
+"""Typed configuration: one dataclass per section, recipes in TOML, overrides from the command line.
+
+    cfg = load_config(["--recipe", "debug_cpu", "--rollout.num_generations=8"])
+
+Precedence, lowest first: dataclass defaults → recipe TOML (`strive_engine/recipes/<name>.toml` or a
+path) → `--section.field=value` (or `--section.field value`) on the command line. Every field is
+documented by its `help` metadata (`python -m strive_engine.train --help` prints them all) and
+validated in `__post_init__`; unknown sections or fields are an error that lists the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from strive_engine.algorithms import ADVANTAGE_MODES, LOSS_AGGREGATIONS, PRESETS
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "debug_cpu"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names section.field."""
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a help text (shown by --help and in error messages)."""
+    return field(default=default, metadata={"help": help})
+
+
+def _require(ok: bool, where: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def _choice(value: str, choices: typing.Iterable[str], where: str) -> None:
+    choices = tuple(choices)
+    _require(value in choices, where, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunConfig:
+    """Identity of a run: its name, where it writes, how long it trains, its seed."""
+
+    name: str = doc("debug_cpu", "run name, used in logs and as the default output folder name")
+    output_dir: str = doc("runs/debug_cpu", "folder for metrics.jsonl, plots, checkpoints and the HF export")
+    steps: int = doc(60, "RL training steps (one step = rollout of a batch + mu policy updates)")
+    seed: int = doc(0, "global seed; each rank derives its own as seed + rank")
+
+    def __post_init__(self):
+        _require(bool(self.name.strip()), "run.name", "must not be empty")
+        _require(self.steps >= 0, "run.steps", f"must be >= 0, got {self.steps}")
+
+
+@dataclass
+class DataConfig:
+    """Video-R1-format records (JSON list or JSONL) and how they are batched."""
+
+    path: str = doc("", "Video-R1 JSON/JSONL file; '' = the embedded synthetic set, generated on first use")
+    eval_path: str = doc("", "evaluation records; '' = the synthetic test split when path is ''")
+    synthetic_dir: str = doc("~/.cache/strive_engine/synthetic", "cache folder of the generated synthetic set")
+    synthetic_size: int = doc(240, "number of synthetic questions generated (train + test)")
+    synthetic_seed: int = doc(0, "seed of the synthetic generator (same seed, same files)")
+    batch_size: int = doc(2, "questions per rank per step (B); each expands to K variants x G answers")
+    shuffle: bool = doc(True, "reshuffle the records every epoch (seeded, identical on every rank)")
+
+    def __post_init__(self):
+        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.synthetic_size >= 2, "data.synthetic_size", f"must be >= 2, got {self.synthetic_size}")
+
+
+@dataclass
+class VideoConfig:
+    """Decoding of the candidate pool (stage 2)."""
+
+    backend: str = doc("auto", "auto | dali | pyav; auto uses DALI where it can decode the codec on this device")
+    pool_frames: int = doc(32, "P: candidate frames decoded per video, spread evenly over its duration")
+    prefetch_batches: int = doc(2, "decoded batches queued ahead of the training step (bounds host memory)")
+    decode_threads: int = doc(2, "CPU threads per decoder (PyAV threads / DALI CPU threads)")
+
+    def __post_init__(self):
+        _choice(self.backend, ("auto", "dali", "pyav"), "video.backend")
+        _require(self.pool_frames >= 1, "video.pool_frames", f"must be >= 1, got {self.pool_frames}")
+        _require(self.prefetch_batches >= 0, "video.prefetch_batches", "must be >= 0")
+        _require(self.decode_threads >= 1, "video.decode_threads", "must be >= 1")
+
+
+@dataclass
+class KeyframeConfig:
+    """Importance-aware keyframe sampling (stage 3): which F of the P candidates each variant sees."""
+
+    num_frames: int = doc(8, "F: frames per variant (even: Qwen merges frames in temporal pairs)")
+    temperature: float = doc(0.1, "tau: softmax temperature over cosine scores; lower = more peaked")
+    uniform_mix: float = doc(0.3, "lambda: weight of the uniform distribution mixed in; keeps temporal "
+                                  "coverage (max gap between chosen frames <= 2P/(lambda F))")
+    scorer: str = doc("policy", "policy (the policy's own vision tower + text embeddings) | siglip | clip")
+    scorer_path: str = doc("", "local HF folder of the SigLIP/CLIP scorer when scorer is siglip or clip")
+    score_side: int = doc(56, "frames are downscaled to about score_side^2 pixels before embedding")
+
+    def __post_init__(self):
+        _require(self.num_frames >= 2 and self.num_frames % 2 == 0, "keyframes.num_frames",
+                 f"must be an even number >= 2 (Qwen's temporal patch is 2), got {self.num_frames}")
+        _require(self.temperature > 0, "keyframes.temperature", f"must be > 0, got {self.temperature}")
+        _require(0.0 <= self.uniform_mix <= 1.0, "keyframes.uniform_mix", f"must be in [0, 1], got {self.uniform_mix}")
+        _choice(self.scorer, ("policy", "siglip", "clip"), "keyframes.scorer")
+        _require(self.scorer == "policy" or bool(self.scorer_path), "keyframes.scorer_path",
+                 f"scorer={self.scorer!r} needs a local model folder")
+        _require(self.score_side >= 28, "keyframes.score_side", "must be >= 28")
+
+
+@dataclass
+class VariantConfig:
+    """Spatiotemporal variants (stage 4): K (index set, crop box) pairs per question."""
+
+    num_variants: int = doc(4, "K: variants per question (1 = plain GRPO on one view)")
+    crop_area_min: float = doc(0.5, "smallest crop area as a fraction of the frame (random resized crop)")
+    crop_area_max: float = doc(1.0, "largest crop area as a fraction of the frame")
+    crop_aspect_min: float = doc(0.75, "smallest crop aspect ratio w/h (sampled log-uniformly)")
+    crop_aspect_max: float = doc(4 / 3, "largest crop aspect ratio w/h")
+    min_pixels: int = doc(16 * 28 * 28, "smart_resize lower bound on pixels per output frame")
+    max_pixels: int = doc(256 * 28 * 28, "smart_resize upper bound on pixels per output frame")
+    backend: str = doc("auto", "auto | cpp | torch: the C++/CUDA op or the pure-torch reference")
+
+    def __post_init__(self):
+        _require(self.num_variants >= 1, "variants.num_variants", f"must be >= 1, got {self.num_variants}")
+        _require(0 < self.crop_area_min <= self.crop_area_max <= 1, "variants.crop_area_min/max",
+                 f"need 0 < min <= max <= 1, got {self.crop_area_min}, {self.crop_area_max}")
+        _require(0 < self.crop_aspect_min <= self.crop_aspect_max, "variants.crop_aspect_min/max",
+                 f"need 0 < min <= max, got {self.crop_aspect_min}, {self.crop_aspect_max}")
+        _require(28 * 28 <= self.min_pixels <= self.max_pixels, "variants.min_pixels/max_pixels",
+                 f"need 784 <= min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        _choice(self.backend, ("auto", "cpp", "torch"), "variants.backend")
+
+
+@dataclass
+class ModelConfig:
+    """The policy: a local HF checkpoint, or the embedded tiny Qwen2.5-VL with random weights."""
+
+    path: str = doc("", "local HF folder (Qwen2.5-VL / Qwen2-VL / Qwen3-VL, safetensors); '' = tiny random model")
+    dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32: dtype of the weights")
+    attn_implementation: str = doc("auto", "auto (flash_attention_2 if importable on CUDA, else sdpa) | "
+                                           "flash_attention_2 | sdpa | eager")
+    liger: bool = doc(True, "apply liger-kernel's Qwen-VL patches (RMSNorm, SwiGLU, mRoPE) on CUDA when installed")
+    tiny_hidden_size: int = doc(128, "tiny model: LLM hidden size")
+    tiny_layers: int = doc(2, "tiny model: LLM decoder layers")
+    tiny_heads: int = doc(4, "tiny model: attention heads (LLM and vision)")
+    tiny_vision_depth: int = doc(2, "tiny model: vision transformer blocks")
+    tiny_vision_hidden_size: int = doc(64, "tiny model: vision transformer width")
+    tokenizer_dir: str = doc("~/.cache/strive_engine/tokenizer", "cache of the tiny model's offline tokenizer")
+
+    def __post_init__(self):
+        _choice(self.dtype, ("auto", "bfloat16", "float32"), "model.dtype")
+        _choice(self.attn_implementation, ("auto", "flash_attention_2", "sdpa", "eager"), "model.attn_implementation")
+        for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_vision_depth", "tiny_vision_hidden_size"):
+            _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
+        _require(self.tiny_hidden_size % self.tiny_heads == 0, "model.tiny_hidden_size",
+                 f"must be divisible by tiny_heads={self.tiny_heads}")
+        _require(self.tiny_vision_hidden_size % self.tiny_heads == 0, "model.tiny_vision_hidden_size",
+                 f"must be divisible by tiny_heads={self.tiny_heads}")
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of G answers per (question, variant) with HF generate (stage 5)."""
+
+    num_generations: int = doc(4, "G: answers sampled per (question, variant)")
+    temperature: float = doc(1.0, "sampling temperature (also divides the logits in the loss)")
+    top_p: float = doc(1.0, "nucleus sampling threshold")
+    top_k: int = doc(0, "top-k sampling; 0 = off")
+    max_new_tokens: int = doc(24, "longest completion")
+    max_batch: int = doc(0, "most sequences per generate call; 0 = all B*K*G at once")
+
+    def __post_init__(self):
+        _require(self.num_generations >= 1, "rollout.num_generations", "must be >= 1")
+        _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= 0, "rollout.top_k", "must be >= 0")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _require(self.max_batch >= 0, "rollout.max_batch", "must be >= 0")
+
+
+@dataclass
+class RewardConfig:
+    """Reward = accuracy_weight * accuracy + format_weight * format (+ algorithm.temporal_bonus)."""
+
+    accuracy_weight: float = doc(1.0, "weight of the per-problem-type accuracy reward in [0, 1]")
+    format_weight: float = doc(0.5, "weight of the <think>...</think><answer>...</answer> format reward")
+
+    def __post_init__(self):
+        for name in ("accuracy_weight", "format_weight"):
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v >= 0, f"reward.{name}", f"must be finite and >= 0, got {v}")
+
+
+@dataclass
+class AlgorithmConfig:
+    """Policy-optimisation algorithm; fields left unset are taken from the preset."""
+
+    preset: str = doc("strive", "grpo | strive | dr_grpo | dapo | tgrpo (see strive_engine/algorithms.py)")
+    advantage_mode: str | None = doc(None, "joint | per_variant | mean_only | batch_std (default: preset)")
+    adv_eps: float = doc(1e-6, "eps added to the std when normalising advantages")
+    eps_low: float | None = doc(None, "lower clip range of the importance ratio (default: preset)")
+    eps_high: float | None = doc(None, "upper clip range (DAPO clip-higher; default: preset)")
+    beta: float | None = doc(None, "k3 KL coefficient to the frozen reference (0 = no reference model)")
+    loss_agg: str | None = doc(None, "token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (default: preset)")
+    dynamic_sampling: bool | None = doc(None, "DAPO: drop groups whose raw accuracy is all 0 or all 1")
+    temporal_bonus: float | None = doc(None, "T-GRPO alpha: bonus to correct answers when ordered frames beat "
+                                             "shuffled ones (0 = off; tgrpo preset: 0.3)")
+    ppo_epochs: int = doc(1, "mu: policy updates per rollout batch")
+    minibatches: int = doc(1, "mini-batches per update (one optimizer step each)")
+
+    def __post_init__(self):
+        _choice(self.preset, PRESETS, "algorithm.preset")
+        p = PRESETS[self.preset]
+        for name in ("advantage_mode", "eps_low", "eps_high", "beta", "loss_agg", "dynamic_sampling", "temporal_bonus"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(p, name))
+        _choice(self.advantage_mode, ADVANTAGE_MODES, "algorithm.advantage_mode")
+        _choice(self.loss_agg, LOSS_AGGREGATIONS, "algorithm.loss_agg")
+        _require(0 <= self.eps_low < 1, "algorithm.eps_low", f"must be in [0, 1), got {self.eps_low}")
+        _require(self.eps_high >= 0, "algorithm.eps_high", f"must be >= 0, got {self.eps_high}")
+        _require(self.beta >= 0, "algorithm.beta", f"must be >= 0, got {self.beta}")
+        _require(self.temporal_bonus >= 0, "algorithm.temporal_bonus", f"must be >= 0, got {self.temporal_bonus}")
+        _require(self.adv_eps > 0, "algorithm.adv_eps", "must be > 0")
+        _require(self.ppo_epochs >= 1, "algorithm.ppo_epochs", "must be >= 1")
+        _require(self.minibatches >= 1, "algorithm.minibatches", "must be >= 1")
+
+
+@dataclass
+class SFTConfig:
+    """Optional supervised warm start (Video-R1's SFT stage) chained before RL."""
+
+    steps: int = doc(0, "SFT steps before RL; 0 = none")
+    lr: float = doc(1e-3, "SFT learning rate (AdamW, constant after a short warmup)")
+    batch_size: int = doc(8, "questions per rank per SFT step (canonical view only)")
+
+    def __post_init__(self):
+        _require(self.steps >= 0, "sft.steps", "must be >= 0")
+        _require(self.lr > 0, "sft.lr", "must be > 0")
+        _require(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup and cosine (or constant) decay; gradient clipping."""
+
+    lr: float = doc(1e-6, "peak learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    beta1: float = doc(0.9, "AdamW beta1")
+    beta2: float = doc(0.999, "AdamW beta2")
+    eps: float = doc(1e-8, "AdamW eps")
+    warmup_steps: int = doc(0, "optimizer steps of linear warmup")
+    schedule: str = doc("cosine", "cosine | constant after warmup")
+    min_lr_ratio: float = doc(0.1, "cosine floor as a fraction of lr")
+    grad_clip: float = doc(1.0, "max global grad norm; 0 = off")
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2", "must be in [0, 1)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _choice(self.schedule, ("cosine", "constant"), "optim.schedule")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    """torch.distributed and FSDP2 settings."""
+
+    backend: str = doc("auto", "auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
+    fsdp: bool = doc(True, "shard with FSDP2 fully_shard (per decoder block, vision tower, then root)")
+    reshard_after_forward: bool = doc(True, "free unsharded block params after forward (ZeRO-3 style)")
+    mixed_precision: str = doc("auto", "auto (bf16 params/fp32 reduce on CUDA, off on CPU) | bf16 | off")
+    activation_checkpointing: bool = doc(False, "recompute decoder-block activations in backward")
+    micro_batch_size: int = doc(0, "sequences per forward/backward in the update; 0 = whole mini-batch")
+
+    def __post_init__(self):
+        _choice(self.backend, ("auto", "nccl", "gloo"), "parallel.backend")
+        _choice(self.mixed_precision, ("auto", "bf16", "off"), "parallel.mixed_precision")
+        _require(self.micro_batch_size >= 0, "parallel.micro_batch_size", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint) and the final HF export."""
+
+    every: int = doc(0, "save every N steps (and always at the end); 0 = only at the end")
+    resume: bool = doc(False, "continue from the latest checkpoint in output_dir/checkpoints")
+    keep: int = doc(2, "checkpoints kept on disk (oldest deleted first)")
+    export_hf: bool = doc(True, "write an HF-loadable safetensors folder to output_dir/hf at the end")
+
+    def __post_init__(self):
+        _require(self.every >= 0, "checkpoint.every", "must be >= 0")
+        _require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    """What rank 0 shows and writes."""
+
+    progress: bool = doc(True, "progress bar with reward, accuracy and step time")
+    metrics_file: str = doc("metrics.jsonl", "one JSON line per step, under run.output_dir")
+    plot: bool = doc(True, "write reward/accuracy/zero-variance curves as a PNG at the end")
+    log_level: str = doc("INFO", "DEBUG | INFO | WARNING")
+
+    def __post_init__(self):
+        _choice(self.log_level, ("DEBUG", "INFO", "WARNING"), "logging.log_level")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+    variants: VariantConfig = field(default_factory=VariantConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        # Cross-section checks.
+        _require(self.keyframes.num_frames <= self.video.pool_frames, "keyframes.num_frames",
+                 f"F={self.keyframes.num_frames} exceeds the candidate pool video.pool_frames={self.video.pool_frames}")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(text: Any, tp: Any, where: str) -> Any:
+    """Turn a CLI string (or a TOML value) into the field's type."""
+    args = typing.get_args(tp)
+    if type(None) in args:  # Optional[X]
+        if isinstance(text, str) and text.lower() in ("none", "null", ""):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        if isinstance(text, bool):
+            return text
+        low = str(text).lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected a boolean (true/false), got {text!r}")
+    if tp is int:
+        if isinstance(text, bool):
+            raise ConfigError(f"{where}: expected an integer, got {text!r}")
+        try:
+            return int(text) if not isinstance(text, float) or text.is_integer() else int("x")
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+    if tp is str:
+        if not isinstance(text, str):
+            raise ConfigError(f"{where}: expected a string, got {text!r}")
+        return text
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _apply(raw: dict[str, dict[str, Any]], section: str, key: str, value: Any, source: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section {section!r} in {source}; valid sections: {', '.join(SECTIONS)}")
+    types = _field_types(SECTIONS[section])
+    if key not in types:
+        raise ConfigError(f"unknown field {section}.{key} in {source}; valid fields of [{section}]: "
+                          f"{', '.join(types)}")
+    raw.setdefault(section, {})[key] = _coerce(value, types[key], f"{section}.{key} ({source})")
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe name (`debug_cpu`) or a path to a TOML file."""
+    p = Path(name)
+    if p.suffix == ".toml" and p.exists():
+        return p
+    q = RECIPE_DIR / f"{name}.toml"
+    if q.exists():
+        return q
+    names = sorted(x.stem for x in RECIPE_DIR.glob("*.toml"))
+    raise ConfigError(f"recipe {name!r} not found: not a .toml file and not one of {', '.join(names)}")
+
+
+def load_recipe(name: str, raw: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    path = recipe_path(name)
+    raw = {} if raw is None else raw
+    with open(path, "rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"recipe {path}: invalid TOML: {e}") from None
+    for section, body in data.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"recipe {path}: top-level key {section!r} must be a [section] table; "
+                              f"valid sections: {', '.join(SECTIONS)}")
+        for key, value in body.items():
+            _apply(raw, section, key, value, str(path))
+    return raw
+
+
+def build_config(raw: dict[str, dict[str, Any]]) -> Config:
+    return Config(**{name: SECTIONS[name](**raw.get(name, {})) for name in SECTIONS})
+
+
+def parse_overrides(argv: list[str]) -> tuple[str, list[tuple[str, str]], list[str]]:
+    """Split argv into (recipe, [(dotted key, value)], leftover args)."""
+    recipe, overrides, rest = DEFAULT_RECIPE, [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and arg != "--":
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value (--{key}=VALUE)")
+                value = argv[i + 1]
+                i += 1
+            if key == "recipe":
+                recipe = value
+            elif "." in key:
+                overrides.append((key, value))
+            else:
+                raise ConfigError(f"unknown option {arg}; options are --recipe NAME and --section.field=VALUE "
+                                  f"with sections {', '.join(SECTIONS)}")
+        else:
+            rest.append(arg)
+        i += 1
+    return recipe, overrides, rest
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Defaults → recipe → overrides. `argv` defaults to sys.argv[1:]."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    recipe, overrides, rest = parse_overrides(argv)
+    if rest:
+        raise ConfigError(f"unexpected arguments {rest}; use --section.field=VALUE")
+    raw = load_recipe(recipe)
+    for key, value in overrides:
+        section, _, name = key.partition(".")
+        _apply(raw, section, name, value, "command line")
+    return build_config(raw)
+
+
+def format_help() -> str:
+    lines = ["options: --recipe NAME|PATH.toml (default debug_cpu), then any --section.field=VALUE:"]
+    for section, cls in SECTIONS.items():
+        lines.append(f"\n[{section}]  {(cls.__doc__ or '').strip()}")
+        for f in dataclasses.fields(cls):
+            lines.append(f"  --{section}.{f.name}={f.default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
