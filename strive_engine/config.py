@@ -69,12 +69,22 @@ class DataConfig:
     synthetic_dir: str = doc("~/.cache/strive_engine/synthetic", "cache folder of the generated synthetic set")
     synthetic_size: int = doc(240, "number of synthetic questions generated (train + test)")
     synthetic_seed: int = doc(0, "seed of the synthetic generator (same seed, same files)")
+    synthetic_tasks: str = doc("brief_colour,first_shape,flash_count", "comma-separated task mix of the synthetic set")
     batch_size: int = doc(2, "questions per rank per step (B); each expands to K variants x G answers")
     shuffle: bool = doc(True, "reshuffle the records every epoch (seeded, identical on every rank)")
 
     def __post_init__(self):
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.synthetic_size >= 2, "data.synthetic_size", f"must be >= 2, got {self.synthetic_size}")
+        known = ("brief_colour", "first_shape", "flash_count")
+        tasks = [t.strip() for t in self.synthetic_tasks.split(",") if t.strip()]
+        _require(bool(tasks) and all(t in known for t in tasks), "data.synthetic_tasks",
+                 f"{self.synthetic_tasks!r}: give a comma-separated subset of {', '.join(known)}")
+
+    @property
+    def synthetic_options(self) -> dict:
+        """Keyword arguments of strive_engine.synthetic.ensure_synthetic beyond (dir, n, seed)."""
+        return {"tasks": tuple(t.strip() for t in self.synthetic_tasks.split(",") if t.strip())}
 
 
 @dataclass
@@ -177,8 +187,12 @@ class RolloutConfig:
     top_k: int = doc(0, "top-k sampling; 0 = off")
     max_new_tokens: int = doc(24, "longest completion")
     max_batch: int = doc(0, "most sequences per generate call; 0 = all B*K*G at once")
+    do_sample: bool = doc(True, "sample (RL); false = greedy decoding (evaluation)")
+    prompt: str = doc("video_r1", "video_r1 (Video-R1's prompt, for real checkpoints) | short (same <think>/<answer> "
+                                  "contract in a few tokens, for the embedded tiny model)")
 
     def __post_init__(self):
+        _choice(self.prompt, ("video_r1", "short"), "rollout.prompt")
         _require(self.num_generations >= 1, "rollout.num_generations", "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
@@ -193,9 +207,11 @@ class RewardConfig:
 
     accuracy_weight: float = doc(1.0, "weight of the per-problem-type accuracy reward in [0, 1]")
     format_weight: float = doc(0.5, "weight of the <think>...</think><answer>...</answer> format reward")
+    temporal_mu: float = doc(0.8, "T-GRPO: the bonus applies when ordered-frame accuracy >= mu * shuffled-frame "
+                                  "accuracy (Video-R1: 0.8)")
 
     def __post_init__(self):
-        for name in ("accuracy_weight", "format_weight"):
+        for name in ("accuracy_weight", "format_weight", "temporal_mu"):
             v = getattr(self, name)
             _require(math.isfinite(v) and v >= 0, f"reward.{name}", f"must be finite and >= 0, got {v}")
 
@@ -316,6 +332,24 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`python -m strive_engine.evaluate`: decoding a benchmark file in Video-R1 evaluation format."""
+
+    frames: str = doc("uniform", "uniform (evenly spaced, the canonical view) | importance (question-aware "
+                                 "keyframe sampling, keyframes.* settings)")
+    greedy: bool = doc(True, "greedy decoding; false = sample with the rollout.* settings")
+    batch_size: int = doc(8, "questions per generate call per rank")
+    output_dir: str = doc("", "folder of predictions and report.json; '' = <run.output_dir>/eval")
+    resume: bool = doc(True, "skip records whose predictions are already on disk (interrupted runs continue)")
+    max_records: int = doc(0, "evaluate only the first N records; 0 = all")
+
+    def __post_init__(self):
+        _choice(self.frames, ("uniform", "importance"), "eval.frames")
+        _require(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _require(self.max_records >= 0, "eval.max_records", "must be >= 0")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -331,6 +365,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         # Cross-section checks.

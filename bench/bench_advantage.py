@@ -1,0 +1,146 @@
+"""Benchmark of strive_kernels.group_advantages on 1M rewards (target <= 20 us on an H100/H200).
+
+    python bench/bench_advantage.py [--quick] [--sweep] [--n N]
+
+Two layouts: the engine's dense (B, K, G) = (65536, 4, 4) flattened, and a ragged batch of question groups
+of 1..64 answers with 1..4 variants. For each: the kernels alone (`group_advantages_forward`, layout not
+re-validated: two launches, three for batch_std), the public call with layout validation (one host sync),
+the pure-torch reference on the same GPU (torch.compile-free), all with triton.testing.do_bench (median,
+p20, p80 in us), achieved GB/s on the bytes moved (rewards fp32 + two int64 id arrays read, fp32 advantages
+written) against a device copy measured in the same run, peak extra memory, and the max |difference| to
+the reference. --sweep times other (block, halo, warps) tilings. CPU: a small batch through the Triton
+interpreter and the reference, only to show the path runs. Last stdout line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton kernels are defined
+
+import triton  # noqa: E402
+
+from strive_kernels.advantage import group_advantages, group_advantages_forward  # noqa: E402
+from strive_kernels.reference.advantage import group_advantages_reference  # noqa: E402
+
+MODES = ("joint", "per_variant", "batch_std")
+
+
+def make_layout(n: int, ragged: bool, device: str):
+    g = torch.Generator().manual_seed(0)
+    if ragged:
+        sizes = torch.randint(1, 65, (n // 16 + 64,), generator=g)
+        sizes = sizes[: int((sizes.cumsum(0) < n).sum()) + 1]
+        sizes[-1] -= int(sizes.sum()) - n
+        gid = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        nv = torch.randint(1, 5, (len(sizes),), generator=g)
+        pos = torch.arange(n) - torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+        vid = pos * torch.repeat_interleave(nv, sizes) // torch.repeat_interleave(sizes, sizes)
+    else:  # (B, K, G) = (n / 16, 4, 4)
+        gid = torch.arange(n) // 16
+        vid = (torch.arange(n) // 4) % 4
+    r = (torch.rand(n, generator=g) < 0.4).float() + 0.5 * (torch.rand(n, generator=g) < 0.8).float()
+    return r.to(device), gid.to(device), vid.to(device)
+
+
+def cuda_time(fn, quick: bool) -> dict:
+    ms = triton.testing.do_bench(fn, warmup=10 if quick else 50, rep=50 if quick else 300, quantiles=[0.5, 0.2, 0.8])
+    return {"median_us": 1e3 * ms[0], "p20_us": 1e3 * ms[1], "p80_us": 1e3 * ms[2]}
+
+
+def peak_extra_mb(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", tiles: tuple = ()) -> dict:
+    out = {"n": n}
+    src = torch.empty(6 * n, dtype=torch.float32, device=device)  # 24 bytes per answer, like the kernel moves
+    dst = torch.empty_like(src)
+    copy = cuda_time(lambda: dst.copy_(src), quick)
+    out["copy_24B_per_answer"] = dict(copy, GBps_read_write=2 * src.numel() * 4 / (copy["median_us"] * 1e-6) / 1e9)
+    moved = 24 * n  # r (4) + g (8) + v (8) read, adv (4) written
+    for layout in ("dense_BKG", "ragged"):
+        r, g, v = make_layout(n, layout == "ragged", device)
+        res = {}
+        for mode in MODES:
+            kern = lambda: group_advantages_forward(r, g, v, mode, 1e-6, *tiles)  # noqa: E731
+            t = cuda_time(kern, quick)
+            ref = lambda: group_advantages_reference(r, g, v, mode, 1e-6, validate=False)  # noqa: E731
+            a, _ = kern()
+            ra, _ = group_advantages_reference(r.double(), g, v, mode, 1e-6)
+            res[mode] = {
+                "kernel": dict(t, GBps=moved / (t["median_us"] * 1e-6) / 1e9, peak_extra_MB=peak_extra_mb(kern)),
+                "public_call_validated": cuda_time(lambda: group_advantages(r, g, v, mode=mode, backend="triton"), quick),
+                "reference": dict(cuda_time(ref, True), peak_extra_MB=peak_extra_mb(ref)),
+                "max_abs_diff_vs_fp64": (a.double() - ra).abs().max().item(),
+                "meets_target_20us": t["median_us"] <= 20.0,
+            }
+            res[mode]["speedup_kernel_vs_reference"] = res[mode]["reference"]["median_us"] / t["median_us"]
+        if sweep:
+            res["sweep_joint"] = {
+                f"win{b + 2 * h}_halo{h}_warps{w}": cuda_time(
+                    lambda b=b, h=h, w=w: group_advantages_forward(r, g, v, "joint", 1e-6, block=b, halo=h,
+                                                                   num_warps=w), True)["median_us"]
+                for b, h, w in ((384, 64, 4), (384, 64, 8), (768, 128, 8), (768, 128, 16), (1536, 256, 16),
+                                (1984, 32, 16))[: 1 if tiles else None]}
+        out[layout] = res
+    return out
+
+
+def bench_cpu(quick: bool) -> dict:
+    n = 512
+    r, g, v = make_layout(n, True, "cpu")
+    reps = 1 if quick else 3
+
+    def timed(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return {"median_us": 1e6 * statistics.median(ts)}
+
+    tiny = dict(block=96, halo=16, num_warps=1)
+    a, _ = group_advantages_forward(r, g, v, "joint", 1e-6, **tiny)
+    ra, _ = group_advantages_reference(r.double(), g, v, "joint")
+    return {"n": n, "triton_interpreter": timed(lambda: group_advantages_forward(r, g, v, "joint", 1e-6, **tiny)),
+            "reference": timed(lambda: group_advantages_reference(r, g, v, "joint")),
+            "max_abs_diff_vs_fp64": (a.double() - ra).abs().max().item(),
+            "note": "CPU: interpreter timing is not a speed measurement"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions (a short GPU run)")
+    ap.add_argument("--sweep", action="store_true", help="also time other tilings of the main kernel")
+    ap.add_argument("--n", type=int, default=1 << 20, help="number of rewards (GPU)")
+    args = ap.parse_args()
+    report = {"bench": "group_advantages", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "triton": triton.__version__, "python": platform.python_version(), "target_us": 20.0}
+    if torch.cuda.is_available():
+        report["device"] = torch.cuda.get_device_name()
+        report.update(bench_cuda(args.n, args.quick, args.sweep))
+        for layout in ("dense_BKG", "ragged"):
+            print(layout, {m: round(report[layout][m]["kernel"]["median_us"], 1) for m in MODES}, "us (kernels);",
+                  {m: round(report[layout][m]["reference"]["median_us"]) for m in MODES}, "us (reference)")
+    else:
+        report["device"] = "cpu (" + platform.machine() + ")"
+        report.update(bench_cpu(args.quick))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

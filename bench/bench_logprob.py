@@ -1,0 +1,344 @@
+"""Log-prob + GRPO loss over the lm_head, forward + backward: strive_kernels vs the peers, one run.
+
+    python bench/bench_logprob.py            # CUDA: T=8192, H=3584, V=152064 bf16 (Qwen2.5-VL-7B head)
+    python bench/bench_logprob.py --quick    # fewer repetitions and operating points (GPU check)
+    python bench/bench_logprob.py --shape 1024,256,16384   # any T,H,V (CPU default: 1024,256,16384 fp32)
+
+Cases (each only where its package is installed; a failing case is recorded, not fatal): plain PyTorch
+(logits -> fp32 log_softmax -> gather), TRL-style row-wise selective_log_softmax, liger
+LigerFusedLinearGRPOLoss and triton_grpo_loss, cut-cross-entropy (default filter and exact), this
+kernel at several logits-buffer sizes (the speed / memory operating points) and its native-torch path;
+then the no-grad log-prob path; then (CUDA) the three per-chunk matmuls alone, to show what bounds it.
+Reported per case: ms median with p20/p80, extra peak memory (max_memory_allocated - allocated before,
+gradients included, as in ../shared/anchors), achieved TFLOP/s (6*T*H*V fwd+bwd, 2*T*H*V no-grad) and
+its fraction of the bf16 matmul rate measured in the same run, and the ratio to every baseline.
+The last stdout line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+
+import torch
+
+import strive_kernels as sk
+
+GiB = 2**30
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def timed(fn, warmup: int, reps: int, dev: str) -> dict:
+    """Run fn warmup + reps times; ms median/p20/p80 and extra peak GiB (CUDA) over all runs."""
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if dev == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            ts.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    ts.sort()
+    q = lambda f: ts[min(len(ts) - 1, int(f * (len(ts) - 1) + 0.5))]  # noqa: E731
+    out = {"ms": round(q(0.5), 3), "p20": round(q(0.2), 3), "p80": round(q(0.8), 3)}
+    if dev == "cuda":
+        out["peak_extra_GiB"] = round((torch.cuda.max_memory_allocated() - base) / GiB, 3)
+    return out
+
+
+def guarded(res: dict, name: str, fn):
+    t0 = time.time()
+    try:
+        res[name] = fn()
+    except Exception as ex:  # noqa: BLE001 -- one failing peer must not lose the others
+        res[name] = {"error": repr(ex)[:300]}
+        traceback.print_exc(limit=3)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    print(f"[{time.time() - t0:6.1f}s] {name}: {res[name]}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+class Inputs:
+    """B sequences of L tokens (T = B*L), per-sequence advantages, old log-probs near the model's own."""
+
+    def __init__(self, t, h, v, dtype, dev, seqs=8):
+        g = torch.Generator(device=dev).manual_seed(0)
+        self.B, self.L = seqs, t // seqs
+        self.T, self.H, self.V = self.B * self.L, h, v
+        self.h = (torch.randn(self.T, h, device=dev, dtype=dtype, generator=g) * 0.5).requires_grad_()
+        self.w = (torch.randn(v, h, device=dev, dtype=dtype, generator=g) * 0.02).requires_grad_()
+        self.ids = torch.randint(0, v, (self.T,), device=dev, generator=g)
+        self.mask = torch.ones(self.T, device=dev)
+        self.adv = torch.randn(self.B, device=dev, generator=g)
+        self.old = torch.randn(self.T, device=dev, generator=g) * 0.1 - 12.0
+        self.seq = torch.arange(self.B, device=dev).repeat_interleave(self.L)
+
+    def zero(self):
+        self.h.grad = None
+        self.w.grad = None
+
+
+def grpo_from_logp(x: Inputs, logp, eps=0.2):
+    """seq_mean_token_mean GRPO loss from (T,) log-probs, plain torch."""
+    ratio = torch.exp(logp - x.old)
+    a = x.adv[x.seq]
+    pl = -torch.min(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+    m = x.mask.view(x.B, x.L)
+    return ((pl.view(x.B, x.L) * m).sum(-1) / m.sum(-1)).mean()
+
+
+# ------------------------------------------------------------------------------------------ cases
+
+
+def step_plain(x):
+    logits = x.h @ x.w.t()
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, x.ids[:, None]).squeeze(-1)
+    grpo_from_logp(x, logp).backward()
+
+
+def step_trl(x):
+    logits = (x.h @ x.w.t()).view(x.B, x.L, x.V)
+    rows = [torch.log_softmax(lg, -1).gather(-1, ix[:, None]).squeeze(-1)
+            for lg, ix in zip(logits, x.ids.view(x.B, x.L))]  # TRL selective_log_softmax for bf16: row by row
+    grpo_from_logp(x, torch.stack(rows).float().view(-1)).backward()
+
+
+def step_ours(x, **kw):
+    out = sk.fused_logprob_loss(x.h, x.w, x.ids, x.old, x.adv, x.mask, seq_ids=x.seq, loss_agg="seq_mean_token_mean",
+                                normaliser=float(x.B), **kw)
+    out.loss.backward()
+
+
+def make_liger_chunked(x):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    lf = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo", compiled=False, chunk_size=8)
+    hb = x.h.detach().view(x.B, x.L, x.H).requires_grad_()
+
+    def step():
+        out = lf(hb, x.w, x.ids.view(x.B, x.L), x.mask.view(x.B, x.L), x.adv, old_per_token_logps=x.old.view(x.B, x.L))
+        (out[0] if isinstance(out, tuple) else out).backward()
+        hb.grad = None
+    return step
+
+
+def make_liger_triton(x):
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    def step():
+        logits = (x.h @ x.w.t()).view(x.B, x.L, x.V)
+        logits = torch.cat([logits, logits[:, -1:]], 1)  # liger expects L + 1 positions
+        out = triton_grpo_loss(logits, x.old.view(x.B, x.L), None, x.ids.view(x.B, x.L), x.adv, x.mask.view(x.B, x.L),
+                               temperature=1.0, beta=0.0, eps_low=0.2, eps_high=0.2, inplace=True, loss_type="grpo",
+                               reduce=True)
+        (out[0] if isinstance(out, tuple) else out).backward()
+    return step
+
+
+def make_cce(x, filter_eps):
+    from cut_cross_entropy import linear_cross_entropy
+
+    def step():
+        nll = linear_cross_entropy(x.h, x.w, x.ids, reduction="none", filter_eps=filter_eps)
+        grpo_from_logp(x, -nll.float()).backward()
+    return step
+
+
+def fwd_bwd_case(x, step, warmup, reps, dev, flops, mm_rate):
+    def run():
+        step()
+        x.zero()
+    r = timed(run, warmup, reps, dev)
+    r["TFLOPs"] = float(f"{flops / r['ms'] / 1e9:.4g}")
+    if mm_rate:
+        r["frac_of_matmul_rate"] = round(r["TFLOPs"] / mm_rate, 3)
+    return r
+
+
+def accuracy_check(x, dev):
+    """Our loss and gradients vs plain PyTorch's (both bf16 on CUDA): relative differences."""
+    step_plain(x)
+    ref = (x.h.grad.float(), x.w.grad.float())
+    x.zero()
+    with torch.no_grad():
+        lp = torch.log_softmax((x.h @ x.w.t()).float(), -1).gather(-1, x.ids[:, None]).squeeze(-1)
+        ref_loss = grpo_from_logp(x, lp)
+    out = sk.fused_logprob_loss(x.h, x.w, x.ids, x.old, x.adv, x.mask, seq_ids=x.seq, normaliser=float(x.B))
+    out.loss.backward()
+    rel = lambda a, b: float((a.float() - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+    res = {"loss_rel": rel(out.loss, ref_loss), "logp_max_abs": float((out.logp - lp).abs().max()),
+           "grad_hidden_rel": rel(x.h.grad, ref[0]), "grad_weight_rel": rel(x.w.grad, ref[1])}
+    x.zero()
+    return res
+
+
+def chunk_matmuls(x, c, warmup, reps, dev):
+    """The three matmuls of one C-token chunk, alone: ms and TFLOP/s each (what bounds the fused op)."""
+    h, w = x.h.detach(), x.w.detach()
+    hc = h[:c]
+    lg = torch.randn(c, x.V, device=dev, dtype=h.dtype) * 1e-4  # stands in for a chunk's dlogits
+    gh = torch.empty(c, x.H, device=dev, dtype=h.dtype)
+    gw = torch.empty_like(w)
+    fl = 2 * c * x.H * x.V
+    res = {}
+    for name, fn in (("logits_mm", lambda: torch.mm(hc, w.t(), out=lg)),
+                     ("grad_hidden_mm", lambda: torch.mm(lg, w, out=gh)),
+                     ("grad_weight_addmm", lambda: gw.addmm_(lg.t(), hc))):
+        r = timed(fn, warmup, reps, dev)
+        res[name] = {"ms": r["ms"], "TFLOPs": round(fl / r["ms"] / 1e9, 1)}
+    res["sum_ms_x_chunks"] = round(sum(v["ms"] for v in res.values()) * x.T / c, 2)
+    # Candidates for a follow-up, measured alone: split-K grad_hidden (8 vocabulary slices, bf16 partials
+    # summed in fp32) and grad_hidden / grad_weight on two streams (both only read the dlogits).
+    if x.V % 8 == 0:
+        parts = torch.empty(8, c, x.H, device=dev, dtype=h.dtype)
+        lg8, w8 = lg.view(c, 8, x.V // 8).transpose(0, 1), w.view(8, x.V // 8, x.H)
+        r = timed(lambda: torch.sum(torch.bmm(lg8, w8, out=parts), 0, dtype=torch.float32), warmup, reps, dev)
+        res["grad_hidden_splitk8_bmm"] = {"ms": r["ms"], "TFLOPs": round(fl / r["ms"] / 1e9, 1)}
+    side = torch.cuda.Stream()
+
+    def two_streams():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.mm(lg, w, out=gh)
+        gw.addmm_(lg.t(), hc)
+        torch.cuda.current_stream().wait_stream(side)
+    r = timed(two_streams, warmup, reps, dev)
+    res["grad_hidden_and_weight_two_streams"] = {"ms": r["ms"], "TFLOPs": round(2 * fl / r["ms"] / 1e9, 1)}
+    return res
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="few repetitions, fewer operating points")
+    ap.add_argument("--shape", default="", help="T,H,V (default: 8192,3584,152064 on CUDA, 1024,256,16384 on CPU)")
+    ap.add_argument("--no-peers", action="store_true", help="skip the peer implementations")
+    args = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t, h, v = (int(s) for s in args.shape.split(",")) if args.shape else \
+        ((8192, 3584, 152064) if dev == "cuda" else (1024, 256, 16384))
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    warmup, reps = (1, 3) if args.quick else (2, 7)
+    res = {"env": {"device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
+                   "torch": torch.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")},
+           "shape": {"T": t, "H": h, "V": v, "dtype": str(dtype).replace("torch.", "")},
+           "strive_backend": "triton" if dev == "cuda" else "native (CPU: the Triton pass runs only on CUDA)"}
+    try:
+        import triton
+        res["env"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+    flops = 6 * t * h * v
+    res["floor"] = {"fwd_bwd_TFLOP": round(flops / 1e12, 2)}
+
+    # ---- ceilings: bf16 matmul rate (8192^3) and the logits matmul at this shape
+    n = 8192 if dev == "cuda" else 1024
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    r = timed(lambda: a @ b, 2, 5, dev)
+    mm_rate = round(2 * n**3 / r["ms"] / 1e9, 1)
+    del a, b
+    x = Inputs(t, h, v, dtype, dev)
+    with torch.no_grad():
+        r2 = timed(lambda: x.h @ x.w.t(), 1, 3, dev)
+    res["ceilings"] = {"matmul_TFLOPs_square": mm_rate,
+                       "logits_matmul_TFLOPs": round(2 * t * h * v / r2["ms"] / 1e9, 1)}
+    res["floor"]["ms_at_matmul_rate"] = round(flops / mm_rate / 1e9, 2)
+    print(f"ceilings: {res['ceilings']}, floor {res['floor']}", flush=True)
+
+    # ---- forward + backward
+    fb = res["fwd_bwd"] = {}
+
+    def case(name, step, w=warmup, r=reps):
+        guarded(fb, name, lambda: fwd_bwd_case(x, step, w, r, dev, flops, mm_rate))
+
+    def peer(name, make, w=warmup, r=reps):  # the peer's set-up (imports) happens inside the guard
+        guarded(fb, name, lambda: fwd_bwd_case(x, make(), w, r, dev, flops, mm_rate))
+    if dev == "cuda":
+        guarded(res, "accuracy_vs_plain_bf16", lambda: accuracy_check(x, dev))
+    chunk_points = (256, 1024) if args.quick else (256, 512, 1024, 2048)
+    for c in chunk_points:
+        case(f"strive_fused_chunk{c}", lambda c=c: step_ours(x, max_chunk_bytes=c * v * x.h.element_size()))
+    if dev == "cuda":
+        from strive_kernels import logprob_chunked
+
+        def overlapped(c):
+            logprob_chunked.OVERLAP_GRAD_MATMULS = True
+            try:
+                step_ours(x, max_chunk_bytes=c * v * x.h.element_size())
+            finally:
+                logprob_chunked.OVERLAP_GRAD_MATMULS = False
+        case("strive_fused_chunk256_two_streams", lambda: overlapped(256))
+        if not args.quick:
+            case("strive_fused_chunk512_two_streams", lambda: overlapped(512))
+            case("strive_fused_chunk256_fp32_grad_accum",
+                 lambda: step_ours(x, max_chunk_bytes=256 * v * 2, fp32_grad_accum=True))
+    from strive_kernels.logprob_chunked import NativePass
+    native_bytes = 1024 * v * (x.h.element_size() + NativePass.extra_bytes)
+    case("strive_native_torch_chunk1024", lambda: step_ours(x, backend="native", max_chunk_bytes=native_bytes))
+    if not args.no_peers:
+        case("plain_pytorch", lambda: step_plain(x))
+        case("trl_selective_log_softmax", lambda: step_trl(x))
+        if dev == "cuda":
+            peer("liger_triton_grpo_loss", lambda: make_liger_triton(x))
+            if not args.quick:  # ~0.5 s per step
+                peer("liger_fused_linear_grpo_chunk8", lambda: make_liger_chunked(x), 1, 2)
+            peer("cce_default_filter", lambda: make_cce(x, "high"))
+            peer("cce_exact", lambda: make_cce(x, None))
+    ours = fb.get(f"strive_fused_chunk{chunk_points[0]}", {})
+    if "ms" in ours:
+        ours["speedup_vs"] = {k: round(r["ms"] / ours["ms"], 2) for k, r in fb.items()
+                              if "ms" in r and not k.startswith("strive_fused")}
+
+    # ---- no-grad log-probs (old / reference policy): floor is one matmul
+    ng = res["no_grad_logprobs"] = {}
+    fl1 = 2 * t * h * v
+
+    def nograd(name, fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        guarded(ng, name, lambda: {**(r := timed(run, warmup, reps, dev)), "TFLOPs": round(fl1 / r["ms"] / 1e9, 1)})
+    nograd("strive_fused_logprobs", lambda: sk.fused_logprobs(x.h, x.w, x.ids))
+    nograd("strive_fused_logprobs_entropy", lambda: sk.fused_logprobs(x.h, x.w, x.ids, return_entropy=True))
+    nograd("plain_pytorch", lambda: torch.log_softmax((x.h @ x.w.t()).float(), -1).gather(-1, x.ids[:, None]))
+    nograd("logits_matmul_only", lambda: x.h @ x.w.t())
+
+    # ---- what bounds it: the per-chunk matmuls alone
+    if dev == "cuda":
+        res["chunk_matmuls"] = {}
+        for c in chunk_points:
+            guarded(res["chunk_matmuls"], f"chunk{c}", lambda c=c: chunk_matmuls(x, c, warmup, reps, dev))
+
+    print("\n{:<42} {:>9} {:>17} {:>9} {:>8}".format("fwd+bwd", "ms", "p20/p80", "GiB", "TFLOP/s"))
+    for k, r in fb.items():
+        if "ms" in r:
+            print("{:<42} {:>9.2f} {:>8.2f}/{:<8.2f} {:>9} {:>8}".format(k, r["ms"], r["p20"], r["p80"],
+                                                                      r.get("peak_extra_GiB", "-"), r["TFLOPs"]))
+        else:
+            print(f"{k:<42} {r}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,408 @@
+"""Segmented (ragged-group) advantage normalisation in Triton: `strive_kernels.group_advantages`.
+
+Contract, modes and conventions: `strive_kernels.reference.advantage` (the pure-torch twin, used as oracle
+and CPU fallback). This file is the fast path: two launches (three for `batch_std`), no memset, no host sync.
+
+Algorithm (rewards r, question ids g, variant ids v; N < 2^31):
+
+  main kernel, one program per tile of BLOCK answers. The program loads a *window* = its tile plus HALO
+  answers on each side (WIN = BLOCK + 2*HALO lanes, run boundaries from the neighbours' ids) and runs
+  segmented scans over it:
+      scans 1-2   per run of the chosen grouping: finite count, sum, min, max (forward), then broadcast
+                  from the run's last lane to all its lanes (backward, a min-by-lane: order-free)
+      scans 3-4   sum of squared deviations from the run mean (two-pass variance), broadcast
+      scans 5-6   per variant run: min, max (only when the chosen grouping is by question: the
+                  per-variant dead count is always reported)
+  A group that straddles a tile edge but is shorter than HALO lies whole in both neighbours' windows; each
+  computes it (the two may differ in the last bit: scan order) and writes its own answers — no
+  communication between programs. A run cut by the window edge (a group longer than HALO; detected with
+  cumulative counts of run starts/ends) is recomputed by `_canonical_stats`, which walks the whole group
+  from its first answer in fixed SIDE-wide chunks: the same arithmetic in every program that needs it, so
+  all its answers see bit-identical statistics. (A group spanning m tiles is then read m times: fine for
+  the K*G <= a few thousand answers of RL, quadratic for absurd single groups of millions.)
+  The program writes the advantages of its own tile and one row of partial statistics (finite count,
+  mean and M2 of rewards and of advantages, group and dead-group counts, NaN count; each group is counted
+  by the tile that holds its last answer).
+
+  finalize kernel, one program: merges the per-tile partials (Chan's parallel mean/M2 merge, two passes
+  over the partials, fixed order -> deterministic) into the 0-d GroupStats tensors.
+
+  scale kernel (batch_std only): multiplies the centred rewards by 1/(std_batch + eps), read from the
+  statistics buffer on the device.
+
+Dead groups (finite rewards all equal, incl. 0 or 1 finite) are detected exactly from min == max, never
+from a small computed variance, and get advantage exactly 0 as in the reference.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from strive_kernels.reference.advantage import (
+    ADVANTAGE_MODES,
+    AdvantageInputError,
+    GroupStats,
+    check_advantage_inputs,
+    group_advantages_reference,
+)
+
+NPART = 10  # columns of the per-tile partials, see _adv_main_kernel
+_BIG = tl.constexpr(1 << 30)  # "no run end here" lane marker (> any lane)
+
+
+@triton.jit
+def _is_finite(x):
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
+@triton.jit
+def _seg_stats_combine(fa, na, sa, mna, mxa, fb, nb, sb, mnb, mxb):
+    # Segmented merge of (a, b), a before b: b restarts its run when its start flag is set.
+    rb = fb != 0
+    return (fa | fb, tl.where(rb, nb, na + nb), tl.where(rb, sb, sa + sb),
+            tl.where(rb, mnb, tl.minimum(mna, mnb)), tl.where(rb, mxb, tl.maximum(mxa, mxb)))
+
+
+@triton.jit
+def _bcast_stats_combine(pa, na, sa, mna, mxa, pb, nb, sb, mnb, mxb):
+    # Keep the values of the nearest run end (smallest end lane). Order-free (a min by key), so the
+    # direction convention of reverse scans does not matter.
+    ta = pa <= pb
+    return (tl.where(ta, pa, pb), tl.where(ta, na, nb), tl.where(ta, sa, sb), tl.where(ta, mna, mnb),
+            tl.where(ta, mxa, mxb))
+
+
+@triton.jit
+def _seg_minmax_combine(fa, mna, mxa, fb, mnb, mxb):
+    rb = fb != 0
+    return fa | fb, tl.where(rb, mnb, tl.minimum(mna, mnb)), tl.where(rb, mxb, tl.maximum(mxa, mxb))
+
+
+@triton.jit
+def _bcast_minmax_combine(pa, mna, mxa, pb, mnb, mxb):
+    ta = pa <= pb
+    return tl.where(ta, pa, pb), tl.where(ta, mna, mnb), tl.where(ta, mxa, mxb)
+
+
+@triton.jit
+def _seg_sum_combine(fa, xa, fb, xb):
+    return fa | fb, tl.where(fb != 0, xb, xa + xb)
+
+
+@triton.jit
+def _bcast_combine(pa, xa, pb, xb):
+    ta = pa <= pb
+    return tl.where(ta, pa, pb), tl.where(ta, xa, xb)
+
+
+@triton.jit
+def _canonical_stats(r_ptr, g_ptr, v_ptr, p, N, BY_VARIANT: tl.constexpr, SIDE: tl.constexpr):
+    """(n, mean, M2, min, max) of the finite rewards of the group holding answer p (a scalar index).
+
+    Finds the group's first answer by walking back in SIDE chunks, then two passes (sum, then squared
+    deviations) over chunks anchored at that first answer: every caller gets the same bits.
+    """
+    offs = tl.arange(0, SIDE)
+    gp = tl.load(g_ptr + p)
+    vp = tl.load(v_ptr + p)
+    lo = p  # answers lo..p are known to be in the group
+    searching = lo > 0
+    while searching:
+        c0 = tl.maximum(lo - SIDE, 0)
+        idx = c0 + offs
+        m = idx < lo
+        same = tl.load(g_ptr + idx, mask=m, other=0) == gp
+        if BY_VARIANT:
+            same = same & (tl.load(v_ptr + idx, mask=m, other=0) == vp)
+        last_other = tl.max(tl.where(m & (same == 0), idx, -1), axis=0)
+        lo = tl.where(last_other >= 0, last_other + 1, c0)
+        searching = (last_other < 0) & (c0 > 0)
+    start = lo
+    # pass 1: count, sum, min, max; a chunk full of the group means the group may go on
+    n = tl.sum(tl.zeros([SIDE], tl.float32), axis=0)
+    s = n
+    mn = n + float("inf")
+    mx = n - float("inf")
+    length = start * 0
+    going = start >= 0
+    c = start
+    while going:
+        idx = c + offs
+        m = idx < N
+        same = m & (tl.load(g_ptr + idx, mask=m, other=0) == gp)
+        if BY_VARIANT:
+            same = same & (tl.load(v_ptr + idx, mask=m, other=0) == vp)
+        r = tl.load(r_ptr + idx, mask=same, other=0.0).to(tl.float32)
+        fin = same & _is_finite(r)
+        n += tl.sum(fin.to(tl.float32), axis=0)
+        s += tl.sum(tl.where(fin, r, 0.0), axis=0)
+        mn = tl.minimum(mn, tl.min(tl.where(fin, r, float("inf")), axis=0))
+        mx = tl.maximum(mx, tl.max(tl.where(fin, r, -float("inf")), axis=0))
+        cnt = tl.sum(same.to(tl.int32), axis=0)
+        length += cnt
+        going = cnt == SIDE
+        c += SIDE
+    mean = s / tl.maximum(n, 1.0)
+    # pass 2: squared deviations from the mean, same chunks
+    m2 = n * 0.0
+    for c2 in range(start, start + length, SIDE):
+        idx = c2 + offs
+        m = idx < start + length
+        r = tl.load(r_ptr + idx, mask=m, other=0.0).to(tl.float32)
+        fin = m & _is_finite(r)
+        d = tl.where(fin, r - mean, 0.0)
+        m2 += tl.sum(d * d, axis=0)
+    return n, mean, m2, mn, mx
+
+
+@triton.jit
+def _scalar_at(x, lane, k):
+    # x[k] of a 1-D block as a scalar (a masked reduction: blocks have no scalar indexing)
+    return tl.sum(tl.where(lane == k, x, 0), axis=0)
+
+
+@triton.jit
+def _adv_main_kernel(r_ptr, g_ptr, v_ptr, adv_ptr, part_ptr, N, eps,
+                     MODE: tl.constexpr, BLOCK: tl.constexpr, HALO: tl.constexpr, WIN: tl.constexpr,
+                     SIDE: tl.constexpr, NP: tl.constexpr):
+    BY_VARIANT: tl.constexpr = MODE == 1
+    t = tl.program_id(0)
+    s0 = t * BLOCK  # own tile: answers [s0, s0 + BLOCK)
+    lane = tl.arange(0, WIN)
+    i = s0 - HALO + lane  # (WIN,) global answer index, may be < 0 or >= N
+    inb = (i >= 0) & (i < N)
+    r = tl.load(r_ptr + i, mask=inb, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + i, mask=inb, other=0)
+    v = tl.load(v_ptr + i, mask=inb, other=0)
+    has_prev = inb & (i > 0)
+    has_next = inb & (i < N - 1)
+    g_prev = tl.load(g_ptr + i - 1, mask=has_prev, other=0)
+    v_prev = tl.load(v_ptr + i - 1, mask=has_prev, other=0)
+    g_next = tl.load(g_ptr + i + 1, mask=has_next, other=0)
+    v_next = tl.load(v_ptr + i + 1, mask=has_next, other=0)
+    # real run boundaries (padding lanes are runs of their own)
+    q_start = ~has_prev | (g != g_prev)
+    q_end = ~has_next | (g != g_next)
+    v_start = q_start | (v != v_prev)
+    v_end = q_end | (v != v_next)
+    if BY_VARIANT:
+        c_start = v_start
+        c_end = v_end
+    else:
+        c_start = q_start
+        c_end = q_end
+    first = lane == 0
+    last = lane == WIN - 1
+    fin = inb & _is_finite(r)
+    r_lo = tl.where(fin, r, float("inf"))
+    r_hi = tl.where(fin, r, -float("inf"))
+    # A lane's run is cut by the window's left edge if no real run start lies in [0, lane], by the right
+    # edge if no real run end lies in [lane, WIN).
+    c_starts = tl.cumsum(c_start.to(tl.int32), 0)
+    c_ends_incl = tl.cumsum(c_end.to(tl.int32), 0)
+    cut_left = c_starts == 0
+    cut_right = (tl.sum(c_end.to(tl.int32), axis=0) - c_ends_incl + c_end.to(tl.int32)) == 0
+    c_flag = (c_start | first).to(tl.int32)
+    c_pos = tl.where(c_end | last, lane, _BIG)
+
+    # ---- scans 1-2: n, sum, min, max of each run of the chosen grouping, broadcast from its last lane
+    _f1, n_c, s_c, mn_c, mx_c = tl.associative_scan(
+        (c_flag, fin.to(tl.float32), tl.where(fin, r, 0.0), r_lo, r_hi), 0, _seg_stats_combine)
+    _p1, n_c, s_c, mn_c, mx_c = tl.associative_scan((c_pos, n_c, s_c, mn_c, mx_c), 0, _bcast_stats_combine,
+                                                    reverse=True)
+    mean_c = s_c / tl.maximum(n_c, 1.0)
+    dev = tl.where(fin, r - mean_c, 0.0)
+    # ---- scans 3-4: M2 about the run mean (two-pass variance)
+    _f2, m2_c = tl.associative_scan((c_flag, dev * dev), 0, _seg_sum_combine)
+    _p2, m2_c = tl.associative_scan((c_pos, m2_c), 0, _bcast_combine, reverse=True)
+
+    # ---- runs cut by the window edge: recompute canonically (rare: groups longer than HALO)
+    own = (lane >= HALO) & (lane < HALO + BLOCK) & inb
+    tail_lane = tl.minimum(HALO + BLOCK, N - s0 + HALO) - 1  # last own lane
+    head_cut = _scalar_at(cut_left.to(tl.int32), lane, HALO) != 0
+    tail_cut = (_scalar_at(cut_right.to(tl.int32), lane, tail_lane) != 0) & \
+        (_scalar_at(cut_left.to(tl.int32), lane, tail_lane) == 0)  # else it is the head's run, done below
+    if head_cut:
+        cn, cmean, cm2, cmn, cmx = _canonical_stats(r_ptr, g_ptr, v_ptr, s0, N, BY_VARIANT, SIDE)
+        n_c = tl.where(cut_left, cn, n_c)
+        mean_c = tl.where(cut_left, cmean, mean_c)
+        m2_c = tl.where(cut_left, cm2, m2_c)
+        mn_c = tl.where(cut_left, cmn, mn_c)
+        mx_c = tl.where(cut_left, cmx, mx_c)
+    if tail_cut:
+        cn, cmean, cm2, cmn, cmx = _canonical_stats(r_ptr, g_ptr, v_ptr, s0 - HALO + tail_lane, N, BY_VARIANT, SIDE)
+        n_c = tl.where(cut_right, cn, n_c)
+        mean_c = tl.where(cut_right, cmean, mean_c)
+        m2_c = tl.where(cut_right, cm2, m2_c)
+        mn_c = tl.where(cut_right, cmn, mn_c)
+        mx_c = tl.where(cut_right, cmx, mx_c)
+    dead_c = ~(mn_c < mx_c)  # all finite rewards equal (or fewer than 2 of them... or none)
+    if BY_VARIANT:
+        dead_v = dead_c
+    else:
+        # ---- scans 5-6: min/max of each variant run, for the per-variant dead count
+        _f3, mn_v, mx_v = tl.associative_scan(((v_start | first).to(tl.int32), r_lo, r_hi), 0, _seg_minmax_combine)
+        _p3, mn_v, mx_v = tl.associative_scan((tl.where(v_end | last, lane, _BIG), mn_v, mx_v), 0,
+                                              _bcast_minmax_combine, reverse=True)
+        # a variant run cut on the left whose end is ours: its min/max canonically
+        cut_v = tl.cumsum(v_start.to(tl.int32), 0) == 0
+        v_ends_before = tl.cumsum(v_end.to(tl.int32), 0) - v_end.to(tl.int32)
+        v_head_cut = (_scalar_at(cut_v.to(tl.int32), lane, HALO) != 0) & \
+            (_scalar_at(v_ends_before, lane, HALO + BLOCK) > 0)  # its end lies before the right halo
+        if v_head_cut:
+            _vn, _vmean, _vm2, vmn, vmx = _canonical_stats(r_ptr, g_ptr, v_ptr, s0, N, True, SIDE)
+            mn_v = tl.where(cut_v, vmn, mn_v)
+            mx_v = tl.where(cut_v, vmx, mx_v)
+        dead_v = ~(mn_v < mx_v)
+
+    # ---- advantages of the own tile
+    std_c = tl.where(dead_c, 0.0, tl.sqrt_rn(m2_c / tl.maximum(n_c, 1.0)))
+    centered = r - mean_c
+    if MODE == 0 or MODE == 1:
+        adv = tl.div_rn(centered, std_c + eps)
+    else:  # mean_only; batch_std is scaled by the scale kernel once std_batch is known
+        adv = centered
+    adv = tl.where(fin & ~dead_c, adv, 0.0)
+    tl.store(adv_ptr + i, adv, mask=own)
+
+    # ---- partial statistics of the own tile (row t of part_ptr)
+    ownf = own & fin
+    nf = tl.sum(ownf.to(tl.float32), axis=0)
+    r_mean = tl.sum(tl.where(ownf, r, 0.0), axis=0) / tl.maximum(nf, 1.0)
+    r_d = tl.where(ownf, r - r_mean, 0.0)
+    a_mean = tl.sum(tl.where(ownf, adv, 0.0), axis=0) / tl.maximum(nf, 1.0)
+    a_d = tl.where(ownf, adv - a_mean, 0.0)
+    ends_c = own & c_end
+    ends_v = own & v_end
+    row = part_ptr + t * NP
+    tl.store(row + 0, nf)
+    tl.store(row + 1, r_mean)
+    tl.store(row + 2, tl.sum(r_d * r_d, axis=0))
+    tl.store(row + 3, a_mean)
+    tl.store(row + 4, tl.sum(a_d * a_d, axis=0))
+    tl.store(row + 5, tl.sum(ends_c.to(tl.float32), axis=0))
+    tl.store(row + 6, tl.sum((ends_c & dead_c).to(tl.float32), axis=0))
+    tl.store(row + 7, tl.sum(ends_v.to(tl.float32), axis=0))
+    tl.store(row + 8, tl.sum((ends_v & dead_v).to(tl.float32), axis=0))
+    tl.store(row + 9, tl.sum((own & ~fin).to(tl.float32), axis=0))
+
+
+@triton.jit
+def _adv_finalize_kernel(part_ptr, stats_ptr, count_ptr, T, eps, MODE: tl.constexpr, TB: tl.constexpr,
+                         NP: tl.constexpr):
+    # Merge the T per-tile partials: pass 1 totals and means, pass 2 M2 (Chan: M2_t + n_t (mean_t - mean)^2).
+    offs = tl.arange(0, TB)
+    n_tot = tl.sum(tl.zeros([TB], tl.int64), axis=0)
+    cnt_c = n_tot
+    dead_c = n_tot
+    cnt_v = n_tot
+    dead_v = n_tot
+    nans = n_tot
+    r_sum = tl.sum(tl.zeros([TB], tl.float32), axis=0)
+    a_sum = r_sum
+    for t0 in range(0, T, TB):
+        m = t0 + offs < T
+        row = part_ptr + (t0 + offs) * NP
+        nt = tl.load(row + 0, mask=m, other=0.0)
+        n_tot += tl.sum(nt.to(tl.int64), axis=0)  # per-tile counts are exact in fp32 (< 2^24)
+        r_sum += tl.sum(nt * tl.load(row + 1, mask=m, other=0.0), axis=0)
+        a_sum += tl.sum(nt * tl.load(row + 3, mask=m, other=0.0), axis=0)
+        cnt_c += tl.sum(tl.load(row + 5, mask=m, other=0.0).to(tl.int64), axis=0)
+        dead_c += tl.sum(tl.load(row + 6, mask=m, other=0.0).to(tl.int64), axis=0)
+        cnt_v += tl.sum(tl.load(row + 7, mask=m, other=0.0).to(tl.int64), axis=0)
+        dead_v += tl.sum(tl.load(row + 8, mask=m, other=0.0).to(tl.int64), axis=0)
+        nans += tl.sum(tl.load(row + 9, mask=m, other=0.0).to(tl.int64), axis=0)
+    nf = tl.maximum(n_tot.to(tl.float32), 1.0)
+    r_mean = r_sum / nf
+    a_mean = a_sum / nf
+    r_m2 = r_sum * 0.0
+    a_m2 = r_m2
+    for t0 in range(0, T, TB):
+        m = t0 + offs < T
+        row = part_ptr + (t0 + offs) * NP
+        nt = tl.load(row + 0, mask=m, other=0.0)
+        dr = tl.load(row + 1, mask=m, other=0.0) - r_mean
+        da = tl.load(row + 3, mask=m, other=0.0) - a_mean
+        r_m2 += tl.sum(tl.load(row + 2, mask=m, other=0.0) + nt * dr * dr, axis=0)
+        a_m2 += tl.sum(tl.load(row + 4, mask=m, other=0.0) + nt * da * da, axis=0)
+    r_std = tl.sqrt_rn(r_m2 / nf)
+    a_std = tl.sqrt_rn(a_m2 / nf)
+    if MODE == 3:  # batch_std: the advantages are still centred rewards; their std scales with them
+        a_std = a_std / (r_std + eps)
+    tl.store(stats_ptr + 0, r_mean)
+    tl.store(stats_ptr + 1, r_std)
+    tl.store(stats_ptr + 2, a_std)
+    tl.store(stats_ptr + 3, dead_c.to(tl.float32) / tl.maximum(cnt_c, 1).to(tl.float32))
+    tl.store(stats_ptr + 4, dead_v.to(tl.float32) / tl.maximum(cnt_v, 1).to(tl.float32))
+    tl.store(count_ptr + 0, cnt_c)
+    tl.store(count_ptr + 1, nans)
+
+
+@triton.jit
+def _adv_scale_kernel(adv_ptr, stats_ptr, N, eps, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    inv = 1.0 / (tl.load(stats_ptr + 1) + eps)
+    tl.store(adv_ptr + offs, tl.load(adv_ptr + offs, mask=m, other=0.0) * inv, mask=m)
+
+
+def group_advantages_forward(rewards: Tensor, group_ids: Tensor, variant_ids: Tensor, mode: str, eps: float,
+                             block: int = 768, halo: int = 128, side: int = 128,
+                             num_warps: int = 8) -> tuple[Tensor, GroupStats]:
+    """Launch the kernels on validated inputs (no checks, no sync).
+
+    Tuning: a program owns `block` answers and sees `halo` more on each side (block + 2*halo lanes, a power
+    of two). Groups up to `halo` answers long take the fast path; longer ones are recomputed canonically in
+    chunks of `side`. Defaults keep the main kernel at ~180 registers/thread without spills on sm_90
+    (checked by compiling offline); bench/bench_advantage.py --sweep times the alternatives on a GPU.
+    """
+    win = block + 2 * halo
+    if win & (win - 1) or halo < 1 or side & (side - 1):
+        raise ValueError(f"block + 2*halo must be a power of two and side too, got {block}, {halo}, {side}")
+    n = rewards.numel()
+    dev = rewards.device
+    adv = torch.empty(n, dtype=torch.float32, device=dev)
+    alloc = torch.empty if n else torch.zeros  # the finalize kernel writes every entry: no memset launches
+    stats = alloc(5, dtype=torch.float32, device=dev)
+    counts = alloc(2, dtype=torch.int64, device=dev)
+    mode_id = ADVANTAGE_MODES.index(mode)
+    if n:
+        T = triton.cdiv(n, block)
+        part = torch.empty(T, NPART, dtype=torch.float32, device=dev)
+        r, g, v = rewards.contiguous(), group_ids.contiguous(), variant_ids.contiguous()
+        _adv_main_kernel[(T,)](r, g, v, adv, part, n, float(eps), MODE=mode_id, BLOCK=block, HALO=halo,
+                               WIN=win, SIDE=side, NP=NPART, num_warps=num_warps)
+        _adv_finalize_kernel[(1,)](part, stats, counts, T, float(eps), MODE=mode_id,
+                                   TB=min(1024, triton.next_power_of_2(T)), NP=NPART, num_warps=4)
+        if mode == "batch_std":
+            _adv_scale_kernel[(triton.cdiv(n, 4096),)](adv, stats, n, float(eps), BLOCK=4096, num_warps=4)
+    return adv, GroupStats(stats[0], stats[1], stats[2], stats[3], stats[4], counts[0], counts[1])
+
+
+def _triton_runs_on(t: Tensor) -> bool:
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def group_advantages(rewards: Tensor, group_ids: Tensor, variant_ids: Tensor, mode: str = "joint",
+                     eps: float = 1e-6, backend: str = "auto", validate: bool = True) -> tuple[Tensor, GroupStats]:
+    """Advantages (N,) float32 and GroupStats of ragged question/variant groups.
+
+    rewards float (N,); group_ids int64 (N,) non-decreasing; variant_ids int64 (N,) non-decreasing inside a
+    question; mode in joint | per_variant | mean_only | batch_std; population std; NaN/inf -> advantage 0,
+    excluded and counted (full contract: strive_kernels.reference.advantage).
+    backend: auto (Triton on CUDA tensors, the reference otherwise) | triton | reference.
+    validate: check the ordering contract (one host sync); pass False on a hot path whose layout is known.
+    """
+    if backend not in ("auto", "triton", "reference"):
+        raise AdvantageInputError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend == "reference" or (backend == "auto" and not rewards.is_cuda):
+        adv, stats = group_advantages_reference(rewards, group_ids, variant_ids, mode, eps, validate)
+        return adv.float(), stats
+    check_advantage_inputs(rewards, group_ids, variant_ids, mode, eps, validate_layout=validate)
+    if not _triton_runs_on(rewards):
+        raise AdvantageInputError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {rewards.device}")
+    return group_advantages_forward(rewards, group_ids, variant_ids, mode, eps)

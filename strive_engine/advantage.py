@@ -1,0 +1,86 @@
+"""Stage 7: rewards (B, K, G) -> advantages (B, K, G) and the zero-variance statistics STRIVE is about.
+
+    res = compute_advantages(rewards, mode="joint", eps=1e-6)    # res.advantages (B, K, G), res.metrics
+    keep = dynamic_sampling_keep(accuracy, mode="per_variant")   # DAPO: bool (B, K, G)
+
+Question b, variant k, answer g. The modes (strive_engine/algorithms.py) differ only in how answers are
+grouped and whether the std divides:
+    joint        one group of K*G per question (STRIVE)
+    per_variant  K groups of G per question (GRPO on each view; K = 1 is plain GRPO)
+    mean_only    joint grouping, no std (Dr.GRPO)
+    batch_std    joint mean, std over the whole batch
+The work is done by `strive_kernels.group_advantages` (Triton on CUDA, its pure-torch twin on CPU), which
+also handles ragged groups; here the layout is the dense (B, K, G) of one training step.
+
+metrics (host floats, one sync), the numbers the training loop logs each step:
+    reward_mean, reward_std       finite rewards of the batch (population std)
+    adv_std                       std of the advantages of finite-reward answers
+    zero_var_frac                 fraction of dead groups (all finite rewards equal) under the chosen mode
+    zero_var_frac_per_variant     the same for (question, variant) groups whatever the mode: what GRPO
+                                  would waste; STRIVE's joint groups exist to make zero_var_frac smaller
+    num_groups, nan_count         groups under the chosen mode; non-finite rewards (advantage 0, excluded)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from strive_engine.algorithms import ADVANTAGE_MODES
+from strive_kernels import group_advantages
+from strive_kernels.reference.advantage import GroupStats
+
+
+@dataclass
+class AdvantageResult:
+    advantages: Tensor  # (B, K, G) float32, on the rewards' device
+    metrics: dict[str, float]  # see the module docstring
+    stats: GroupStats  # the same numbers as 0-d device tensors (no sync needed to keep them)
+
+
+def _check_bkg(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a (B, K, G) tensor, got {shape}")
+
+
+def layout_ids(B: int, K: int, G: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """group_ids and variant_ids (B*K*G,) int64 of the flattened (B, K, G) layout."""
+    b = torch.arange(B, device=device).repeat_interleave(K * G)
+    k = torch.arange(K, device=device).repeat_interleave(G).repeat(B)
+    return b, k
+
+
+def compute_advantages(rewards: Tensor, mode: str, eps: float = 1e-6, backend: str = "auto") -> AdvantageResult:
+    """Advantages (B, K, G) of rewards (B, K, G) under `mode`; NaN/inf rewards get 0 and are counted."""
+    _check_bkg(rewards, "rewards")
+    if mode not in ADVANTAGE_MODES:
+        raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    B, K, G = rewards.shape
+    g, v = layout_ids(B, K, G, rewards.device)
+    adv, stats = group_advantages(rewards.reshape(-1), g, v, mode=mode, eps=eps, backend=backend,
+                                  validate=False)  # the layout is ours: no need to check its ordering
+    return AdvantageResult(adv.view(B, K, G), stats.to_dict(), stats)
+
+
+def dynamic_sampling_keep(accuracy: Tensor, mode: str) -> Tensor:
+    """DAPO dynamic sampling: bool (B, K, G), False for every answer of a group to drop.
+
+    A group — the whole question (K*G answers) for joint / mean_only / batch_std, each (question, variant)
+    (G answers) for per_variant — is dropped when its *raw accuracy* (not the shaped reward: format and
+    temporal bonuses must not keep a group alive) is all 0 or all 1: it has no accuracy signal to learn
+    from. Non-finite accuracies are ignored; a group without any finite accuracy is dropped.
+    Under joint grouping a question survives if *any* variant disagrees — STRIVE keeps more data.
+    """
+    _check_bkg(accuracy, "accuracy")
+    if mode not in ADVANTAGE_MODES:
+        raise ValueError(f"mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    B, K, G = accuracy.shape
+    acc = accuracy.reshape(B, K * G) if mode != "per_variant" else accuracy.reshape(B * K, G)
+    fin = torch.isfinite(acc)
+    all0 = torch.where(fin, acc == 0, True).all(dim=1)
+    all1 = torch.where(fin, acc == 1, True).all(dim=1)
+    keep = ~(all0 | all1)  # a group with no finite entry is all0 and all1 at once -> dropped
+    keep = keep.view(B, 1, 1) if mode != "per_variant" else keep.view(B, K, 1)
+    return keep.expand(B, K, G).clone()

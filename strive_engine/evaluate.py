@@ -1,0 +1,175 @@
+"""Evaluate a policy on a Video-R1-format benchmark file: accuracy overall, per problem type, per category.
+
+    python -m strive_engine.evaluate --model.path=runs/debug_cpu/hf                # synthetic test split
+    torchrun --nproc_per_node 8 -m strive_engine.evaluate --recipe qwen25vl_7b \
+        --model.path=/ckpt --data.eval_path=/evals/eval_videomme.json --eval.frames=importance
+
+Records are sharded over ranks; each rank appends one JSON line per record to
+`<eval.output_dir>/predictions.rank<r>.jsonl` as it goes, so an interrupted run continues where it stopped
+(`eval.resume`). Rank 0 merges every rank's lines into `report.json`. Frames: the same decoding and sampling
+as training — `uniform` is the canonical view (evenly spaced keyframes, full frame); `importance` is one
+question-aware view (keyframes.* settings). A video that cannot be decoded is skipped and counted, never fatal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from strive_engine.config import Config, ConfigError, format_help, load_config
+from strive_engine.data import load_records, shard_records
+from strive_engine.keyframes import build_scorer, select_keyframes
+from strive_engine.model import Policy, build_model
+from strive_engine.parallel import barrier, destroy_distributed, init_distributed
+from strive_engine.pipeline import decode_batch
+from strive_engine.rewards import accuracy_reward, format_reward
+from strive_engine.rollout import RolloutRequest, generate_rollouts, second_per_grid
+from strive_engine.sft import canonical_indices
+from strive_engine.synthetic import ensure_synthetic
+from strive_engine.variants import build_variants
+from strive_engine.video import build_source
+
+log = logging.getLogger("strive_engine.evaluate")
+
+
+def eval_records_path(cfg: Config) -> Path:
+    if cfg.data.eval_path:
+        return Path(cfg.data.eval_path)
+    if cfg.data.path:
+        raise ConfigError("data.eval_path: set it (the synthetic test split is only the default for the embedded set)")
+    _, test = ensure_synthetic(os.path.expanduser(cfg.data.synthetic_dir), cfg.data.synthetic_size,
+                               cfg.data.synthetic_seed, **cfg.data.synthetic_options)
+    return test
+
+
+def _requests(decoded, cfg: Config, scorer, seed: int) -> list[RolloutRequest]:
+    """One view per question: canonical frames or one importance-sampled set, full frame."""
+    F = cfg.keyframes.num_frames
+    if scorer is not None:
+        with torch.no_grad():
+            sel = select_keyframes(scorer, [p.frames for p in decoded.pools], [r.question for r in decoded.records],
+                                   cfg.keyframes, num_variants=1, seed=seed, canonical_first=False)
+    out = []
+    for b, (rec, pool) in enumerate(zip(decoded.records, decoded.pools)):
+        P, H, W, _ = pool.frames.shape
+        idx = sel.indices[b].long() if scorer is not None else canonical_indices(P, F)  # (1, F)
+        box = torch.tensor([[0.0, 0.0, float(W), float(H)]])
+        pix, grid = build_variants(pool.frames, idx.to(pool.frames.device), box, cfg.variants).split()[0]
+        out.append(RolloutRequest(question=rec, pixel_values=pix, grid_thw=grid,
+                                  second_per_grid_ts=second_per_grid(pool.timestamps[idx[0].cpu()], 2, pool.info.fps)))
+    return out
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Accuracy overall / per problem type / per category over the scored rows; skipped ones counted."""
+    scored = [r for r in rows if "error" not in r]
+    groups: dict[str, dict[str, list[float]]] = {"problem_type": defaultdict(list), "category": defaultdict(list)}
+    for r in scored:
+        groups["problem_type"][r["problem_type"]].append(r["accuracy"])
+        groups["category"][r["category"] or "(none)"].append(r["accuracy"])
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    skipped = defaultdict(int)
+    for r in rows:
+        if "error" in r:
+            skipped[r["error"]] += 1
+    return {"num_records": len(rows), "num_scored": len(scored), "skipped": dict(skipped),
+            "accuracy": mean([r["accuracy"] for r in scored]), "format": mean([r["format"] for r in scored]),
+            "per_problem_type": {k: {"n": len(v), "accuracy": mean(v)} for k, v in sorted(groups["problem_type"].items())},
+            "per_category": {k: {"n": len(v), "accuracy": mean(v)} for k, v in sorted(groups["category"].items())}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(format_help())
+        return 0
+    try:
+        cfg = load_config(argv)
+        path = eval_records_path(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    env = init_distributed(cfg.parallel.backend)
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"[rank{env.rank}] %(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    out = Path(cfg.eval.output_dir or Path(cfg.run.output_dir) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- records: this rank's shard, minus what an interrupted run already wrote
+    records, report = load_records(path)
+    if env.is_main:
+        log.info("%s", report.summary())
+    if cfg.eval.max_records:
+        records = records[: cfg.eval.max_records]
+    mine = shard_records(records, env.rank, env.world_size)
+    pred_path = out / f"predictions.rank{env.rank}.jsonl"
+    done = set()
+    if cfg.eval.resume and pred_path.exists():
+        done = {json.loads(line)["id"] for line in pred_path.read_text().splitlines() if line.strip()}
+    elif pred_path.exists():
+        pred_path.unlink()
+    todo = [r for r in mine if r.id not in done]
+    log.info("evaluating %d records on this rank (%d already done)", len(todo), len(mine) - len(todo))
+
+    # ---- model: a full replica per rank (evaluation needs no sharding for models that fit one device)
+    hf, tokenizer = build_model(cfg.model, env.device)
+    hf.eval()
+    policy = Policy(hf)
+    scorer = build_scorer(cfg.keyframes, model=hf, tokenizer=tokenizer) if cfg.eval.frames == "importance" else None
+    source = build_source(cfg.video, env.device)
+    rollout_cfg = dataclasses.replace(cfg.rollout, num_generations=1, do_sample=not cfg.eval.greedy)
+
+    # ---- batched decoding; one JSON line per record, appended as soon as it is scored
+    with open(pred_path, "a") as fh:
+        for i in range(0, len(todo), cfg.eval.batch_size):
+            batch = todo[i:i + cfg.eval.batch_size]
+            decoded = decode_batch(batch, source, cfg.video.pool_frames)
+            for rec, ok in zip(batch, decoded.valid.tolist()):
+                if not ok:
+                    fh.write(json.dumps({"id": rec.id, "category": rec.category, "problem_type": rec.problem_type,
+                                         "error": "undecodable video"}) + "\n")
+            keep = [b for b, ok in enumerate(decoded.valid.tolist()) if ok]
+            if keep:
+                sub = type(decoded)([batch[b] for b in keep], [decoded.pools[b] for b in keep],
+                                    decoded.valid[keep], decoded.skipped)
+                reqs = _requests(sub, cfg, scorer, seed=cfg.run.seed + i)
+                rb = generate_rollouts(policy, tokenizer, reqs, rollout_cfg, cfg.run.seed + i)
+                for rec, text in zip(sub.records, rb.texts):
+                    fh.write(json.dumps({"id": rec.id, "category": rec.category, "problem_type": rec.problem_type,
+                                         "answer": rec.answer, "prediction": text,
+                                         "accuracy": accuracy_reward(text, rec.answer, rec.problem_type),
+                                         "format": format_reward(text)}) + "\n")
+            fh.flush()
+    barrier()
+
+    # ---- report (rank 0): every rank's lines, deduplicated by id
+    if env.is_main:
+        rows = {}
+        for p in sorted(out.glob("predictions.rank*.jsonl")):
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    rows[r["id"]] = r
+        wanted = {r.id for r in records}
+        summary = summarise([r for k, r in rows.items() if k in wanted])
+        summary.update({"records": str(path), "model": cfg.model.path or "(tiny random model)",
+                        "frames": cfg.eval.frames, "num_frames": cfg.keyframes.num_frames, "greedy": cfg.eval.greedy})
+        (out / "report.json").write_text(json.dumps(summary, indent=1))
+        log.info("accuracy %.4f over %d records (%s skipped) -> %s", summary["accuracy"], summary["num_scored"],
+                 sum(summary["skipped"].values()), out / "report.json")
+        print(json.dumps({k: summary[k] for k in ("accuracy", "num_scored", "per_problem_type")}))
+    destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Stage 3: question-aware keyframes. Score every candidate frame against the question, then draw K index
+sets of F frames each with `strive_kernels.keyframe_sample` (one Triton launch for the whole batch on CUDA).
+
+    scorer = build_scorer(cfg.keyframes, model=hf_model, tokenizer=tokenizer)
+    sel = select_keyframes(scorer, pools, questions, cfg.keyframes, num_variants=K, seed=step_seed)
+    sel.indices          # (B, K, F) int64, rows of each pool, sorted and unique per variant
+
+Knobs (KeyframeConfig):
+    num_frames   F, frames per variant (even: Qwen pairs frames into temporal patches)
+    temperature  tau of softmax(cos / tau); cosines live in [-1, 1], so tau = 0.1 turns a 0.3 cosine gap
+                 into a e^3 = 20x weight ratio; lower = more peaked
+    uniform_mix  lambda, weight of the uniform distribution mixed in: keeps the whole timeline covered,
+                 no gap between chosen frames exceeds 2P/(lambda F) (proof in strive_kernels.reference.keyframe);
+                 0 = pure relevance, 1 = uniform stratified sampling
+    scorer       policy: the policy's own vision tower (pooled merged tokens) vs the mean of its input
+                 embeddings of the question — free, no extra model, but only as relevant as the policy is
+                 aligned; siglip / clip: a frozen dual encoder from scorer_path (local folder), whose
+                 image and text embeddings are trained to be compared by cosine
+    score_side   policy scorer: each frame is embedded at about score_side^2 pixels (a 2-frame clip of
+                 itself), cheap next to the rollout; the encoders use their own input size
+Variant 0 is the canonical view: evenly spread frames, identical every step (the model always also sees
+the plain uniform sampling); variants 1..K-1 use the importance, with their own Philox offsets u_k.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from strive_engine.config import KeyframeConfig
+from strive_kernels import keyframe_sample
+from strive_kernels.reference.variant import CLIP_MEAN, CLIP_STD
+
+
+class ScorerError(ValueError):
+    """The frame scorer cannot be built or used (missing folder, model without a vision tower, ...)."""
+
+
+class FrameScorer(Protocol):
+    """Embeds frames and questions into one space where cosine similarity means relevance."""
+
+    def embed_frames(self, frames: Tensor) -> Tensor:  # uint8 (P, H, W, 3) -> (P, D)
+        ...
+
+    def embed_text(self, texts: Sequence[str]) -> Tensor:  # B strings -> (B, D)
+        ...
+
+
+def _features(out) -> Tensor:
+    """HF feature calls return a tensor (transformers 4.x), a ModelOutput with pooler_output (5.x) or a
+    (features, extras) tuple (Qwen3-VL's vision tower): the pooled features as one tensor."""
+    if isinstance(out, Tensor):
+        return out
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is None and isinstance(out, (tuple, list)):
+        pooled = out[0]
+    if isinstance(pooled, (tuple, list)):
+        pooled = torch.cat(tuple(pooled), 0)
+    if not isinstance(pooled, Tensor):
+        raise ScorerError(f"cannot find features in the model output of type {type(out).__name__}")
+    return pooled
+
+
+def _check_frames(frames: Tensor) -> None:
+    if not isinstance(frames, Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
+        desc = f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, Tensor) else type(frames).__name__
+        raise ScorerError(f"frames must be uint8 (P, H, W, 3), got {desc}")
+
+
+def _patchify():
+    """strive_kernels.variant_patchify (C++/CUDA op, falls back to its reference itself), or the reference
+    when the op's module is not importable in this build."""
+    try:
+        from strive_kernels import variant_patchify
+    except (ImportError, AttributeError, OSError):
+        from strive_kernels.reference import variant_patchify_reference as variant_patchify
+    return variant_patchify
+
+
+class PolicyScorer:
+    """The policy's own embeddings: vision tower (incl. its merger) pooled per frame vs mean input
+    embedding of the question tokens. Both live in the LLM's embedding space.
+
+    Calls modules only, under no_grad, so it works on CPU or CUDA and under FSDP2 when called inside the
+    root's forward (see strive_engine.parallel: the trainer runs scoring inside `root(fn)`).
+    `model` is a Qwen-VL ForConditionalGeneration (or a wrapper with `.hf`); `patchify` overrides the
+    frames -> pixel_values op (same signature as strive_kernels.variant_patchify).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, score_side: int = 56, frames_per_call: int = 64,
+                 patchify=None):
+        hf = getattr(model, "hf", model)
+        inner = getattr(hf, "model", hf)
+        self.visual = getattr(inner, "visual", None)
+        if self.visual is None:
+            raise ScorerError(f"{type(hf).__name__} has no vision tower at .model.visual (policy scorer needs a "
+                              f"Qwen-VL model)")
+        vc = hf.config.vision_config
+        self.patch, self.merge = int(vc.patch_size), int(vc.spatial_merge_size)
+        self.temporal_patch = int(getattr(vc, "temporal_patch_size", 2))
+        self.embed = hf.get_input_embeddings()
+        self.tokenizer = tokenizer
+        self.score_side = int(score_side)
+        self.frames_per_call = int(frames_per_call)
+        self.patchify = patchify
+
+    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
+        from strive_engine.variants import smart_resize
+
+        px = self.score_side ** 2
+        return smart_resize(h, w, factor=self.patch * self.merge, min_pixels=px, max_pixels=px)
+
+    @torch.no_grad()
+    def embed_frames(self, frames: Tensor) -> Tensor:
+        """uint8 (P, H, W, 3) -> float32 (P, hidden): each frame as a 2-frame clip of itself at ~score_side^2
+        pixels, vision tower, mean over the frame's merged tokens."""
+        _check_frames(frames)
+        P, H, W, _ = frames.shape
+        h, w = self._out_hw(H, W)
+        patchify = self.patchify or _patchify()
+        weight = self.visual.patch_embed.proj.weight if hasattr(self.visual, "patch_embed") else None
+        device = weight.device if weight is not None else next(self.visual.parameters()).device
+        out = []
+        for p0 in range(0, P, self.frames_per_call):
+            n = min(self.frames_per_call, P - p0)
+            idx = torch.arange(p0, p0 + n).repeat_interleave(self.temporal_patch).view(n, self.temporal_patch)
+            boxes = torch.tensor([[0.0, 0.0, float(W), float(H)]]).expand(n, 4).contiguous()
+            out_hw = torch.tensor([[h, w]], dtype=torch.int64).expand(n, 2).contiguous()
+            pv, grid = patchify(frames, idx, boxes, out_hw, CLIP_MEAN, CLIP_STD, temporal_patch=self.temporal_patch,
+                                patch=self.patch, merge=self.merge)
+            pv = pv.to(device=device, dtype=weight.dtype if weight is not None else pv.dtype)
+            tokens = _features(self.visual(pv, grid_thw=grid.to(device)))  # (n * tokens_per_frame, hidden)
+            out.append(tokens.float().view(n, -1, tokens.shape[-1]).mean(dim=1))  # (n, hidden)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def embed_text(self, texts: Sequence[str]) -> Tensor:
+        """B strings -> float32 (B, hidden): mean input embedding of each question's tokens (0 if empty)."""
+        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        L = max(1, max((len(x) for x in ids), default=1))
+        tok = torch.zeros(len(ids), L, dtype=torch.long)
+        mask = torch.zeros(len(ids), L)
+        for i, x in enumerate(ids):
+            tok[i, :len(x)] = torch.as_tensor(x, dtype=torch.long)
+            mask[i, :len(x)] = 1
+        weight = self.embed.weight
+        emb = self.embed(tok.to(weight.device)).float()  # (B, L, hidden)
+        mask = mask.to(emb.device)[..., None]
+        return (emb * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+class EncoderScorer:
+    """A frozen SigLIP / CLIP dual encoder loaded from a local HF folder (never the hub).
+
+    Frames are resized and normalised here in torch (bicubic, antialiased; SigLIP squashes to its square
+    input size, CLIP resizes the short side and centre-crops, as their HF processors do), with mean/std
+    from the folder's preprocessor_config.json — so neither torchvision nor a particular transformers
+    image-processor class is needed. Text goes through the folder's tokenizer.
+    """
+
+    def __init__(self, path: str, kind: str = "siglip", device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if kind not in ("siglip", "clip"):
+            raise ScorerError(f"encoder kind must be 'siglip' or 'clip', got {kind!r}")
+        folder = Path(path).expanduser()
+        if not path or not (folder / "config.json").is_file():
+            raise ScorerError(f"keyframes.scorer_path={path!r}: no HF model folder (config.json) there; "
+                              f"{kind} scoring needs a local copy of the encoder")
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            self.model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=dtype).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ScorerError(f"cannot load the {kind} encoder from {folder}: {e}") from e
+        if device is not None:
+            self.model.to(device)
+        self.kind = kind
+        pre_file = folder / "preprocessor_config.json"
+        pre = json.loads(pre_file.read_text()) if pre_file.is_file() else {}
+        default_mean = (0.5, 0.5, 0.5) if kind == "siglip" else CLIP_MEAN
+        default_std = (0.5, 0.5, 0.5) if kind == "siglip" else CLIP_STD
+        self.mean = torch.tensor(pre.get("image_mean", default_mean), dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(pre.get("image_std", default_std), dtype=torch.float32).view(1, 3, 1, 1)
+        self.size = int(self.model.config.vision_config.image_size)
+        self.max_text = int(getattr(self.model.config.text_config, "max_position_embeddings", 64))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _pixels(self, frames: Tensor) -> Tensor:
+        x = frames.to(self.device).permute(0, 3, 1, 2).float()  # (P, 3, H, W) in [0, 255]
+        S = self.size
+        if self.kind == "siglip":
+            x = TF.interpolate(x, size=(S, S), mode="bicubic", antialias=True, align_corners=False)
+        else:
+            H, W = x.shape[-2:]
+            scale = S / min(H, W)
+            h, w = max(S, round(H * scale)), max(S, round(W * scale))
+            x = TF.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+            top, left = (h - S) // 2, (w - S) // 2
+            x = x[..., top:top + S, left:left + S]
+        x = x.clamp(0, 255).round() / 255.0
+        return ((x - self.mean.to(x.device)) / self.std.to(x.device)).to(next(self.model.parameters()).dtype)
+
+    @torch.no_grad()
+    def embed_frames(self, frames: Tensor) -> Tensor:
+        _check_frames(frames)
+        return _features(self.model.get_image_features(pixel_values=self._pixels(frames))).float()
+
+    @torch.no_grad()
+    def embed_text(self, texts: Sequence[str]) -> Tensor:
+        if self.kind == "siglip":  # SigLIP was trained on max_length padding, without attention mask
+            enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_text,
+                                 return_tensors="pt")
+            out = self.model.get_text_features(input_ids=enc["input_ids"].to(self.device))
+        else:
+            enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_text,
+                                 return_tensors="pt")
+            out = self.model.get_text_features(input_ids=enc["input_ids"].to(self.device),
+                                               attention_mask=enc["attention_mask"].to(self.device))
+        return _features(out).float()
+
+
+def build_scorer(cfg: KeyframeConfig, model: nn.Module | None = None, tokenizer=None) -> FrameScorer:
+    """The scorer named by cfg.scorer: policy (needs model and tokenizer) | siglip | clip (cfg.scorer_path)."""
+    if cfg.scorer == "policy":
+        if model is None or tokenizer is None:
+            raise ScorerError("keyframes.scorer='policy' needs the policy model and its tokenizer")
+        return PolicyScorer(model, tokenizer, score_side=cfg.score_side)
+    device = None
+    if model is not None:
+        device = next(model.parameters()).device
+    return EncoderScorer(cfg.scorer_path, kind=cfg.scorer, device=device)
+
+
+@dataclass
+class KeyframeSelection:
+    indices: Tensor  # (B, K, F) int64, local rows of each pool, sorted and unique per (b, k)
+    scores: list[Tensor]  # B x (P_b,) float32 cosine(frame, question)
+    importance: list[Tensor]  # B x (P_b,) float32 sampling distribution (sums to 1 per pool)
+    offsets: Tensor  # (B+1,) int64: pool b is rows offsets[b]:offsets[b+1] of the flat tensors
+
+    @property
+    def scores_flat(self) -> Tensor:  # (sum P,)
+        return torch.cat(self.scores)
+
+    @property
+    def importance_flat(self) -> Tensor:  # (sum P,)
+        return torch.cat(self.importance)
+
+
+@torch.no_grad()
+def select_keyframes(scorer: FrameScorer, pools: Sequence[Tensor], questions: Sequence[str], cfg: KeyframeConfig,
+                     num_variants: int, seed: int, backend: str = "auto",
+                     canonical_first: bool = True) -> KeyframeSelection:
+    """K keyframe sets of cfg.num_frames frames for each of the B pools (uint8 (P_b, H_b, W_b, 3)).
+
+    seed: Philox key of the variants' quantile offsets (derive it from (run seed, step, rank) so a resumed
+    run draws the same frames); variant 0 is the canonical evenly spread set (unless canonical_first=False,
+    e.g. evaluation with one importance-sampled view). Pools may differ in size and
+    resolution; a pool with fewer than F frames raises KeyframeInputError naming it.
+    """
+    if len(pools) != len(questions):
+        raise ValueError(f"{len(pools)} frame pools but {len(questions)} questions")
+    if not pools:
+        raise ValueError("select_keyframes needs at least one pool")
+    frame_emb = torch.cat([scorer.embed_frames(p) for p in pools])  # (sum P, D)
+    q_emb = scorer.embed_text(list(questions)).to(frame_emb.device)  # (B, D)
+    sizes = [int(p.shape[0]) for p in pools]
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    idx, scores, imp = keyframe_sample(frame_emb, q_emb, offsets, num_variants, cfg.num_frames,
+                                       temperature=cfg.temperature, uniform_mix=cfg.uniform_mix,
+                                       seed=int(seed) % 2**63, canonical_first=canonical_first, backend=backend)
+    return KeyframeSelection(idx, list(scores.split(sizes)), list(imp.split(sizes)), offsets)

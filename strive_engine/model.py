@@ -1,0 +1,484 @@
+"""The policy: a Qwen-VL model (local checkpoint or the embedded tiny one) and the `Policy` wrapper.
+
+    model, tokenizer = build_model(cfg.model, device)            # HF model + its tokenizer
+    policy = Policy(model)                                       # the trainer's FSDP2 root
+    out = policy(inputs, head_fn)                                # head_fn(hidden (N, H), W (V, H), bias) -> Any
+
+Checkpoints: `cfg.path` is a local HF folder (config.json + *.safetensors + tokenizer), loaded with
+`local_files_only=True` as Qwen2.5-VL, Qwen2-VL or Qwen3-VL by `config.model_type`. The embedded default
+(`cfg.path == ""`) is a tiny Qwen2.5-VL from `build_tiny_config` with random weights and the offline
+tokenizer of `strive_engine.tokenizer` (whose ids the config takes, see there).
+
+`Policy.forward` runs vision tower, language model and the loss head inside one call because FSDP2 unshards
+the root module's own parameters (embeddings, final norm, lm_head) only inside the root's forward. It runs
+the vision tower once per *distinct* video (the G rows of one (question, variant) share it), copies the
+merged visual tokens into the `<|video_pad|>` slots of every row that uses the video, builds mRoPE positions
+with the model's own `get_rope_index`, and hands the hidden states that predict completion tokens to
+`head_fn` packed as (N, H) — the [N, V] logits are the head's business (strive_kernels.fused_logprob_loss).
+
+Random init: `init_weights(model, seed)` draws every parameter from a generator keyed by (seed, name), so a
+meta-built, FSDP2-sharded model materialised with `to_empty` gets exactly the weights of an unsharded build.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from strive_engine.tokenizer import build_tokenizer, special_token_ids
+
+log = logging.getLogger(__name__)
+
+# config.model_type -> transformers class name (looked up lazily: Qwen3-VL only exists in recent versions).
+MODEL_CLASSES = {
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+LIGER_PATCHES = {
+    "qwen2_5_vl": "apply_liger_kernel_to_qwen2_5_vl",
+    "qwen2_vl": "apply_liger_kernel_to_qwen2_vl",
+    "qwen3_vl": "apply_liger_kernel_to_qwen3_vl",
+}
+_logged: set[str] = set()
+
+
+class ModelError(ValueError):
+    """The model cannot be built: bad path, missing file, unsupported config (the message names it)."""
+
+
+def _log_once(key: str, msg: str, *args: Any) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.info(msg, *args)
+
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+def resolve_dtype(cfg: Any, device: torch.device) -> torch.dtype:
+    """'auto' = bf16 on CUDA, fp32 elsewhere; otherwise the named dtype."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+
+
+def resolve_attn(cfg: Any, device: torch.device) -> str:
+    """flash_attention_2 when importable on CUDA (auto), else sdpa; an explicit choice is honoured or refused."""
+    on_cuda = torch.device(device).type == "cuda"
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    choice = cfg.attn_implementation
+    if choice == "auto":
+        choice = "flash_attention_2" if (on_cuda and has_fa) else "sdpa"
+    elif choice == "flash_attention_2" and not (on_cuda and has_fa):
+        raise ModelError(f"model.attn_implementation='flash_attention_2' needs CUDA and the flash_attn package "
+                         f"(device={device}, flash_attn importable={has_fa}); use 'auto' or 'sdpa'")
+    _log_once(f"attn:{choice}", "attention implementation: %s", choice)
+    return choice
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (t, h, w) like Qwen2.5-VL's [16, 24, 24] for head_dim 128."""
+    half = head_dim // 2
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def build_tiny_config(cfg: Any, tokenizer: Any) -> Any:
+    """A tiny Qwen2.5-VL config sized by cfg.tiny_*; token ids from `tokenizer` (see strive_engine.tokenizer).
+
+    Vision: patch 14, temporal patch 2, merge 2, output width = LLM hidden size. Embeddings are tied.
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    ids = special_token_ids(tokenizer)
+    hidden, heads = cfg.tiny_hidden_size, cfg.tiny_heads
+    head_dim = hidden // heads
+    if head_dim % 4:
+        raise ModelError(f"model.tiny_hidden_size/tiny_heads = {head_dim} must be divisible by 4 (mRoPE sections)")
+    if (cfg.tiny_vision_hidden_size // heads) % 4:
+        raise ModelError(f"model.tiny_vision_hidden_size/tiny_heads = {cfg.tiny_vision_hidden_size // heads} must "
+                         f"be divisible by 4 (2D vision rotary)")
+    kv_heads = heads // 2 if heads % 2 == 0 else heads  # grouped-query attention, as in Qwen
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                num_hidden_layers=cfg.tiny_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, use_sliding_window=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(head_dim)},
+                bos_token_id=ids["pad_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+                tie_word_embeddings=True)
+    vision = dict(depth=cfg.tiny_vision_depth, hidden_size=cfg.tiny_vision_hidden_size,
+                  intermediate_size=4 * cfg.tiny_vision_hidden_size, num_heads=heads, in_channels=3, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, window_size=112,
+                  out_hidden_size=hidden, fullatt_block_indexes=[cfg.tiny_vision_depth - 1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["image_token_id"],
+                            video_token_id=ids["video_token_id"], vision_start_token_id=ids["vision_start_token_id"],
+                            vision_end_token_id=ids["vision_end_token_id"], tie_word_embeddings=True)
+
+
+# ------------------------------------------------------------------------------------------- build
+
+
+def _check_folder(path: str) -> Path:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"model.path {str(folder)!r} is not a directory")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder} has no config.json")
+    if not (list(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file()):
+        raise ModelError(f"model folder {folder} has no safetensors weights (*.safetensors)")
+    return folder
+
+
+def _model_class(config: Any) -> type:
+    import transformers
+
+    mt = getattr(config, "model_type", None)
+    if mt not in MODEL_CLASSES:
+        raise ModelError(f"model_type {mt!r} is not supported; supported: {', '.join(MODEL_CLASSES)}")
+    cls = getattr(transformers, MODEL_CLASSES[mt], None)
+    if cls is None:
+        raise ModelError(f"model_type {mt!r} needs transformers.{MODEL_CLASSES[mt]}, which transformers "
+                         f"{transformers.__version__} does not have")
+    missing = [k for k in ("video_token_id", "vision_start_token_id") if getattr(config, k, None) is None]
+    if missing or getattr(config, "vision_config", None) is None:
+        raise ModelError(f"model config ({mt}) has no vision tokens: missing {missing or ['vision_config']}")
+    return cls
+
+
+def apply_liger(model: nn.Module, device: torch.device, enabled: bool = True) -> bool:
+    """liger-kernel's RMSNorm / SwiGLU / mRoPE patches for this model instance, on CUDA when installed.
+
+    The fused-linear cross-entropy patch stays off: the loss head is ours (Policy.forward + head_fn).
+    """
+    if not enabled or torch.device(device).type != "cuda":
+        return False
+    if importlib.util.find_spec("liger_kernel") is None:
+        _log_once("liger:none", "liger-kernel not installed: model patches skipped")
+        return False
+    import liger_kernel.transformers as lt
+
+    fn = getattr(lt, LIGER_PATCHES.get(model.config.model_type, ""), None)
+    if fn is None:
+        _log_once("liger:unsupported", "liger-kernel has no patch for %s", model.config.model_type)
+        return False
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
+                  model=model)
+    params = inspect.signature(fn).parameters
+    fn(**{k: v for k, v in wanted.items() if k in params})
+    _log_once("liger:on", "liger-kernel patches applied (RMSNorm, SwiGLU, mRoPE) to %s", model.config.model_type)
+    return True
+
+
+def build_model(cfg: Any, device: torch.device | str, *, meta: bool = False) -> tuple[nn.Module, Any]:
+    """`cfg: ModelConfig` -> (HF Qwen-VL model, tokenizer), in eval mode, on `device` (or meta).
+
+    cfg.path set: the local checkpoint (weights loaded; meta=True is refused: there would be nothing to
+    load the weights into after sharding). cfg.path "": the tiny model, random init by `init_weights` with
+    seed torch.initial_seed() (so the caller seeds it with torch.manual_seed); meta=True leaves parameters on
+    the meta device for the trainer to materialise (`to_empty`) and re-initialise with `init_weights`.
+    """
+    device = torch.device(device)
+    dtype = resolve_dtype(cfg, device)
+    attn = resolve_attn(cfg, device)
+    if cfg.path:
+        from transformers import AutoConfig
+
+        folder = _check_folder(cfg.path)  # path, config, weights, then tokenizer: likeliest problems first
+        try:
+            config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        except Exception as e:  # noqa: BLE001  (re-raised with the file named; HF raises many kinds)
+            raise ModelError(f"{folder / 'config.json'} cannot be loaded as a transformers config: {e}") from e
+        cls = _model_class(config)
+        tokenizer = build_tokenizer(cfg)
+        if meta:
+            raise ModelError(f"meta=True with model.path={cfg.path!r}: a meta model has no weights; build with "
+                             f"meta=False (weights load, then fully_shard shards them)")
+        model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, dtype=dtype,
+                                    attn_implementation=attn)
+        model.to(device)
+    else:
+        tokenizer = build_tokenizer(cfg)
+        config = build_tiny_config(cfg, tokenizer)
+        cls = _model_class(config)
+        with torch.device("meta" if meta else device):
+            model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
+        ids = special_token_ids(tokenizer)
+        model.generation_config.eos_token_id = [ids["eos_token_id"], ids["pad_token_id"]]
+        model.generation_config.pad_token_id = ids["pad_token_id"]
+        model.generation_config.bos_token_id = None
+        if not meta:
+            init_weights(model, seed=torch.initial_seed())
+    apply_liger(model, device, cfg.liger)
+    model.eval()
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ init
+
+
+def _copy_full(param: Tensor, full: Tensor) -> None:
+    """Write a full (unsharded) value into a parameter that may be an FSDP2 DTensor shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if param.device.type == "meta":
+        raise ModelError("init_weights on a meta model: materialise it first (model.to_empty(device=...))")
+    if isinstance(param, DTensor):
+        # src_data_rank=None: every rank holds the same full value, so each keeps its own slice, no comms.
+        shard = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int = 0) -> None:
+    """Re-initialise every parameter and rotary buffer deterministically, independent of sharding.
+
+    Each parameter's full value is drawn on CPU from a generator seeded by (seed, its name), so the same seed
+    gives the same weights whether the model is whole, FSDP2-sharded over any world size, or was built on
+    meta. Rules (HF's): Linear/Conv/Embedding weights ~ N(0, initializer_range), the padding row zero; norm
+    weights 1; biases 0. Non-persistent buffers (rotary inv_freq) are recomputed by HF's `_init_weights`.
+    """
+    std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and out_emb.weight is not in_emb.weight:
+        # nn.Module.to_empty() unties shared parameters (it builds one new tensor per module); re-tie them.
+        model.tie_weights()
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if id(p) in seen:  # tied weights (lm_head = embed_tokens) are initialised once
+                continue
+            seen.add(id(p))
+            name = f"{mod_name}.{p_name}" if mod_name else p_name
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+            if p_name == "bias":
+                full = torch.zeros(p.shape)
+            elif "Norm" in type(module).__name__:
+                full = torch.ones(p.shape)
+            else:
+                full = torch.randn(p.shape, generator=gen) * std
+                pad = getattr(module, "padding_idx", None)
+                if isinstance(module, nn.Embedding) and pad is not None:
+                    full[pad] = 0
+            _copy_full(p, full.to(p.dtype))
+    for mod_name, module in model.named_modules():
+        bufs = [(n, b) for n, b in module.named_buffers(recurse=False) if b.is_floating_point()]
+        if not bufs or any(True for _ in module.parameters(recurse=False)):
+            continue
+        for _, b in bufs:
+            b.fill_(float("nan"))
+            if getattr(b, "_is_hf_initialized", False):
+                del b._is_hf_initialized  # HF's init functions skip tensors flagged as done
+        model._init_weights(module)
+        bad = [n for n, b in module.named_buffers(recurse=False) if b.is_floating_point() and b.isnan().any()]
+        if bad:
+            raise ModelError(f"init_weights: buffer(s) {bad} of {mod_name} ({type(module).__name__}) were not "
+                             f"re-initialised by {type(model).__name__}._init_weights")
+
+
+# ------------------------------------------------------------------------------------------ policy
+
+
+@dataclass
+class PolicyInputs:
+    """One batch for `Policy.forward`: M rows (prompt + completion), V distinct videos.
+
+    input_ids (M, L) int64; attention_mask (M, L) (prompts left-padded, completions right-padded);
+    completion_mask (M, L): 1 on the completion tokens to score, in full-sequence coordinates (never column 0);
+    pixel_values_videos (sum_v t_v*h_v*w_v, 3*2*14*14) in Qwen patch order; video_grid_thw (V, 3) int64;
+    second_per_grid_ts (V,) float seconds per temporal patch; video_index (M,) int64: the video of each row.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    completion_mask: Tensor
+    pixel_values_videos: Tensor
+    video_grid_thw: Tensor
+    second_per_grid_ts: Tensor
+    video_index: Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_videos(self) -> int:
+        return int(self.video_grid_thw.shape[0])
+
+    def targets(self) -> Tensor:
+        """(N,) the scored completion tokens, in the packing order of `Policy.forward` (row-major)."""
+        return self.input_ids[:, 1:][self.completion_mask[:, 1:].bool()]
+
+    def to(self, device: torch.device | str) -> "PolicyInputs":
+        return PolicyInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def row_token_index(self, merge_size: int = 2) -> Tensor:
+        """(sum_m n_{v(m)},) index into the merged visual tokens of all videos, row after row: row m takes
+        the n_v tokens of its video v = video_index[m] (so rows sharing a video share its tokens)."""
+        n = self.video_grid_thw.prod(-1) // merge_size**2                       # (V,) merged tokens per video
+        offs = torch.cumsum(n, 0) - n                                            # (V,) first token of each video
+        lens = n[self.video_index]                                               # (M,)
+        starts = torch.cumsum(lens, 0) - lens                                    # (M,) first slot of each row
+        total = int(lens.sum())
+        ar = torch.arange(total, device=n.device)
+        return ar - starts.repeat_interleave(lens, output_size=total) + offs[self.video_index].repeat_interleave(
+            lens, output_size=total)
+
+    def select(self, rows: Tensor | list[int]) -> "PolicyInputs":
+        """The sub-batch of `rows` (e.g. a micro-batch): only the videos they use are kept (re-indexed), and
+        columns that are padding in every kept row are trimmed. Positions are unchanged by the trimming
+        (they come from the attention mask), so the result scores exactly as inside the full batch."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device).reshape(-1)
+        if rows.numel() == 0:
+            raise ValueError("PolicyInputs.select: no rows selected")
+        vids, new_index = torch.unique(self.video_index[rows], sorted=True, return_inverse=True)
+        patches = self.video_grid_thw.prod(-1)                                   # (V,) pixel rows per video
+        offs = torch.cumsum(patches, 0) - patches
+        pix = torch.cat([torch.arange(int(offs[v]), int(offs[v] + patches[v]), device=patches.device)
+                         for v in vids.tolist()])
+        am = self.attention_mask[rows]
+        used = am.bool().any(0).nonzero().flatten()
+        lo, hi = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, am.shape[1])
+        return PolicyInputs(input_ids=self.input_ids[rows, lo:hi], attention_mask=am[:, lo:hi],
+                            completion_mask=self.completion_mask[rows, lo:hi],
+                            pixel_values_videos=self.pixel_values_videos[pix.to(self.pixel_values_videos.device)],
+                            video_grid_thw=self.video_grid_thw[vids], second_per_grid_ts=self.second_per_grid_ts[vids],
+                            video_index=new_index)
+
+    def validate(self, merge_size: int = 2, video_token_id: int | None = None) -> None:
+        """Shape and consistency checks; ValueError naming the first inconsistency."""
+        M, L = self.input_ids.shape
+        for name in ("attention_mask", "completion_mask"):
+            if tuple(getattr(self, name).shape) != (M, L):
+                raise ValueError(f"PolicyInputs.{name} has shape {tuple(getattr(self, name).shape)}, "
+                                 f"input_ids has {(M, L)}")
+        V = self.num_videos
+        if tuple(self.video_grid_thw.shape) != (V, 3) or tuple(self.second_per_grid_ts.shape) != (V,):
+            raise ValueError(f"PolicyInputs: video_grid_thw {tuple(self.video_grid_thw.shape)} / second_per_grid_ts "
+                             f"{tuple(self.second_per_grid_ts.shape)} must be (V, 3) / (V,)")
+        if tuple(self.video_index.shape) != (M,) or (M and (int(self.video_index.min()) < 0
+                                                            or int(self.video_index.max()) >= V)):
+            raise ValueError(f"PolicyInputs.video_index must be (M,)={M} values in [0, {V}), got "
+                             f"{self.video_index.tolist()}")
+        n_pix = int(self.video_grid_thw.prod(-1).sum())
+        if self.pixel_values_videos.shape[0] != n_pix:
+            raise ValueError(f"PolicyInputs.pixel_values_videos has {self.pixel_values_videos.shape[0]} rows, "
+                             f"video_grid_thw implies {n_pix}")
+        if M and bool(self.completion_mask[:, 0].any()):
+            raise ValueError("PolicyInputs.completion_mask[:, 0] must be 0 (the first token has no predecessor)")
+        if bool((self.completion_mask.bool() & ~self.attention_mask.bool()).any()):
+            raise ValueError("PolicyInputs.completion_mask marks tokens outside attention_mask")
+        if video_token_id is not None:
+            have = ((self.input_ids == video_token_id) & self.attention_mask.bool()).sum(1)  # (M,)
+            want = self.tokens_per_row(merge_size)
+            bad = (have < want).nonzero().flatten()
+            if bad.numel():
+                r = int(bad[0])
+                v = int(self.video_index[r])
+                raise ValueError(f"PolicyInputs row {r} has {int(have[r])} video tokens, its video {v} "
+                                 f"(grid {self.video_grid_thw[v].tolist()}) needs {int(want[r])}")
+
+    def tokens_per_row(self, merge_size: int = 2) -> Tensor:
+        """(M,) merged visual tokens of each row's video: t*h*w / merge_size**2."""
+        return (self.video_grid_thw.prod(-1) // merge_size**2)[self.video_index]
+
+    def video_slots(self, video_token_id: int, merge_size: int = 2) -> Tensor:
+        """(M, L) bool: the `<|video_pad|>` positions that receive the video — the first n_v of each row.
+
+        A `<|video_pad|>` the model *generated* later in the row is an ordinary text token, exactly as HF
+        generate treated it (visual features enter only at prefill; new tokens are typed text)."""
+        is_vid = (self.input_ids == video_token_id) & self.attention_mask.bool()
+        return is_vid & (is_vid.cumsum(1) <= self.tokens_per_row(merge_size)[:, None])
+
+
+class Policy(nn.Module):
+    """The HF model with the whole update (vision, LM, head) in one forward; the FSDP2 root."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+        self._qwen3 = hf_model.config.model_type == "qwen3_vl"
+        params = inspect.signature(hf_model.model.get_rope_index).parameters
+        self._rope_kwargs = set(params) | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params.values()) else set())
+
+    @property
+    def config(self) -> Any:
+        return self.hf.config
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.hf.config.vision_config.spatial_merge_size)
+
+    def generate(self, **kw: Any) -> Any:
+        return self.hf.generate(**kw)
+
+    def mm_token_type_ids(self, input_ids: Tensor, video_slots: Tensor | None = None) -> Tensor:
+        """(M, L) int32 modality types for get_rope_index / generate: 2 on the video slots (default: every
+        `<|video_pad|>`, right for prompts), 0 elsewhere. No image inputs exist here, so an `<|image_pad|>` in
+        the text is typed text."""
+        slots = input_ids == self.hf.config.video_token_id if video_slots is None else video_slots
+        return slots.to(torch.int32) * 2
+
+    def position_ids(self, input_ids: Tensor, attention_mask: Tensor, video_grid_thw: Tensor,
+                     second_per_grid_ts: Tensor, video_slots: Tensor | None = None) -> Tensor:
+        """(3, M, L) mRoPE positions from the model's get_rope_index; grid/seconds given per row (M, 3), (M,)."""
+        wanted = dict(input_ids=input_ids, attention_mask=attention_mask, video_grid_thw=video_grid_thw,
+                      image_grid_thw=None, second_per_grid_ts=second_per_grid_ts,
+                      mm_token_type_ids=self.mm_token_type_ids(input_ids, video_slots))
+        kw = {k: v for k, v in wanted.items() if k in self._rope_kwargs or "*" in self._rope_kwargs}
+        if self._qwen3:
+            kw.pop("second_per_grid_ts", None)  # Qwen3-VL encodes time as timestamp text instead
+        pos, _ = self.hf.model.get_rope_index(**kw)
+        return pos
+
+    def video_features(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, list[Tensor] | None]:
+        """Vision tower over all distinct videos at once -> merged tokens (sum_v n_v, H) and, for Qwen3-VL,
+        the deepstack features (one (sum_v n_v, H) tensor per injected layer)."""
+        out = self.hf.model.get_video_features(pixel_values, grid_thw)
+        deep = None
+        if hasattr(out, "pooler_output"):  # transformers >= 5.x: a ModelOutput
+            merged = out.pooler_output
+            ds = getattr(out, "deepstack_features", None)
+            if ds is not None:
+                deep = [torch.cat(tuple(d), 0) if isinstance(d, (tuple, list)) else d for d in ds]
+        elif self._qwen3 and isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):
+            merged, deep = out  # older Qwen3-VL API: (per-video embeds, deepstack list)
+        else:
+            merged = out
+        merged = torch.cat(tuple(merged), 0) if isinstance(merged, (tuple, list)) else merged
+        return merged, deep
+
+    def forward(self, inputs: PolicyInputs, head_fn: Callable[[Tensor, Tensor, Tensor | None], Any]) -> Any:
+        """Hidden states predicting the completion tokens, packed (N, H), passed to
+        head_fn(hidden, lm_head.weight (V, H), lm_head.bias or None); returns what head_fn returns."""
+        inputs.validate(self.merge_size, self.hf.config.video_token_id)
+        ids, mask = inputs.input_ids, inputs.attention_mask                      # (M, L)
+        inner = self.hf.model
+        embeds = inner.get_input_embeddings()(ids)                               # (M, L, H)
+        video_mask = inputs.video_slots(self.hf.config.video_token_id, self.merge_size)  # (M, L)
+        merged, deep = self.video_features(inputs.pixel_values_videos, inputs.video_grid_thw)
+        rows = inputs.row_token_index(self.merge_size)                           # (sum_m n_{v(m)},)
+        embeds = embeds.masked_scatter(video_mask.unsqueeze(-1), merged[rows].to(embeds.dtype))
+        pos = self.position_ids(ids, mask, inputs.video_grid_thw[inputs.video_index],
+                                inputs.second_per_grid_ts[inputs.video_index], video_mask)  # (3, M, L)
+        extra = {}
+        if deep is not None:
+            extra = dict(visual_pos_masks=video_mask, deepstack_visual_embeds=[d[rows] for d in deep])
+        out = inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
+                                   **extra)
+        hidden = out.last_hidden_state                                           # (M, L, H), final norm applied
+        # Position t predicts token t+1: keep the positions whose *next* token is a scored completion token.
+        sel = inputs.completion_mask[:, 1:].bool()                               # (M, L-1)
+        packed = hidden[:, :-1][sel]                                             # (N, H)
+        head = self.hf.lm_head
+        return head_fn(packed, head.weight, head.bias)

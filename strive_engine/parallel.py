@@ -1,0 +1,194 @@
+"""torch.distributed set-up and FSDP2 sharding of the policy.
+
+Sharding follows torchtitan's `apply_fsdp`: `fully_shard` per decoder block and per vision block, then the
+root (which holds the embeddings, patch embedding, vision merger, final norm and lm_head). The root is a tiny `Root` module whose forward runs
+an arbitrary callable: FSDP2 unshards the root group's parameters (embeddings, lm_head, final norms) only inside
+the root's forward, so *everything* that touches the policy — the update's forward and loss head, keyframe
+scoring, generation — runs as one `root(fn)` call and sees consistent parameters.
+
+Generation unshards every group once (`unsharded(root)`) and switches off reshard-after-forward for its
+duration: no per-token all-gathers, and no collective at all inside `generate`, so ranks that stop at different
+lengths cannot deadlock.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str  # gloo | nccl
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    """Initialise the process group from torchrun's environment, or a world of one without torchrun.
+
+    gloo on CPU, NCCL on CUDA (`backend="auto"`). Each rank uses cuda:LOCAL_RANK when CUDA is available.
+    A single process still gets a (size-1) process group so FSDP2 and checkpointing take the same code path.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise RuntimeError("parallel.backend=nccl needs CUDA devices; use gloo (or auto) on CPU")
+    if not dist.is_initialized():
+        kw: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
+        if "MASTER_ADDR" not in os.environ:  # plain `python -m ...`: a world of one
+            kw.update(init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce when distributed (no-op otherwise); returns the tensor."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(value, op=ops[op])
+    return value
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Root(nn.Module):
+    """FSDP root: `root(fn, *args)` runs `fn(*args)` inside the root's forward (see module docstring)."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        # (module, reshard_after_forward) as apply_fsdp set them, so `unsharded` can restore them (plain list:
+        # not registered as submodules).
+        self.reshard_plan: list[tuple[nn.Module, bool]] = []
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+
+def _decoder_layers(hf_model: nn.Module) -> list[nn.Module]:
+    inner = getattr(hf_model, "model", hf_model)
+    lm = getattr(inner, "language_model", None)
+    layers = getattr(lm, "layers", None) if lm is not None else getattr(inner, "layers", None)
+    if layers is None:
+        raise RuntimeError(f"cannot find decoder layers on {type(hf_model).__name__} (expected model.language_model.layers)")
+    return list(layers)
+
+
+def _vision_blocks(hf_model: nn.Module) -> list[nn.Module]:
+    inner = getattr(hf_model, "model", hf_model)
+    visual = getattr(inner, "visual", None)
+    return list(getattr(visual, "blocks", [])) if visual is not None else []
+
+
+def apply_fsdp(policy: nn.Module, hf_model: nn.Module, *, mixed_precision: str, reshard_after_forward: bool,
+               device: torch.device) -> Root:
+    """Shard per decoder block and per vision block, then the root; returns the Root wrapper.
+
+    mixed_precision: "bf16" (params all-gathered in bf16, grads reduced in fp32) or "off".
+    Works on one process too (a world of 1 still gets FSDP's hooks, so the code path is the same).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    kw = dict(mesh=mesh, mp_policy=mp)
+    root = Root(policy)
+    blocks = _vision_blocks(hf_model)
+    for block in blocks:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+        root.reshard_plan.append((block, reshard_after_forward))
+    layers = _decoder_layers(hf_model)
+    for i, layer in enumerate(layers):
+        # The last block is needed again first in backward: keep it unsharded after forward (torchtitan).
+        r = reshard_after_forward and i < len(layers) - 1
+        fully_shard(layer, reshard_after_forward=r, **kw)
+        root.reshard_plan.append((layer, r))
+    fully_shard(root, reshard_after_forward=False, **kw)
+    log.info("FSDP2: %d vision blocks + %d decoder blocks + root sharded over %d ranks (mixed precision: %s)",
+             len(blocks), len(layers), dist.get_world_size(), mixed_precision)
+    return root
+
+
+@contextlib.contextmanager
+def unsharded(root: nn.Module) -> Iterator[None]:
+    """Keep every FSDP group unsharded for the block (one all-gather per group, then none).
+
+    Use inside `root(fn)` (the root's own params are gathered by its forward) for generation and scoring.
+    Restores reshard-after-forward and frees the unsharded params on exit.
+    """
+    plan = getattr(root, "reshard_plan", [])
+    if not plan:
+        yield
+        return
+    for m, _ in plan:
+        m.set_reshard_after_forward(False, recurse=False)
+    handles = [m.unshard(async_op=True) for m, _ in plan]
+    for h in handles:
+        if h is not None:
+            h.wait()
+    try:
+        yield
+    finally:
+        for m, r in plan:
+            m.set_reshard_after_forward(r, recurse=False)
+            m.reshard()
+
+
+def gather_full_state_dict(root: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU state dict on rank 0 (empty dict elsewhere), keys relative to the HF model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    prefix = "policy.hf."
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -1,0 +1,443 @@
+"""strive_kernels.fused_logprob_loss / fused_logprobs against the fp64 autograd reference.
+
+Error rule (flash-attention's): |ours - fp64 reference| <= 2 * |plain PyTorch - fp64 reference| + a noise
+floor of 2e-6 of the output's scale (~16 fp32 ulps: plain PyTorch's error on a single token can be 0 by
+luck), where plain PyTorch is the reference twin run at the inputs' precision in one chunk (materialised
+logits, fp32 log_softmax, autograd gradients).
+On CPU the Triton pass runs under TRITON_INTERPRET=1 (conftest) with small tiles, so shapes stay tiny.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import strive_kernels as sk
+from strive_engine.algorithms import PRESETS
+from strive_kernels.reference import fused_logprobs_reference
+
+BIG = 1 << 40  # max_chunk_bytes that makes everything one chunk
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Interpreter-sized tiles: V=1000 -> 4 tiles of 256 in 2 splits, so the split-combine and tails run."""
+    from strive_kernels import logprob_triton
+    monkeypatch.setattr(logprob_triton, "BLOCK_V_MAX", 256)
+    monkeypatch.setattr(logprob_triton, "TILES_PER_SPLIT", 2)
+
+
+def make_case(n=37, h=72, v=1000, *, n_seq=4, seed=0, bias=True, mask_frac=0.25, per_seq=False, scale=2.0):
+    """Targets sampled from the model itself and old/ref log-probs near the true ones, so ratios straddle
+    both clip limits; logits ~ N(0, scale^2)."""
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, h, generator=g, dtype=torch.float64)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) * (scale / math.sqrt(h))
+    b = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    logits = hid @ w.T + (b if bias else 0)
+    tgt = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+    true = torch.log_softmax(logits, -1).gather(1, tgt[:, None]).squeeze(1)
+    seq = torch.sort(torch.randint(0, n_seq, (n,), generator=g)).values
+    adv_seq = torch.randn(n_seq, generator=g)
+    mask = torch.rand(n, generator=g) >= mask_frac
+    mask[0] = True
+    return dict(hidden=hid, weight=w, bias=b, targets=tgt, old_logp=(true + 0.2 * torch.randn(n, generator=g)).float(),
+                ref_logp=(true + 0.3 * torch.randn(n, generator=g)).float(), seq_ids=seq,
+                advantages=adv_seq if per_seq else adv_seq[seq] + 0.1 * torch.randn(n, generator=g), mask=mask)
+
+
+def run(case, dtype, backend, *, with_ref=True, max_chunk_bytes=BIG, **kw):
+    """Call the public op on `case` cast to dtype; returns a dict of outputs and gradients (fp64)."""
+    hid = case["hidden"].to(dtype, copy=True).requires_grad_()
+    w = case["weight"].to(dtype, copy=True).requires_grad_()
+    b = case["bias"].to(dtype, copy=True).requires_grad_() if case["bias"] is not None else None
+    kw.setdefault("loss_agg", "seq_mean_token_mean")
+    kw.setdefault("temperature", 0.7)
+    out = sk.fused_logprob_loss(hid, w, case["targets"], case["old_logp"], case["advantages"], case["mask"], bias=b,
+                                ref_logp=case["ref_logp"] if with_ref else None, seq_ids=case["seq_ids"],
+                                backend=backend, return_entropy=True, max_chunk_bytes=max_chunk_bytes, **kw)
+    out.loss.backward()
+    res = {"loss": out.loss, "logp": out.logp, "entropy": out.entropy, "grad_hidden": hid.grad, "grad_weight": w.grad,
+           "clip_frac": out.clip_frac, "entropy_mean": out.entropy_mean}
+    if b is not None:
+        res["grad_bias"] = b.grad
+    if with_ref:
+        res["kl"] = out.kl
+    return {k: v.detach().double() for k, v in res.items()}
+
+
+def assert_close_to_oracle(case, dtype, backend, **kw):
+    """ours vs fp64 oracle, bounded by plain PyTorch's own error at `dtype`."""
+    oracle = run(case, torch.float64, "reference", **{k: v for k, v in kw.items() if k != "max_chunk_bytes"})
+    plain = run(case, dtype, "reference", **{k: v for k, v in kw.items() if k != "max_chunk_bytes"})
+    ours = run(case, dtype, backend, **kw)
+    assert set(ours) == set(oracle)
+    for key, ref in oracle.items():
+        assert torch.isfinite(ref).all(), key
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        if key == "kl":  # k3 = exp(d) - d - 1 cancels: its fp32 noise is ~ulp(1), not ulp(k3)
+            scale = max(scale, 1.0)
+        e_ours = (ours[key] - ref).abs().max().item() if ref.numel() else 0.0
+        e_plain = (plain[key] - ref).abs().max().item() if ref.numel() else 0.0
+        assert e_ours <= 2 * e_plain + 2e-6 * scale + 1e-12, (key, e_ours, e_plain, scale)
+    return ours, oracle
+
+
+# ------------------------------------------------------------------------- accuracy vs the fp64 oracle
+
+AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("loss_agg", AGGS)
+@pytest.mark.parametrize("with_ref", [False, True], ids=["noref", "ref"])
+@pytest.mark.parametrize("per_seq", [False, True], ids=["adv_tok", "adv_seq"])
+def test_native_matches_oracle(dtype, loss_agg, with_ref, per_seq):
+    case = make_case(per_seq=per_seq, seed=1)
+    norm = {"seq_mean_token_sum_norm": 4 * 24.0}.get(loss_agg)
+    assert_close_to_oracle(case, dtype, "native", loss_agg=loss_agg, with_ref=with_ref, beta=0.05 if with_ref else 0.0,
+                           normaliser=norm, max_chunk_bytes=16 * 1000 * 10)  # 3 chunks of <= 16 tokens
+
+
+@pytest.mark.parametrize("dtype,loss_agg,with_ref,per_seq,temperature", [
+    (torch.float32, "seq_mean_token_mean", True, True, 0.7),
+    (torch.float32, "token_mean", False, False, 1.0),
+    (torch.bfloat16, "seq_mean_token_sum_norm", True, False, 1.3),
+    (torch.bfloat16, "seq_mean_token_mean", False, True, 0.7),
+], ids=["fp32-seqmean-ref-advseq", "fp32-tokmean", "bf16-drgrpo-ref", "bf16-seqmean-advseq"])
+def test_triton_matches_oracle(small_tiles, dtype, loss_agg, with_ref, per_seq, temperature):
+    case = make_case(per_seq=per_seq, seed=2)
+    norm = 96.0 if loss_agg == "seq_mean_token_sum_norm" else None
+    assert_close_to_oracle(case, dtype, "triton", loss_agg=loss_agg, with_ref=with_ref, beta=0.04 if with_ref else 0.0,
+                           normaliser=norm, temperature=temperature, max_chunk_bytes=16 * 1000 * 2)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("n,h,v", [(1, 72, 1000), (37, 72, 1000), (5, 16, 257)], ids=["N1", "N37", "V257"])
+def test_weird_shapes(small_tiles, backend, n, h, v):
+    case = make_case(n=n, h=h, v=v, seed=3, n_seq=min(n, 3))
+    assert_close_to_oracle(case, torch.float32, backend, max_chunk_bytes=7 * v * 4)  # 7-token chunks
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_presets(preset, beta):
+    p = PRESETS[preset]
+    case = make_case(seed=4, per_seq=True)
+    norm = 4 * 16.0 if p.loss_agg == "seq_mean_token_sum_norm" else None
+    assert_close_to_oracle(case, torch.bfloat16, "native", loss_agg=p.loss_agg, eps_low=p.eps_low,
+                           eps_high=p.eps_high, beta=beta, with_ref=beta > 0, normaliser=norm,
+                           max_chunk_bytes=20 * 1000 * 10)
+
+
+def test_clipping_is_exercised():
+    """The cases above must hit both clip limits, otherwise they would not test the clipped branch."""
+    out = run(make_case(seed=1), torch.float64, "reference")
+    assert 0.05 < out["clip_frac"].item() < 0.6
+
+
+# ------------------------------------------------------------------------- semantics
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_masked_tokens_contribute_nothing(small_tiles, backend):
+    case = make_case(seed=5, n=20)
+    masked = ~case["mask"]
+    assert masked.sum() >= 3
+    other = dict(case)
+    g = torch.Generator().manual_seed(9)
+    other["hidden"] = case["hidden"].clone()
+    other["hidden"][masked] = torch.randn(int(masked.sum()), case["hidden"].shape[1], generator=g, dtype=torch.float64)
+    other["targets"] = case["targets"].clone()
+    other["targets"][masked] = -100  # out-of-range targets are allowed where masked
+    other["old_logp"] = case["old_logp"].clone()
+    other["old_logp"][masked] = 50.0
+    a = run(case, torch.float32, backend, max_chunk_bytes=8 * 1000 * 4)
+    b = run(other, torch.float32, backend, max_chunk_bytes=8 * 1000 * 4)
+    for key in ("loss", "grad_weight", "grad_bias", "clip_frac", "kl"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    assert (b["grad_hidden"][masked] == 0).all() and (a["grad_hidden"][masked] == 0).all()
+    assert b["logp"][masked].isnan().all()  # no log-prob of an out-of-vocabulary target
+    assert torch.isfinite(b["logp"][~masked]).all()
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_neg_inf_safe(small_tiles, backend, dtype):
+    """Very negative logits everywhere (-3e4) and -inf on banned vocabulary entries: finite, and as accurate
+    as plain PyTorch (in bf16 the -3e4 offset leaves ~1 significant bit of each logit, for both)."""
+    case = make_case(seed=6, v=300)
+    banned = torch.ones(300, dtype=torch.bool)
+    banned[case["targets"]] = False
+    banned[:5] = False
+    bias = case["bias"] - 3e4
+    bias[banned] = float("-inf")
+    case["bias"] = bias
+    out, _ = assert_close_to_oracle(case, dtype, backend, temperature=1.0, max_chunk_bytes=10 * 300 * 4)
+    for key in ("loss", "logp", "grad_hidden", "entropy"):
+        assert torch.isfinite(out[key]).all(), key
+    assert (out["grad_weight"][banned] == 0).all() and (out["grad_bias"][banned] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_per_sequence_equals_per_token_advantages(small_tiles, backend):
+    case = make_case(seed=7, per_seq=True, n=15)
+    tok = dict(case, advantages=case["advantages"][case["seq_ids"]])
+    a = run(case, torch.float32, backend, max_chunk_bytes=6 * 1000 * 4)
+    b = run(tok, torch.float32, backend, max_chunk_bytes=6 * 1000 * 4)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_chunking_does_not_change_the_result():
+    case = make_case(seed=8)
+    one = run(case, torch.float32, "native", max_chunk_bytes=BIG)
+    many = run(case, torch.float32, "native", max_chunk_bytes=5 * 1000 * 12)
+    for key in one:
+        torch.testing.assert_close(one[key], many[key], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_grad_output_scales_gradients(small_tiles, backend):
+    case = make_case(seed=10, n=9)
+    h = case["hidden"].float().requires_grad_()
+    w = case["weight"].float().requires_grad_()
+    kw = dict(seq_ids=case["seq_ids"], backend=backend)
+    args = (case["targets"], case["old_logp"], case["advantages"], case["mask"])
+    sk.fused_logprob_loss(h, w, *args, **kw).loss.backward()
+    g1 = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (-2.5 * sk.fused_logprob_loss(h, w, *args, **kw).loss).backward()
+    torch.testing.assert_close(h.grad, -2.5 * g1[0])
+    torch.testing.assert_close(w.grad, -2.5 * g1[1])
+
+
+def test_backward_twice_is_an_error():
+    case = make_case(seed=11, n=6)
+    h = case["hidden"].float().requires_grad_()
+    out = sk.fused_logprob_loss(h, case["weight"].float(), case["targets"], case["old_logp"], case["advantages"],
+                                case["mask"], seq_ids=case["seq_ids"])
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()
+
+
+def test_only_requested_gradients_and_no_grad():
+    case = make_case(seed=12, n=8)
+    h = case["hidden"].float().requires_grad_()
+    w = case["weight"].float()  # frozen lm_head
+    args = (case["targets"], case["old_logp"], case["advantages"], case["mask"])
+    out = sk.fused_logprob_loss(h, w, *args, seq_ids=case["seq_ids"])
+    out.loss.backward()
+    assert h.grad is not None and w.grad is None
+    with torch.no_grad():
+        out2 = sk.fused_logprob_loss(h, w, *args, seq_ids=case["seq_ids"])
+    assert not out2.loss.requires_grad
+    torch.testing.assert_close(out.loss.detach(), out2.loss)
+    assert not out.logp.requires_grad
+
+
+def test_deterministic_and_reproducible(small_tiles):
+    case = make_case(seed=13, n=14)
+    case["mask"] = torch.rand(14, generator=torch.Generator().manual_seed(0)).float()  # fractional weights
+    a = run(case, torch.bfloat16, "triton", deterministic=True, max_chunk_bytes=6 * 1000 * 2)
+    b = run(case, torch.bfloat16, "triton", deterministic=True, max_chunk_bytes=6 * 1000 * 2)
+    c = run(case, torch.bfloat16, "triton", deterministic=False, max_chunk_bytes=6 * 1000 * 2)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(a[key], c[key], rtol=1e-6, atol=0)
+
+
+def test_fp32_grad_accum_removes_per_chunk_rounding():
+    """bf16 grad_weight accumulated over 16 chunks drifts from the one-chunk result (one rounding per chunk);
+    with fp32_grad_accum it matches the one-chunk result up to the final rounding."""
+    case = make_case(seed=14, n=64)
+    one = run(case, torch.bfloat16, "native", max_chunk_bytes=BIG)["grad_weight"]
+    chunks = 4 * 1000 * 10  # 16 chunks of 4 tokens
+    bf = run(case, torch.bfloat16, "native", max_chunk_bytes=chunks)["grad_weight"]
+    f32 = run(case, torch.bfloat16, "native", max_chunk_bytes=chunks, fp32_grad_accum=True)["grad_weight"]
+    assert (f32 - one).norm() < 0.25 * (bf - one).norm()
+
+
+def test_weight_gradient_is_handed_over_not_copied():
+    """AccumulateGrad adopts the grad_weight formed in forward (a copy would double the peak memory)."""
+    case = make_case(seed=18, n=9)
+    w = case["weight"].float().requires_grad_()
+    out = sk.fused_logprob_loss(case["hidden"].float(), w, case["targets"], case["old_logp"], case["advantages"],
+                                case["mask"], seq_ids=case["seq_ids"])
+    formed = out.loss.grad_fn.grads[1].data_ptr()  # the custom op's autograd context holds (gh, gw, gb)
+    out.loss.backward()
+    assert w.grad.data_ptr() == formed
+
+
+def test_default_tiles_several_splits():
+    """Production tile sizes (2048-wide tiles, 8 per split) with V spanning three splits and a ragged tail."""
+    case = make_case(n=3, h=16, v=2 * 16384 + 3001, seed=19, n_seq=2)
+    assert_close_to_oracle(case, torch.bfloat16, "triton")
+
+
+def test_empty_batch():
+    h = torch.zeros(0, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    e = torch.zeros(0)
+    out = sk.fused_logprob_loss(h, w, torch.zeros(0, dtype=torch.long), e, e, e.bool(), loss_agg="token_mean")
+    out.loss.backward()
+    assert out.loss.item() == 0 and out.logp.shape == (0,) and (w.grad == 0).all()
+
+
+# ------------------------------------------------------------------------- no-grad log-prob path
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_logprobs_match_oracle(small_tiles, backend, dtype):
+    case = make_case(seed=15, n=29)
+    args = dict(bias=case["bias"], temperature=0.8, return_entropy=True)
+    ref_lp, ref_ent = fused_logprobs_reference(case["hidden"], case["weight"], case["targets"], **args)
+    cast = {"bias": case["bias"].to(dtype)}
+    pt_lp, pt_ent = fused_logprobs_reference(case["hidden"].to(dtype), case["weight"].to(dtype), case["targets"],
+                                             **{**args, **cast})
+    lp, ent = sk.fused_logprobs(case["hidden"].to(dtype), case["weight"].to(dtype), case["targets"], backend=backend,
+                                max_chunk_bytes=10 * 1000 * 4, **{**args, **cast})
+    assert lp.dtype == torch.float32 and ent.shape == (29,)
+    for ours, plain, ref in ((lp, pt_lp, ref_lp), (ent, pt_ent, ref_ent)):
+        e_ours, e_plain = (ours.double() - ref).abs().max(), (plain.double() - ref).abs().max()
+        assert e_ours <= 2 * e_plain + 2e-6 * ref.abs().max()
+    lp2, none = sk.fused_logprobs(case["hidden"].float(), case["weight"].float(), case["targets"])
+    assert none is None and lp2.shape == (29,)
+
+
+# ------------------------------------------------------------------------- errors and plumbing
+
+
+def test_bad_inputs_are_named():
+    case = make_case(seed=16, n=6, v=50)
+    h, w = case["hidden"].float(), case["weight"].float()
+    args = (case["targets"], case["old_logp"], case["advantages"], case["mask"])
+    with pytest.raises(ValueError, match="disagree on H"):
+        sk.fused_logprob_loss(h[:, :5], w, *args, seq_ids=case["seq_ids"])
+    with pytest.raises(TypeError, match="share one floating dtype"):
+        sk.fused_logprob_loss(h.double(), w, *args, seq_ids=case["seq_ids"])
+    with pytest.raises(ValueError, match="loss_agg 'mean'"):
+        sk.fused_logprob_loss(h, w, *args, seq_ids=case["seq_ids"], loss_agg="mean")
+    with pytest.raises(ValueError, match="seq_ids .* is required"):
+        sk.fused_logprob_loss(h, w, *args)
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        sk.fused_logprob_loss(h, w, *args, seq_ids=case["seq_ids"], beta=0.1)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sk.fused_logprob_loss(h, w, *args, seq_ids=case["seq_ids"], temperature=0.0)
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        sk.fused_logprob_loss(h, w, *args, seq_ids=case["seq_ids"], backend="cuda")
+    with pytest.raises(ValueError, match="needs normaliser"):
+        sk.fused_logprob_loss(h, w, *args, seq_ids=case["seq_ids"], loss_agg="seq_mean_token_sum_norm")
+    with pytest.raises(ValueError, match="normaliser must be > 0"):
+        sk.fused_logprob_loss(h, w, *args, seq_ids=case["seq_ids"], normaliser=0)
+    bad = case["targets"].clone()
+    bad[0] = 50
+    with pytest.raises(ValueError, match=r"targets\[0\] = 50 is outside the vocabulary \[0, 50\)"):
+        sk.fused_logprob_loss(h, w, bad, *args[1:], seq_ids=case["seq_ids"])
+    with pytest.raises(ValueError, match="seq_ids contains 7"):
+        sk.fused_logprob_loss(h, w, *args[:2], torch.randn(3), args[3], seq_ids=torch.full((6,), 7))
+    with pytest.raises(ValueError, match=r"old_logp must have shape \(6,\)"):
+        sk.fused_logprob_loss(h, w, args[0], args[1][:3], *args[2:], seq_ids=case["seq_ids"])
+
+
+def test_fake_implementation_matches_shapes():
+    """The fake (meta) kernels used by torch.compile report the real output shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import strive_kernels.logprob  # noqa: F401  (registers the ops)
+    case = make_case(seed=17, n=7, v=40)
+    h, w = case["hidden"].float(), case["weight"].float()
+    real = torch.ops.strive_kernels.logprobs(h, w, None, case["targets"], 1.0, True, 7, "native")
+    with FakeTensorMode() as mode:
+        fh, fw = mode.from_tensor(h), mode.from_tensor(w)
+        ft = mode.from_tensor(case["targets"])
+        fake = torch.ops.strive_kernels.logprobs(fh, fw, None, ft, 1.0, True, 7, "native")
+    assert [(t.shape, t.dtype) for t in fake] == [(t.shape, t.dtype) for t in real]
+
+
+def test_kernels_compile_for_sm90():
+    """Compile the Triton kernels ahead of time for Hopper (no GPU needed): catches GPU-only compile errors."""
+    code = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import strive_kernels.logprob_triton as K
+f32 = "*fp32"
+sig = {"logits_ptr": "*bf16", "stride_row": "i32", "V": "i32", "inv_temp": "fp32", "m_ptr": f32, "s_ptr": f32,
+       "t_ptr": f32, "NSPLIT": "i32"}
+loss = {**sig, "zt_ptr": f32, "tok0": "i32", "tgt_ptr": "*i64", "old_ptr": f32, "adv_ptr": f32, "mask_ptr": f32,
+        "ref_ptr": f32, "seq_ptr": "*i64", "cnt_ptr": f32, "n_slots": "i32", "denom_ptr": f32, "eps_low": "fp32",
+        "eps_high": "fp32", "beta": "fp32", "logp_ptr": f32, "ent_ptr": f32, "loss_ptr": f32, "clip_ptr": f32,
+        "k3_ptr": f32}
+cases = [
+    (K._lse_partials_kernel, {**sig, "tok0": "i32", "tgt_ptr": "*i64", "zt_ptr": f32},
+     dict(SPLIT=16384, BLOCK_V=2048, WITH_ENTROPY=True)),
+    (K._loss_grad_kernel, loss, dict(SPLIT=16384, BLOCK_V=2048, NSPLIT_P2=16, LOSS_AGG=1, HAS_REF=True,
+     PER_SEQ_ADV=True, WITH_ENTROPY=True, COMPUTE_GRAD=True, ROUND_BF16=False)),
+    (K._logprob_kernel, {"m_ptr": f32, "s_ptr": f32, "t_ptr": f32, "NSPLIT": "i32", "zt_ptr": f32, "tok0": "i32",
+     "tgt_ptr": "*i64", "V": "i32", "logp_ptr": f32, "ent_ptr": f32}, dict(NSPLIT_P2=16, WITH_ENTROPY=True)),
+    (K._scale_kernel, {"x_ptr": "*bf16", "g_ptr": f32, "n": "i64"}, dict(BLOCK=4096, ROUND_BF16=False)),
+]
+for fn, s, c in cases:
+    src = ASTSource(fn=fn, signature={**s, **{k: "constexpr" for k in c}}, constexprs=c)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert k.asm["cubin"], fn
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if "No module named" in res.stderr and "nvidia" in res.stderr:
+        pytest.skip("this Triton build has no NVIDIA backend")
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------- GPU (compiled Triton)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,h,v", [(300, 256, 50_257), (70, 128, 262_144)], ids=["gpt2V", "V262k"])
+def test_gpu_matches_oracle(n, h, v):
+    case = {k: (t.cuda() if isinstance(t, torch.Tensor) else t) for k, t in make_case(n=n, h=h, v=v, seed=20).items()}
+    assert_close_to_oracle(case, torch.bfloat16, "triton", max_chunk_bytes=128 * v * 2)  # 3 chunks at n = 300
+    lp, ent = sk.fused_logprobs(case["hidden"].bfloat16(), case["weight"].bfloat16(), case["targets"],
+                                bias=case["bias"].bfloat16(), return_entropy=True)
+    ref_lp, _ = fused_logprobs_reference(case["hidden"], case["weight"], case["targets"], bias=case["bias"])
+    assert (lp.double() - ref_lp).abs().max() < 0.1
+
+
+@pytest.mark.gpu
+def test_gpu_two_stream_overlap_gives_the_same_result(monkeypatch):
+    from strive_kernels import logprob_chunked
+    case = {k: t.cuda() for k, t in make_case(n=300, h=128, v=10_000, seed=21).items()}
+    plain = run(case, torch.bfloat16, "triton", max_chunk_bytes=128 * 10_000 * 2)
+    monkeypatch.setattr(logprob_chunked, "OVERLAP_GRAD_MATMULS", True)
+    overlapped = run(case, torch.bfloat16, "triton", max_chunk_bytes=128 * 10_000 * 2)
+    for key in plain:  # a missing stream sync would give O(1) garbage; cuBLAS may differ by a rounding
+        scale = plain[key].abs().max().item()
+        torch.testing.assert_close(overlapped[key], plain[key], rtol=1e-2, atol=1e-3 * scale)
+
+
+@pytest.mark.gpu
+def test_gpu_extra_memory_is_gradients_plus_one_chunk():
+    n, h, v = 2048, 1024, 65_536
+    torch.manual_seed(0)
+    hid = (torch.randn(n, h, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    w = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * 0.03).requires_grad_()
+    tgt = torch.randint(0, v, (n,), device="cuda")
+    old = torch.full((n,), -11.0, device="cuda")
+    adv = torch.randn(n, device="cuda")
+    mask = torch.ones(n, dtype=torch.bool, device="cuda")
+    budget = 256 * v * 2
+    sk.fused_logprob_loss(hid, w, tgt, old, adv, mask, loss_agg="token_mean", max_chunk_bytes=budget).loss.backward()
+    hid.grad = w.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    sk.fused_logprob_loss(hid, w, tgt, old, adv, mask, loss_agg="token_mean", max_chunk_bytes=budget).loss.backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = (v * h + n * h) * 2
+    assert extra <= grads + budget + 8 * 2**20, (extra - grads) / 2**20  # no copy of grad_weight

@@ -1,0 +1,102 @@
+"""Config: defaults, recipes, overrides, validation, presets, error messages."""
+import dataclasses
+
+import pytest
+
+from strive_engine.algorithms import PRESETS
+from strive_engine.config import (SECTIONS, Config, ConfigError, build_config, format_help, load_config,
+                                  load_recipe, recipe_path)
+
+
+def test_every_field_is_documented():
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{name}.{f.name} has no help text"
+    text = format_help()
+    assert "--rollout.num_generations" in text and "[algorithm]" in text
+
+
+def test_embedded_default_recipe_loads():
+    cfg = load_config([])
+    assert cfg.run.name == "debug_cpu"
+    assert cfg.variants.num_variants == 4 and cfg.algorithm.advantage_mode == "joint"
+    assert recipe_path("debug_cpu").name == "debug_cpu.toml"
+
+
+def test_every_shipped_recipe_is_valid():
+    from strive_engine.config import RECIPE_DIR
+
+    for p in RECIPE_DIR.glob("*.toml"):
+        build_config(load_recipe(str(p)))
+
+
+@pytest.mark.parametrize("argv", [["--rollout.num_generations=8"], ["--rollout.num_generations", "8"]])
+def test_override_forms(argv):
+    assert load_config(argv).rollout.num_generations == 8
+
+
+def test_override_types():
+    cfg = load_config(["--optim.lr=3e-4", "--data.shuffle=false", "--model.path=/x/y", "--algorithm.beta=none"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.data.shuffle is False and cfg.model.path == "/x/y"
+    assert cfg.algorithm.beta == 0.0  # None -> preset value
+
+
+def test_preset_fills_unset_fields_and_overrides_win():
+    cfg = load_config(["--algorithm.preset=dapo"])
+    p = PRESETS["dapo"]
+    assert (cfg.algorithm.eps_high, cfg.algorithm.loss_agg, cfg.algorithm.dynamic_sampling) == \
+        (p.eps_high, p.loss_agg, p.dynamic_sampling)
+    cfg = load_config(["--algorithm.preset=dapo", "--algorithm.eps_high=0.3"])
+    assert cfg.algorithm.eps_high == 0.3 and cfg.algorithm.loss_agg == "token_mean"
+    assert load_config(["--algorithm.preset=tgrpo"]).algorithm.temporal_bonus == pytest.approx(0.3)
+
+
+def test_unknown_keys_list_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown field rollout\.foo.*num_generations"):
+        load_config(["--rollout.foo=1"])
+    with pytest.raises(ConfigError, match=r"unknown section 'nope'.*rollout"):
+        load_config(["--nope.x=1"])
+    with pytest.raises(ConfigError, match="unknown option --steps"):
+        load_config(["--steps=3"])
+
+
+@pytest.mark.parametrize("arg, match", [
+    ("--keyframes.num_frames=3", "keyframes.num_frames: must be an even number"),
+    ("--keyframes.uniform_mix=1.5", r"keyframes.uniform_mix: must be in \[0, 1\]"),
+    ("--variants.crop_area_min=0", "variants.crop_area_min/max"),
+    ("--video.backend=opencv", "video.backend: 'opencv' is not one of"),
+    ("--algorithm.preset=ppo", "algorithm.preset: 'ppo' is not one of"),
+    ("--algorithm.loss_agg=sum", "algorithm.loss_agg"),
+    ("--rollout.top_p=0", r"rollout.top_p: must be in \(0, 1\]"),
+    ("--optim.lr=-1", "optim.lr: must be > 0"),
+    ("--data.batch_size=abc", "data.batch_size .*expected an integer"),
+    ("--data.shuffle=maybe", "data.shuffle .*expected a boolean"),
+    ("--keyframes.num_frames=64", "exceeds the candidate pool video.pool_frames"),
+    ("--keyframes.scorer=siglip", "keyframes.scorer_path"),
+])
+def test_validation_messages_name_the_field(arg, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config([arg])
+
+
+def test_recipe_errors(tmp_path):
+    with pytest.raises(ConfigError, match="recipe 'missing' not found.*debug_cpu"):
+        load_config(["--recipe", "missing"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[rollout]\nnum_generation = 4\n")
+    with pytest.raises(ConfigError, match=r"unknown field rollout\.num_generation in .*bad\.toml"):
+        load_config(["--recipe", str(bad)])
+    bad.write_text("steps = 4\n")
+    with pytest.raises(ConfigError, match="must be a \\[section\\] table"):
+        load_config(["--recipe", str(bad)])
+    bad.write_text("[run\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(["--recipe", str(bad)])
+
+
+def test_recipe_then_override_precedence(tmp_path):
+    r = tmp_path / "r.toml"
+    r.write_text("[rollout]\nnum_generations = 6\nmax_new_tokens = 9\n")
+    cfg = load_config(["--recipe", str(r), "--rollout.num_generations=2"])
+    assert (cfg.rollout.num_generations, cfg.rollout.max_new_tokens) == (2, 9)
+    assert Config().rollout.max_new_tokens != 9  # the recipe, not the default, gave 9

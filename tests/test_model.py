@@ -1,0 +1,407 @@
+"""Policy model, offline tokenizer, checkpoint loading: equality with HF's own forward, grads, errors."""
+import importlib.util
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+
+from strive_engine.config import ModelConfig
+from strive_engine.model import ModelError, Policy, PolicyInputs, build_model, build_tiny_config, init_weights
+from strive_engine.tokenizer import (SPECIAL_TOKENS, TAG_TOKENS, TokenizerError, build_offline_tokenizer,
+                                     build_tokenizer, load_checkpoint_tokenizer, special_token_ids)
+
+TINY = dict(tiny_hidden_size=64, tiny_layers=2, tiny_heads=4, tiny_vision_depth=1, tiny_vision_hidden_size=32)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def tiny(tok_dir):
+    torch.manual_seed(1234)
+    cfg = ModelConfig(tokenizer_dir=tok_dir, **TINY)
+    model, tok = build_model(cfg, "cpu")
+    return cfg, model, tok
+
+
+def make_batch(model, specs, seed=0):
+    """Rows from specs (video, n_text_before, n_text_after, n_completion, n_left_pad); 2 videos of weird grids.
+
+    Returns (PolicyInputs, per-row unpadded id lists)."""
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    grids = torch.tensor([[2, 4, 6], [4, 6, 4]])                     # 12 and 24 merged tokens
+    pv = torch.randn(int(grids.prod(-1).sum()), 1176, generator=g)
+    spgt = torch.tensor([1.0, 0.37])
+    rows, comp = [], []
+    for v, nb, na, nc, _ in specs:
+        n_vid = int(grids[v].prod()) // 4
+        txt = lambda n: torch.randint(8, c.text_config.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+        video = [c.vision_start_token_id] + [c.video_token_id] * n_vid + [c.vision_end_token_id]
+        prompt = [1] + txt(nb) + video + txt(na)
+        rows.append(prompt + txt(nc))
+        comp.append((len(prompt), nc))
+    L = max(len(r) + s[4] for r, s in zip(rows, specs))
+    M = len(rows)
+    ids = torch.zeros(M, L, dtype=torch.long)
+    am = torch.zeros(M, L, dtype=torch.long)
+    cm = torch.zeros(M, L, dtype=torch.long)
+    for m, (r, s, (lp, nc)) in enumerate(zip(rows, specs, comp)):
+        off = s[4]
+        ids[m, off:off + len(r)] = torch.tensor(r)
+        am[m, off:off + len(r)] = 1
+        cm[m, off + lp:off + lp + nc] = 1
+    vi = torch.tensor([s[0] for s in specs])
+    return PolicyInputs(ids, am, cm, pv, grids, spgt, vi), rows
+
+
+def hf_hidden(model, inp):
+    """HF's own forward, videos repeated per row: last-layer hidden states (M, L, H) and logits."""
+    pol = Policy(model)
+    patches = inp.video_grid_thw.prod(-1)
+    chunks = torch.split(inp.pixel_values_videos, patches.tolist())
+    out = model(input_ids=inp.input_ids, attention_mask=inp.attention_mask,
+                pixel_values_videos=torch.cat([chunks[v] for v in inp.video_index.tolist()]),
+                video_grid_thw=inp.video_grid_thw[inp.video_index],
+                second_per_grid_ts=inp.second_per_grid_ts[inp.video_index],
+                mm_token_type_ids=pol.mm_token_type_ids(inp.input_ids), output_hidden_states=True)
+    return out.hidden_states[-1], out.logits
+
+
+SPECS = [(0, 3, 5, 4, 3), (0, 3, 5, 6, 0), (1, 2, 7, 5, 1), (0, 1, 2, 3, 6)]  # rows 0,1,3 share video 0
+
+
+def test_policy_forward_equals_hf_hidden_states(tiny):
+    _, model, _ = tiny
+    inp, _ = make_batch(model, SPECS)
+    pol = Policy(model)
+    with torch.no_grad():
+        packed, W, b = pol(inp, lambda h, w, bias: (h, w, bias))
+        ref, logits = hf_hidden(model, inp)
+    sel = inp.completion_mask[:, 1:].bool()
+    assert packed.shape == (int(sel.sum()), model.config.text_config.hidden_size)
+    assert b is None and W is model.lm_head.weight
+    torch.testing.assert_close(packed, ref[:, :-1][sel], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed @ W.T, logits[:, :-1][sel], rtol=1e-5, atol=1e-5)
+    assert inp.targets().shape == (packed.shape[0],)
+    torch.testing.assert_close(inp.targets(), inp.input_ids[:, 1:][sel])
+    # In fp64 the two paths agree to rounding: the fp32 gap above is float error, not a different computation.
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    inp64 = PolicyInputs(inp.input_ids, inp.attention_mask, inp.completion_mask, inp.pixel_values_videos.double(),
+                         inp.video_grid_thw, inp.second_per_grid_ts, inp.video_index)
+    with torch.no_grad():
+        p64 = Policy(m64)(inp64, lambda h, w, bias: h)
+        r64, _ = hf_hidden(m64, inp64)
+    assert p64.dtype == torch.float64
+    torch.testing.assert_close(p64, r64[:, :-1][sel], rtol=1e-12, atol=1e-12)
+    assert float((packed.double() - p64).abs().max()) < 1e-4  # fp32 path vs fp64: plain float32 error
+
+
+def test_left_padding_does_not_change_rows(tiny):
+    """Each padded row scores as the same row alone without padding (positions come from the mask)."""
+    _, model, _ = tiny
+    inp, _ = make_batch(model, SPECS)
+    pol = Policy(model)
+    with torch.no_grad():
+        full = pol(inp, lambda h, w, b: h)
+        parts = [pol(inp.select([m]), lambda h, w, b: h) for m in range(inp.num_rows)]
+    torch.testing.assert_close(full, torch.cat(parts), rtol=1e-5, atol=1e-5)
+    # select() trimmed the all-pad columns of single rows
+    assert inp.select([1]).attention_mask.all()
+
+
+def test_select_keeps_only_used_videos(tiny):
+    _, model, _ = tiny
+    inp, _ = make_batch(model, SPECS)
+    sub = inp.select([2, 3])
+    assert sub.num_videos == 2 and sub.video_index.tolist() == [1, 0]
+    sub0 = inp.select([0, 3])
+    assert sub0.num_videos == 1 and sub0.pixel_values_videos.shape[0] == 48
+    torch.testing.assert_close(sub0.pixel_values_videos, inp.pixel_values_videos[:48])
+    idx = inp.row_token_index(2)
+    # rows 0, 1 use video 0 (tokens 0..11), row 2 video 1 (tokens 12..35), row 3 video 0 again
+    assert idx.tolist() == list(range(12)) * 2 + list(range(12, 36)) + list(range(12))
+
+
+def test_grads_flow_into_vision_tower_and_are_finite(tiny):
+    _, model, _ = tiny
+    inp, _ = make_batch(model, SPECS, seed=1)
+    pol = Policy(model)
+    model.zero_grad(set_to_none=True)
+    tgt = inp.targets()
+
+    def head(h, w, b):
+        return torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None]).sum()
+
+    pol(inp, head).backward()
+    vis = [p.grad for p in model.model.visual.parameters()]
+    assert all(g is not None for g in vis)
+    assert all(torch.isfinite(g).all() for g in vis)
+    assert sum(float(g.abs().sum()) for g in vis) > 0
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    model.zero_grad(set_to_none=True)
+
+
+def test_validate_names_the_problem(tiny):
+    _, model, _ = tiny
+    inp, _ = make_batch(model, SPECS)
+    bad = PolicyInputs(inp.input_ids, inp.attention_mask, inp.completion_mask, inp.pixel_values_videos,
+                       inp.video_grid_thw, inp.second_per_grid_ts, torch.tensor([1, 0, 1, 0]))
+    with pytest.raises(ValueError, match="row 0 has 12 video tokens"):
+        Policy(model)(bad, lambda h, w, b: h)
+    bad2 = PolicyInputs(inp.input_ids, inp.attention_mask, inp.completion_mask, inp.pixel_values_videos[:-1],
+                        inp.video_grid_thw, inp.second_per_grid_ts, inp.video_index)
+    with pytest.raises(ValueError, match="pixel_values_videos has"):
+        bad2.validate()
+
+
+def test_tiny_config_is_consistent(tiny):
+    cfg, model, tok = tiny
+    c = model.config
+    ids = special_token_ids(tok)
+    assert c.video_token_id == ids["video_token_id"] == tok.convert_tokens_to_ids("<|video_pad|>")
+    assert c.vision_start_token_id == ids["vision_start_token_id"]
+    assert c.text_config.vocab_size == len(tok)
+    head_dim = cfg.tiny_hidden_size // cfg.tiny_heads
+    assert sum(c.text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    assert c.vision_config.out_hidden_size == cfg.tiny_hidden_size
+    assert model.generation_config.eos_token_id == [ids["eos_token_id"], ids["pad_token_id"]]
+
+
+def test_meta_build_then_init_equals_direct_build(tok_dir):
+    cfg = ModelConfig(tokenizer_dir=tok_dir, **TINY)
+    torch.manual_seed(77)
+    direct, _ = build_model(cfg, "cpu")
+    meta, _ = build_model(cfg, "cpu", meta=True)
+    assert all(p.is_meta for p in meta.parameters())
+    with pytest.raises(ModelError, match="materialise"):
+        init_weights(meta, seed=77)
+    meta.to_empty(device="cpu")
+    init_weights(meta, seed=77)
+    sd_a, sd_b = direct.state_dict(), meta.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+    for (na, a), (nb, b) in zip(direct.named_buffers(), meta.named_buffers()):
+        assert na == nb and torch.equal(a, b), na
+    init_weights(meta, seed=78)
+    assert not torch.equal(meta.lm_head.weight, direct.lm_head.weight)
+
+
+def test_checkpoint_folder_roundtrip(tiny, tmp_path):
+    cfg, model, tok = tiny
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save_pretrained(tmp_path)
+    loaded, tok2 = build_model(ModelConfig(path=str(tmp_path)), "cpu")
+    assert type(loaded) is type(model) and tok2.get_vocab() == tok.get_vocab()
+    inp, _ = make_batch(model, SPECS[:2])
+    with torch.no_grad():
+        a = Policy(model)(inp, lambda h, w, b: h @ w.T)
+        b = Policy(loaded)(inp, lambda h, w, b: h @ w.T)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_checkpoint_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(ModelError, match="not a directory"):
+        build_model(ModelConfig(path=str(tmp_path / "nope")), "cpu")
+    with pytest.raises(ModelError, match="no config.json"):
+        build_model(ModelConfig(path=str(tmp_path)), "cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    with pytest.raises(ModelError, match="no safetensors"):
+        build_model(ModelConfig(path=str(tmp_path)), "cpu")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(TokenizerError, match="has no tokenizer"):
+        build_model(ModelConfig(path=str(tmp_path)), "cpu")
+    with pytest.raises(TokenizerError, match="has no tokenizer"):
+        load_checkpoint_tokenizer(tmp_path)
+    build_offline_tokenizer(tmp_path / "t").save_pretrained(tmp_path)  # a valid tokenizer, then bad configs
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(ModelError, match="'qwen2' is not supported"):
+        build_model(ModelConfig(path=str(tmp_path)), "cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "video_token_id": None}))
+    with pytest.raises(ModelError, match="video_token_id"):
+        build_model(ModelConfig(path=str(tmp_path)), "cpu")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="config.json"):
+        build_model(ModelConfig(path=str(tmp_path)), "cpu")
+
+
+def test_flash_attention_refused_without_cuda(tok_dir):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    with pytest.raises(ModelError, match="flash_attention_2"):
+        build_model(ModelConfig(tokenizer_dir=tok_dir, attn_implementation="flash_attention_2", **TINY), "cpu")
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+def test_tokenizer_special_tokens_and_tags(tiny):
+    _, _, tok = tiny
+    vocab = tok.get_vocab()
+    assert [vocab[t] for t in SPECIAL_TOKENS] == list(range(8))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert 500 <= len(tok) <= 2048
+    text = "<think>the red circle flashes 3 times</think> <answer>B</answer>"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for t in TAG_TOKENS:
+        assert ids.count(vocab[t]) == 1  # each tag is one token
+    assert tok.decode(ids, skip_special_tokens=True) == text  # tags survive, they are not "special"
+    weird = "naïve 日本語 🙂 \t\n 1,000.5 %$#"
+    assert tok.decode(tok(weird, add_special_tokens=False)["input_ids"]) == weird  # byte-level: any text
+    s = tok.decode(tok("<|im_start|>x<|video_pad|><|im_end|>", add_special_tokens=False)["input_ids"],
+                   skip_special_tokens=True)
+    assert s == "x"
+
+
+def test_chat_template_renders_qwen_layout(tiny):
+    _, _, tok = tiny
+    msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q?"}]}]
+    s = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert s == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                 "<|vision_start|><|video_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _build_in_subprocess(d, q):
+    tok = build_offline_tokenizer(d)
+    q.put(len(tok))
+
+
+def test_tokenizer_deterministic_and_locked(tmp_path):
+    a = build_offline_tokenizer(tmp_path / "a")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_subprocess, args=(str(tmp_path / "b"), q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert q.get() == q.get() == len(a)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert not list(tmp_path.glob("b.tmp-*"))
+    # a changed fingerprint rebuilds; a cached one is reused
+    meta = tmp_path / "a" / "strive_tokenizer.json"
+    meta.write_text(json.dumps({"fingerprint": "stale"}))
+    build_tokenizer(ModelConfig(tokenizer_dir=str(tmp_path / "a")))
+    assert json.loads(meta.read_text())["fingerprint"] != "stale"
+
+
+def test_tokenizer_missing_qwen_tokens_is_an_error():
+    class Fake:
+        pad_token = None
+        name_or_path = "fake"
+
+        def get_vocab(self):
+            return {"<|im_end|>": 0}
+
+    with pytest.raises(TokenizerError, match="video_pad"):
+        special_token_ids(Fake())
+
+
+def test_build_tiny_config_rejects_bad_head_dim(tiny):
+    _, _, tok = tiny
+    with pytest.raises(ModelError, match="divisible by 4"):
+        build_tiny_config(ModelConfig(tiny_hidden_size=24, tiny_heads=4, tiny_vision_hidden_size=32,
+                                      tokenizer_dir=str(Path("/nonexistent"))), tok)
+
+
+@pytest.mark.gpu
+def test_cuda_defaults_bf16_sdpa_and_liger_matches_plain(tok_dir):
+    import copy
+
+    from strive_engine.model import apply_liger
+
+    torch.manual_seed(5)
+    auto, _ = build_model(ModelConfig(tokenizer_dir=tok_dir, liger=False, **TINY), "cuda")
+    assert next(auto.parameters()).dtype == torch.bfloat16  # dtype auto = bf16 on CUDA
+    plain, _ = build_model(ModelConfig(tokenizer_dir=tok_dir, dtype="float32", liger=False, **TINY), "cuda")
+    inp, _ = make_batch(plain, SPECS)
+    inp = inp.to("cuda")
+    with torch.no_grad():
+        a = Policy(plain)(inp, lambda h, w, b: h)
+        half = Policy(auto)(inp, lambda h, w, b: h)
+    assert torch.isfinite(half).all() and float((half.float() - a).norm() / a.norm()) < 0.05  # bf16-level error
+    if importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("liger-kernel not installed")
+    patched = copy.deepcopy(plain)
+    assert apply_liger(patched, "cuda") is True
+    with torch.no_grad():
+        b = Policy(patched)(inp, lambda h, w, b: h)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+
+
+def _fsdp_worker(rank, world, port, tok_dir, out_path):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, _ = build_model(ModelConfig(tokenizer_dir=tok_dir, **TINY), "cpu", meta=True)
+        pol = Policy(model)
+        for layer in model.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(model.model.visual)
+        fully_shard(pol)                     # the root: embeddings, final norm, lm_head
+        pol.to_empty(device="cpu")
+        init_weights(model, seed=7)
+        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        inp, _ = make_batch(model, SPECS, seed=3)
+        tgt = inp.targets()
+        loss = pol(inp, lambda h, w, b: -torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None]).mean())
+        loss.backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        if rank == 0:
+            torch.save({"sd": full, "loss": loss.detach(), "grads": grads}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_init_forward_backward_match_unsharded(tok_dir, tmp_path):
+    """2 gloo ranks: meta build -> fully_shard -> to_empty -> init_weights gives the unsharded weights, and
+    Policy as the FSDP2 root gives the same loss and gradients (vision tower included)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = tmp_path / "rank0.pt"
+    procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, port, tok_dir, str(out))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+        assert p.exitcode == 0
+    got = torch.load(out)
+    ref, _ = build_model(ModelConfig(tokenizer_dir=tok_dir, **TINY), "cpu")
+    init_weights(ref, seed=7)
+    sd = ref.state_dict()
+    assert set(sd) == set(got["sd"])
+    for k in sd:
+        assert torch.equal(sd[k], got["sd"][k]), k
+    inp, _ = make_batch(ref, SPECS, seed=3)
+    tgt = inp.targets()
+    loss = Policy(ref)(inp, lambda h, w, b: -torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None]).mean())
+    loss.backward()
+    torch.testing.assert_close(got["loss"], loss.detach(), rtol=1e-5, atol=1e-6)
+    names = {n for n, p in ref.named_parameters() if p.grad is not None}
+    assert names == set(got["grads"]) and any(n.startswith("model.visual") for n in names)
+    for n, p in ref.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6)

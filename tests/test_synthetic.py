@@ -1,0 +1,236 @@
+"""Synthetic video-QA generator: determinism, real decodable files, balanced answers, and answers that
+the pixels actually support (the brief event is brief, the first shape is first, flashes are counted)."""
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from strive_engine.data import load_records
+from strive_engine.synthetic import COLOURS, FIXED_COLOURS, SHAPES, Canvas, ensure_synthetic, generate_synthetic, main, shape_mask
+from strive_engine.video import PyAVSource
+
+pytestmark = pytest.mark.timeout(300)
+
+CODEC_OF_SUFFIX = {".mp4": "h264", ".webm": "vp9", ".avi": "mjpeg"}
+
+
+def _gen(tmp_path_factory, name, seed, n=9, **kw):
+    d = tmp_path_factory.mktemp(name)
+    generate_synthetic(d, n, seed, codecs=("h264", "vp9", "mjpeg"), **kw)
+    return d
+
+
+@pytest.fixture(scope="module")
+def set_a(tmp_path_factory):
+    return _gen(tmp_path_factory, "a", seed=3)
+
+
+@pytest.fixture(scope="module")
+def set_b(tmp_path_factory):
+    return _gen(tmp_path_factory, "b", seed=3)
+
+
+def _records(d: Path) -> list[dict]:
+    return json.loads((d / "train.json").read_text()) + json.loads((d / "test.json").read_text())
+
+
+def _frames(d: Path, rec: dict) -> np.ndarray:
+    return PyAVSource().read(d / rec["path"], indices=list(range(rec["num_frames"]))).frames.numpy()
+
+
+def _colour_present(frames: np.ndarray, name: str, min_pixels: int = 300) -> np.ndarray:
+    """(T,) bool: the frame shows a sizeable patch of that colour (tolerant to lossy coding)."""
+    diff = np.abs(frames.astype(np.int16) - np.array(COLOURS[name], np.int16)).max(-1)  # (T, H, W)
+    return (diff < 60).sum((1, 2)) >= min_pixels
+
+
+def _quadrants(frames: np.ndarray) -> np.ndarray:
+    """(T, 4, h, w) bool occupancy (anything brighter than the dark background) per slot."""
+    T, H, W, _ = frames.shape
+    lit = frames.max(-1) > 80
+    return np.stack([lit[:, r * H // 2:(r + 1) * H // 2, c * W // 2:(c + 1) * W // 2]
+                     for r in range(2) for c in range(2)], 1)
+
+
+def _option(rec: dict, letter: str) -> str:
+    return next(o.split(". ", 1)[1] for o in rec["options"] if o.startswith(letter + "."))
+
+
+def _answer(rec: dict) -> str:
+    return rec["solution"].removeprefix("<answer>").removesuffix("</answer>")
+
+
+# ------------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_same_json_and_frames(set_a, set_b):
+    for name in ("train.json", "test.json", "meta.json"):
+        assert (set_a / name).read_text() == (set_b / name).read_text()
+    for rec in _records(set_a):
+        assert np.array_equal(_frames(set_a, rec), _frames(set_b, rec)), rec["path"]
+        # Muxed bitexact: even the files are byte-identical (no random Matroska UIDs).
+        assert (set_a / rec["path"]).read_bytes() == (set_b / rec["path"]).read_bytes(), rec["path"]
+
+
+def test_different_seed_differs(set_a, tmp_path_factory):
+    c = _gen(tmp_path_factory, "c", seed=4)
+    assert (c / "train.json").read_text() != (set_a / "train.json").read_text()
+
+
+def test_files_decode_and_records_load(set_a):
+    recs = _records(set_a)
+    assert len(recs) == 9 and len(json.loads((set_a / "test.json").read_text())) == 2
+    assert {CODEC_OF_SUFFIX[Path(r["path"]).suffix] for r in recs} == {"h264", "vp9", "mjpeg"}
+    src = PyAVSource()
+    for rec in recs:
+        info = src.probe(set_a / rec["path"])
+        assert info.num_frames == rec["num_frames"] == 48
+        assert (info.width, info.height, info.fps) == (112, 112, 8.0)
+        assert info.codec == CODEC_OF_SUFFIX[Path(rec["path"]).suffix]
+    for split in ("train", "test"):
+        kept, report = load_records(set_a / f"{split}.json")
+        assert report.kept == report.total > 0 and not report.skipped
+        assert all(q.process.startswith("<think>") and q.process.endswith("</think>") for q in kept)
+
+
+# ------------------------------------------------------------------------------ answers from pixels
+
+
+def test_brief_event_is_brief_and_answers_the_question(set_a):
+    checked = 0
+    for rec in (r for r in _records(set_a) if r["task"] == "brief_colour"):
+        frames = _frames(set_a, rec)
+        T = len(frames)
+        (start, end), = rec["evidence"]
+        assert T / 8 <= end - start <= T / 6
+        answer = _option(rec, _answer(rec))
+        shown = _colour_present(frames, answer)
+        assert np.flatnonzero(shown).tolist() == list(range(start, end)), rec["path"]
+        # Two of the wrong options are the long-visible distractors, the third never appears.
+        others = sorted(_colour_present(frames, _option(rec, o[0])).mean() for o in rec["options"]
+                        if o[0] != _answer(rec))
+        assert others[0] == 0.0 and others[1] >= 0.7 and others[2] >= 0.7, (rec["path"], others)
+        checked += 1
+    assert checked >= 2
+
+
+def test_first_shape_is_alone_during_the_evidence_window(set_a):
+    r = Canvas(112, 112).r
+    checked = 0
+    for rec in (r_ for r_ in _records(set_a) if r_["task"] == "first_shape"):
+        occ = _quadrants(_frames(set_a, rec))            # (T, 4, 56, 56)
+        n_lit = (occ.sum((2, 3)) > 200).sum(1)           # (T,) occupied slots
+        (t1, t2), = rec["evidence"]
+        assert (n_lit[:t1] == 0).all() and (n_lit[t1:t2] == 1).all() and (n_lit[t2:] >= 2).all()
+        slot = int(occ[t1].sum((1, 2)).argmax())
+        ious = {}
+        for kind in SHAPES:  # which shape, drawn at the slot centre, matches the lit pixels best?
+            ref = np.zeros((56, 56), bool)
+            ref[28 - r:28 + r, 28 - r:28 + r] = shape_mask(kind, r)
+            ious[kind] = (ref & occ[t1, slot]).sum() / (ref | occ[t1, slot]).sum()
+        assert max(ious, key=ious.get) == _option(rec, _answer(rec)) and max(ious.values()) > 0.85, ious
+        checked += 1
+    assert checked >= 2
+
+
+def test_flash_count_matches_the_flashing_slot(set_a):
+    checked = 0
+    for rec in (r for r in _records(set_a) if r["task"] == "flash_count"):
+        lit = _quadrants(_frames(set_a, rec)).sum((2, 3)) > 200  # (T, 4)
+        always = [s for s in range(4) if lit[:, s].all()]
+        toggling = [s for s in range(4) if 0 < lit[:, s].sum() < len(lit)]
+        assert len(always) == 2 and len(toggling) == 1
+        on = lit[:, toggling[0]].astype(int)
+        starts = np.flatnonzero(np.diff(np.r_[0, on]) == 1).tolist()
+        ends = np.flatnonzero(np.diff(np.r_[on, 0]) == -1).tolist()
+        assert [[s, e + 1] for s, e in zip(starts, ends)] == rec["evidence"]
+        assert len(starts) == int(_answer(rec))
+        checked += 1
+    assert checked >= 2
+
+
+@pytest.mark.parametrize("options", ["fixed", "shuffled"])
+def test_answers_are_balanced(tmp_path, options):
+    # Small frames keep 60 clips fast; the balancing does not depend on the frame size.
+    generate_synthetic(tmp_path, 60, 11, width=32, height=32, seconds=3.0, options=options)
+    palette = FIXED_COLOURS if options == "fixed" else COLOURS
+    for split, per_task in (("train", 16), ("test", 4)):
+        recs = json.loads((tmp_path / f"{split}.json").read_text())
+        tasks = Counter(r["task"] for r in recs)
+        assert set(tasks.values()) == {per_task}
+        mc = {t: [r for r in recs if r["task"] == t] for t in ("brief_colour", "first_shape")}
+        for t, rs in mc.items():
+            letters = Counter(_answer(r) for r in rs)
+            assert set(letters) == set("ABCD") and max(letters.values()) - min(letters.values()) <= 1, (t, letters)
+            values = Counter(_option(r, _answer(r)) for r in rs)
+            assert max(values.values()) - min(values.values()) <= 1
+            assert len(values) == min(len(rs), len(palette) if t == "brief_colour" else len(SHAPES))
+            if options == "fixed":  # same options, same order, for every question of the task
+                assert len({tuple(r["options"]) for r in rs}) == 1
+        counts = Counter(_answer(r) for r in recs if r["task"] == "flash_count")
+        assert set(counts) <= {"1", "2", "3"} and max(counts.values()) - min(counts.values()) <= 1
+
+
+# ---------------------------------------------------------------------------------- CLI and caching
+
+
+def test_cli_writes_the_requested_geometry(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--n", "4", "--seed", "1", "--codecs", "mjpeg,vp9", "--seconds", "3",
+          "--width", "48", "--height", "32", "--fps", "10", "--texture", "30", "--noise", "4"])
+    assert "wrote 4 clips" in capsys.readouterr().out
+    recs = _records(tmp_path)
+    infos = [PyAVSource().probe(tmp_path / r["path"]) for r in recs]
+    assert [i.codec for i in infos] == ["mjpeg", "vp9", "mjpeg", "vp9"]
+    assert all((i.num_frames, i.width, i.height, i.fps) == (30, 48, 32, 10.0) for i in infos)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["args"]["codecs"] == ["mjpeg", "vp9"] and meta["args"]["noise"] == 4.0 and meta["args"]["texture"] == 30.0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--codecs", "av1"], "unknown codec 'av1'"), (["--width", "33"], "even"), (["--n", "1"], "n must be"),
+    (["--seconds", "1"], ">= 24 frames"), (["--test-fraction", "1"], "test_fraction"),
+])
+def test_cli_rejects_bad_arguments(tmp_path, args, msg):
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path), "--n", "3"] + args)
+    assert msg in str(exc.value)
+
+
+def test_regeneration_replaces_only_its_own_files(tmp_path):
+    generate_synthetic(tmp_path, 6, 0, seconds=3.0, width=32, height=32)
+    (tmp_path / "videos" / "notes.txt").write_text("keep me")
+    generate_synthetic(tmp_path, 3, 0, seconds=3.0, width=32, height=32)
+    names = sorted(p.name for p in (tmp_path / "videos").iterdir())
+    assert names == ["00000.mp4", "00001.webm", "00002.mp4", "notes.txt"]
+
+
+def test_ensure_synthetic_generates_once_and_regenerates_when_stale(tmp_path):
+    train, test = ensure_synthetic(str(tmp_path), 4, 0)
+    assert train == tmp_path / "train.json" and test.is_file()
+    stamp = (tmp_path / "meta.json").stat().st_mtime_ns
+    ensure_synthetic(str(tmp_path), 4, 0)
+    assert (tmp_path / "meta.json").stat().st_mtime_ns == stamp  # current: untouched
+    os.remove(tmp_path / "videos" / "00001.webm")                # a missing clip
+    ensure_synthetic(str(tmp_path), 4, 0)
+    assert (tmp_path / "videos" / "00001.webm").is_file()
+    ensure_synthetic(str(tmp_path), 5, 0)                        # other arguments
+    assert json.loads((tmp_path / "meta.json").read_text())["args"]["n"] == 5
+    assert len(_records(tmp_path)) == 5
+
+
+def test_ensure_synthetic_is_safe_across_processes(tmp_path):
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s');"
+            "from strive_engine.synthetic import ensure_synthetic; print(ensure_synthetic(sys.argv[1], 6, 2)[0])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(o.count("generating 6 synthetic") for o in outs) == 1, outs
+    assert all(o.strip().endswith(str(tmp_path / "train.json")) for o in outs)
+    kept, report = load_records(tmp_path / "train.json")
+    assert report.kept == report.total == 5
