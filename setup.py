@@ -1,7 +1,7 @@
 """Builds strive_kernels._C (the variant op) by driving CMake; every compile flag lives in CMakeLists.txt.
 
-The CUDA kernel is built only when the installed torch is a CUDA build (torch.version.cuda); a CPU torch
-gets the CPU kernel. Set STRIVE_CUDA_ARCHS="80;90" (CMake list) to choose CUDA architectures,
+The CUDA kernel is built only when the installed torch is a CUDA build (torch.version.cuda; STRIVE_WITH_CUDA=0
+opts out); a CPU torch gets the CPU kernel. Set STRIVE_CUDA_ARCHS="80;90" (CMake list) to choose CUDA architectures,
 STRIVE_BUILD_TYPE=Debug for a debug build, MAX_JOBS to bound parallel compilation.
 """
 import os
@@ -27,7 +27,8 @@ class CMakeBuild(build_ext):
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
-        with_cuda = torch.version.cuda is not None
+        # STRIVE_WITH_CUDA=0 builds the CPU kernel only, even against a CUDA torch.
+        with_cuda = torch.version.cuda is not None and os.environ.get("STRIVE_WITH_CUDA", "1") != "0"
         args = [
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython3_EXECUTABLE={sys.executable}",

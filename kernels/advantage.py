@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from strive_kernels._backend import resolve_auto
 
 from strive_kernels.reference.advantage import (
     ADVANTAGE_MODES,
@@ -397,6 +398,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, variant_ids: Tensor, mo
     backend: auto (Triton on CUDA tensors, the reference otherwise) | triton | reference.
     validate: check the ordering contract (one host sync); pass False on a hot path whose layout is known.
     """
+    backend = resolve_auto(backend)
     if backend not in ("auto", "triton", "reference"):
         raise AdvantageInputError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if backend == "reference" or (backend == "auto" and not rewards.is_cuda):

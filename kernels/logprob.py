@@ -36,6 +36,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from strive_kernels._backend import resolve_auto
 
 from strive_kernels.logprob_chunked import (DEFAULT_MAX_CHUNK_BYTES, LossParams, NativePass, chunk_rows, run_logprobs,
                                             run_loss)
@@ -48,6 +49,7 @@ BACKENDS = ("auto", "triton", "native", "reference")
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
+    backend = resolve_auto(backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
     if backend == "auto":

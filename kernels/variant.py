@@ -32,6 +32,7 @@ STRIVE_CPU_OUTPUT_CACHE=0 disables the reuse of freed outputs >= 16 MB (csrc/out
 from __future__ import annotations
 
 import torch
+from strive_kernels._backend import resolve_auto
 
 from strive_kernels.reference.variant import (  # noqa: F401  (CLIP_* re-exported: part of the contract)
     CLIP_MEAN,
@@ -88,6 +89,7 @@ def variant_patchify(frames, indices, boxes, out_hw, mean=CLIP_MEAN, std=CLIP_ST
     Inputs are validated first (TypeError / ValueError / IndexError naming the argument and value).
     `indices` and `boxes` are read on the host (they are tiny; CUDA copies of them cost one sync).
     """
+    backend = resolve_auto(backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":

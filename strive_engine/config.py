@@ -95,12 +95,14 @@ class VideoConfig:
     pool_frames: int = doc(32, "P: candidate frames decoded per video, spread evenly over its duration")
     prefetch_batches: int = doc(2, "decoded batches queued ahead of the training step (bounds host memory)")
     decode_threads: int = doc(2, "CPU threads per decoder (PyAV threads / DALI CPU threads)")
+    decode_workers: int = doc(4, "PyAV: files of a batch decoded concurrently (threads; FFmpeg releases the GIL)")
 
     def __post_init__(self):
         _choice(self.backend, ("auto", "dali", "pyav"), "video.backend")
         _require(self.pool_frames >= 1, "video.pool_frames", f"must be >= 1, got {self.pool_frames}")
         _require(self.prefetch_batches >= 0, "video.prefetch_batches", "must be >= 0")
         _require(self.decode_threads >= 1, "video.decode_threads", "must be >= 1")
+        _require(self.decode_workers >= 1, "video.decode_workers", "must be >= 1")
 
 
 @dataclass

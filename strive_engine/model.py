@@ -158,6 +158,8 @@ def apply_liger(model: nn.Module, device: torch.device, enabled: bool = True) ->
     """liger-kernel's RMSNorm / SwiGLU / mRoPE patches for this model instance, on CUDA when installed.
 
     The fused-linear cross-entropy patch stays off: the loss head is ours (Policy.forward + head_fn).
+    liger patches the transformers module of the family globally (its design): every model of that family
+    built in this process afterwards runs liger's CUDA kernels, so it is applied only to CUDA models.
     """
     if not enabled or torch.device(device).type != "cuda":
         return False

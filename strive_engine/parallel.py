@@ -87,10 +87,16 @@ def seed_everything(seed: int) -> None:
 
 
 def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce when distributed (no-op otherwise); returns the tensor."""
+    """In-place all-reduce when distributed (no-op otherwise); returns the tensor. CPU tensors are reduced
+    through the current CUDA device under NCCL (which only reduces CUDA tensors)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-        dist.all_reduce(value, op=ops[op])
+        if dist.get_backend() == "nccl" and value.device.type == "cpu":
+            tmp = value.cuda()
+            dist.all_reduce(tmp, op=ops[op])
+            value.copy_(tmp)
+        else:
+            dist.all_reduce(value, op=ops[op])
     return value
 
 

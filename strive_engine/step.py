@@ -40,6 +40,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     timer: StageTimer
+    prefetcher: Any = None         # video.prefetch.Prefetcher over `loader` (built after a resume)
     nonfinite_skips: int = 0
 
     @property
@@ -82,7 +83,8 @@ def _rollout_phase(t: Trainer, decoded, seed: int):
 
 
 def _row_token_counts(rb) -> torch.Tensor:
-    return rb.inputs.completion_mask[:, 1:].sum(1).long()                       # (M,)
+    """(M,) scored tokens per row, on the host (row bookkeeping stays on the CPU; found on an H200)."""
+    return rb.inputs.completion_mask[:, 1:].sum(1).long().cpu()
 
 
 def _packed(values: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -98,10 +100,14 @@ def rl_step(t: Trainer, step: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     seed = step_seed(cfg.run.seed, step, env.rank)
 
-    # ---- stage 2: decode every video once; bad ones become counted, zero-weight placeholders
-    records = t.loader.next_batch()
+    # ---- stage 2: decode every video once (prefetched while the previous step ran); bad ones become
+    # counted, zero-weight placeholders. "decode" times only what the step waited for.
     with t.timer("decode"):
-        decoded = decode_batch(records, t.source, cfg.video.pool_frames)
+        if t.prefetcher is not None:
+            records, decoded, _ = t.prefetcher.next()
+        else:
+            records = t.loader.next_batch()
+            decoded = decode_batch(records, t.source, cfg.video.pool_frames, device=env.device)
     # ---- stages 3-5 (+ old log-probs) inside one root forward
     prepared, rb, shuffled, old_logp = t.root(_rollout_phase, t, decoded, seed)
 
@@ -135,8 +141,7 @@ def rl_step(t: Trainer, step: int) -> dict[str, Any]:
     row_adv, row_keep = adv.reshape(-1), keep.reshape(-1)                       # (M,)
 
     # ---- stage 8: policy update, mu epochs x minibatches
-    with t.timer("update"):
-        upd = _update(t, rb, old_logp, row_adv, row_keep)
+    upd = _update(t, rb, old_logp, row_adv, row_keep)  # times "update" (fwd/bwd) and "optimizer"
 
     # ---- metrics (global over ranks)
     m = _global_stats(reward, accuracy, rew.format.view(B, K, G), valid, rb)
@@ -170,6 +175,22 @@ def _global_stats(reward, accuracy, fmt, valid, rb) -> dict[str, float]:
             "rollout/gen_tokens": int(s[7]), "data/valid_samples": int(s[0])}
 
 
+def _optimizer_step(t: Trainer, loss_sum: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Clip and step; a non-finite loss or gradient never reaches the optimizer (skipped and counted).
+    Every rank takes the same decision: the grad norm is global already, the loss flag is all-reduced."""
+    gn = torch.nn.utils.clip_grad_norm_(t.params, t.cfg.optim.grad_clip or float("inf"))
+    gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+    bad = all_reduce(torch.tensor([0.0 if bool(torch.isfinite(loss_sum)) else 1.0]), "max")
+    ok = bool(torch.isfinite(gn)) and bad.item() == 0
+    if ok:
+        t.optimizer.step()
+    else:
+        t.nonfinite_skips += 1
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scheduler.step()
+    return gn, ok
+
+
 def _update(t: Trainer, rb, old_logp: torch.Tensor, row_adv: torch.Tensor, row_keep: torch.Tensor) -> dict:
     cfg = t.cfg
     spec = LossSpec.from_config(cfg.algorithm, cfg.rollout)
@@ -201,26 +222,17 @@ def _update(t: Trainer, rb, old_logp: torch.Tensor, row_adv: torch.Tensor, row_k
                 def head(h, w, b, targets=targets, old=old, adv=adv, mask=mask, seq_ids=seq_ids):
                     return policy_loss(h, w, targets, old, adv, mask, spec, norm, seq_ids=seq_ids, bias=b)
 
-                loss, stats = t.root(t.policy, inputs, head)
-                loss.backward()
+                with t.timer("update"):
+                    loss, stats = t.root(t.policy, inputs, head)
+                    loss.backward()
                 micro_losses.append(loss.detach())
                 for k, v in stats.items():
                     stats_acc.setdefault(k, []).append(v.detach().float())
-            # ---- optimizer step; a non-finite loss or gradient never reaches the optimizer
-            gn = torch.nn.utils.clip_grad_norm_(t.params, cfg.optim.grad_clip or float("inf"))
-            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-            loss_sum = torch.stack(micro_losses).sum()  # this rank's (scaled) share of the mini-batch loss
+            with t.timer("optimizer"):
+                loss_sum = torch.stack(micro_losses).sum()  # this rank's (scaled) share of the mini-batch loss
+                gn, ok = _optimizer_step(t, loss_sum)
             update_losses.append(loss_sum)
-            # Every rank must take the same decision: the grad norm is global already, the loss is not.
-            bad = all_reduce(torch.tensor([0.0 if bool(torch.isfinite(loss_sum)) else 1.0]), "max")
-            if not bool(torch.isfinite(gn)) or bad.item() > 0:
-                t.optimizer.zero_grad(set_to_none=True)
-                t.nonfinite_skips += 1
-                skipped += 1
-            else:
-                t.optimizer.step()
-                t.optimizer.zero_grad(set_to_none=True)
-            t.scheduler.step()
+            skipped += 0 if ok else 1
             grad_norms.append(float(gn))
     # loss.py's convention: a rank's loss is world_size x its share, so the global loss is the mean over ranks.
     per_update = all_reduce(torch.stack(update_losses).float()) / t.env.world_size  # (updates,)

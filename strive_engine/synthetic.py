@@ -45,7 +45,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 4  # 2: short rationales; 3: fixed option order; 4: grey distractors when fixed
+GENERATOR_VERSION = 5  # 2: short rationales; 3: fixed option order; 4: grey distractors, 5: big events (fixed)
 TASKS = ("brief_colour", "first_shape", "flash_count")
 # Saturated and far apart in RGB, so they survive 4:2:0 chroma subsampling and downscaling.
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 64, 255), "yellow": (255, 255, 0),
@@ -124,11 +124,18 @@ class Canvas:
             # GOP): realistic bitrates without a per-frame RNG cost.
             self.noise = [rng.normal(0.0, noise, (height, width, 1)).astype(np.int16) for _ in range(5)]
 
-    def add(self, kind: str, colour: str, slot: int, windows: list[tuple[int, int]]) -> None:
-        cy = int((slot // 2 + 0.5) * self.h / 2)
-        cx = int((slot % 2 + 0.5) * self.w / 2)
+    def add(self, kind: str, colour: str, slot: int, windows: list[tuple[int, int]], big: bool = False) -> None:
+        """A shape in quadrant `slot` (0-3), or, with big=True, one centred shape filling most of the frame
+        (drawn over the others while visible)."""
+        if big:
+            r = max(4, int(0.45 * min(self.w, self.h)))
+            cy, cx = self.h // 2, self.w // 2
+        else:
+            r = self.r
+            cy = int((slot // 2 + 0.5) * self.h / 2)
+            cx = int((slot % 2 + 0.5) * self.w / 2)
         rgb = COLOURS[colour] if colour in COLOURS else GREYS[colour]
-        self.objects.append((cy - self.r, cx - self.r, shape_mask(kind, self.r), rgb, windows))
+        self.objects.append((cy - r, cx - r, shape_mask(kind, r), rgb, windows))
 
     def frame(self, t: int) -> np.ndarray:
         """uint8 (H, W, 3) RGB frame number t."""
@@ -180,7 +187,8 @@ def _brief_colour(canvas: Canvas, T: int, fps: float, rng, letter: str, colour: 
     off = int(rng.integers(0, T - span + 1))
     canvas.add(kinds[0], draw1, slots[0], [(0, T)])
     canvas.add(kinds[1], draw2, slots[1], [(off, off + span)])
-    canvas.add(kinds[2], colour, slots[2], [(start, start + L)])
+    # fixed mode: the brief shape is big (a tiny model at 28x28-56x56 pixels per frame must be able to see it)
+    canvas.add(kinds[2], colour, slots[2], [(start, start + L)], big=fixed)
     options = _options(colour, [d1, d2, spare], letter, rng, FIXED_COLOURS if fixed else None)
     process = f"<think>The brief shape is {colour}.</think>"
     return dict(problem="What colour is the shape that appears only briefly?", problem_type="multiple choice",
@@ -220,7 +228,7 @@ def _flash_count(canvas: Canvas, T: int, fps: float, rng, count: int, fixed: boo
     colour, c1, c2 = (names[i] for i in rng.permutation(len(names))[:3])
     k1, k2 = (["circle", "triangle", "cross"][i] for i in rng.permutation(3)[:2])
     slots = rng.permutation(4)
-    canvas.add("square", colour, slots[0], windows)
+    canvas.add("square", colour, slots[0], windows, big=fixed)
     canvas.add(k1, c1, slots[1], [(0, T)])
     canvas.add(k2, c2, slots[2], [(0, T)])
     process = f"<think>The square flashes {count} time{'s' if count > 1 else ''}.</think>"

@@ -11,6 +11,7 @@ HF export + plot. One RL step is `step.rl_step`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -26,11 +27,13 @@ from strive_engine.data import RecordLoader, load_records
 from strive_engine.keyframes import build_scorer
 from strive_engine.metrics import MetricsLogger, StageTimer, plot_metrics, read_metrics
 from strive_engine.model import Policy, build_model
+from strive_engine.pipeline import decode_batch
 from strive_engine.parallel import DistEnv, apply_fsdp, barrier, destroy_distributed, init_distributed, seed_everything
 from strive_engine.sft import run_sft
 from strive_engine.step import Trainer, rl_step
 from strive_engine.synthetic import ensure_synthetic
 from strive_engine.video import build_source
+from strive_engine.video.prefetch import Prefetcher
 
 log = logging.getLogger("strive_engine")
 
@@ -99,8 +102,9 @@ def build_trainer(cfg: Config, env: DistEnv) -> tuple[Trainer, list]:
 
 
 def trainer_state(t: Trainer, step: int) -> dict:
-    return {"step": step, "scheduler": t.scheduler.state_dict(), "loader": t.loader.state_dict(),
-            "nonfinite_skips": t.nonfinite_skips}
+    # The prefetcher reads the loader ahead; its state is the next batch the trainer will consume.
+    loader = t.prefetcher.state_dict() if t.prefetcher is not None else t.loader.state_dict()
+    return {"step": step, "scheduler": t.scheduler.state_dict(), "loader": loader, "nonfinite_skips": t.nonfinite_skips}
 
 
 def _trim_metrics(path: Path, start: int) -> None:
@@ -153,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         run_sft(t, records, log_fn=sft_log.log)
         sft_log.close()
 
-    # ---- RL loop
+    # ---- RL loop; the next batch's videos decode on a background thread while a step runs
+    t.prefetcher = Prefetcher(t.loader, functools.partial(decode_batch, source=t.source,
+                                                          pool_frames=cfg.video.pool_frames, device=env.device),
+                              depth=cfg.video.prefetch_batches)
     rl_log = MetricsLogger(metrics_path, enabled=env.is_main, total_steps=cfg.run.steps, initial_step=start,
                            progress=cfg.logging.progress, desc=cfg.algorithm.preset)
     every = cfg.checkpoint.every
@@ -165,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             m.update(t.timer.reset())
         rl_log.log(m)
     rl_log.close()
+    t.prefetcher.close()
 
     # ---- export + plot
     if cfg.checkpoint.export_hf:

@@ -57,7 +57,7 @@ def packed_call(b, spec, hidden, weight, rows, norm, with_ref, backend="native",
     take = lambda x: x[rows].reshape(-1)[flat]  # noqa: E731
     adv = b["adv"][rows] if per_seq_adv else b["adv"][rows][local_seq]
     return policy_loss(h, weight, take(b["targets"]), take(b["old"]), adv.float(),
-                       torch.ones(flat.numel()), spec, norm, seq_ids=local_seq,
+                       torch.ones(flat.numel(), device=h.device), spec, norm, seq_ids=local_seq,
                        ref_logp=take(b["ref"]) if with_ref else None, backend=backend)
 
 
@@ -66,6 +66,8 @@ def packed_call(b, spec, hidden, weight, rows, norm, with_ref, backend="native",
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_policy_loss_matches_hand_written(loss_agg, with_ref, backend):
     b = batch(seed=1)
+    if backend == "triton" and torch.cuda.is_available():  # compiled Triton on the GPU, interpreter on CPU
+        b = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
     spec = LossSpec(0.2, 0.28, 0.05 if with_ref else 0.0, loss_agg, temperature=0.8, max_new_tokens=MAX_NEW)
     h1 = b["hidden"].clone().requires_grad_()
     w1 = b["weight"].clone().requires_grad_()
@@ -76,7 +78,7 @@ def test_policy_loss_matches_hand_written(loss_agg, with_ref, backend):
     norm = loss_normaliser(b["mask"], loss_agg, MAX_NEW)
     # Two micro-batches with the mini-batch normaliser: their losses and gradients add up to the whole.
     total = 0.0
-    for rows in (torch.tensor([0, 1]), torch.tensor([2, 3, 4])):
+    for rows in (torch.tensor([0, 1], device=h2.device), torch.tensor([2, 3, 4], device=h2.device)):
         loss, stats = packed_call(b, spec, h2, w2, rows, norm, with_ref, backend=backend, per_seq_adv=rows[0] == 0)
         loss.backward()
         total = total + loss.detach()

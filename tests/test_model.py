@@ -332,10 +332,23 @@ def test_cuda_defaults_bf16_sdpa_and_liger_matches_plain(tok_dir):
     assert torch.isfinite(half).all() and float((half.float() - a).norm() / a.norm()) < 0.05  # bf16-level error
     if importlib.util.find_spec("liger_kernel") is None:
         pytest.skip("liger-kernel not installed")
-    patched = copy.deepcopy(plain)
-    assert apply_liger(patched, "cuda") is True
-    with torch.no_grad():
-        b = Policy(patched)(inp, lambda h, w, b: h)
+    # liger patches the transformers modules globally: undo it afterwards, or later CPU tests in this
+    # process would run liger's Triton kernels on CPU tensors.
+    import sys as _sys
+
+    mods = [m for name, m in list(_sys.modules.items()) if name.startswith("transformers.models.qwen2")]
+    saved = [(m, dict(vars(m))) for m in mods]
+    try:
+        patched = copy.deepcopy(plain)
+        assert apply_liger(patched, "cuda") is True
+        with torch.no_grad():
+            b = Policy(patched)(inp, lambda h, w, b: h)
+    finally:
+        for m, attrs in saved:
+            for k in set(vars(m)) - set(attrs):
+                delattr(m, k)
+            for k, v in attrs.items():
+                setattr(m, k, v)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -353,10 +366,13 @@ def _fsdp_worker(rank, world, port, tok_dir, out_path):
     try:
         model, _ = build_model(ModelConfig(tokenizer_dir=tok_dir, **TINY), "cpu", meta=True)
         pol = Policy(model)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (world,))  # gloo on CPU even where CUDA exists (fully_shard's default)
         for layer in model.model.language_model.layers:
-            fully_shard(layer)
-        fully_shard(model.model.visual)
-        fully_shard(pol)                     # the root: embeddings, final norm, lm_head
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model.model.visual, mesh=mesh)
+        fully_shard(pol, mesh=mesh)          # the root: embeddings, final norm, lm_head
         pol.to_empty(device="cpu")
         init_weights(model, seed=7)
         full = {k: v.full_tensor() for k, v in model.state_dict().items()}

@@ -26,13 +26,18 @@ def _gen(tmp_path_factory, name, seed, n=9, **kw):
 
 
 @pytest.fixture(scope="module")
-def set_a(tmp_path_factory):
-    return _gen(tmp_path_factory, "a", seed=3)
+def set_a(tmp_path_factory):  # the general layout: coloured distractors, options shuffled per question
+    return _gen(tmp_path_factory, "a", seed=3, options="shuffled")
 
 
 @pytest.fixture(scope="module")
 def set_b(tmp_path_factory):
-    return _gen(tmp_path_factory, "b", seed=3)
+    return _gen(tmp_path_factory, "b", seed=3, options="shuffled")
+
+
+@pytest.fixture(scope="module")
+def set_fixed(tmp_path_factory):  # the embedded default: fixed options, grey distractors, big events
+    return _gen(tmp_path_factory, "f", seed=5, n=12, options="fixed", tasks=("brief_colour", "flash_count"))
 
 
 def _records(d: Path) -> list[dict]:
@@ -234,3 +239,30 @@ def test_ensure_synthetic_is_safe_across_processes(tmp_path):
     assert all(o.strip().endswith(str(tmp_path / "train.json")) for o in outs)
     kept, report = load_records(tmp_path / "train.json")
     assert report.kept == report.total == 5
+
+
+def test_fixed_mode_answers_from_pixels(set_fixed):
+    """Fixed options: the same four in the same order; the distractors are grey, so the answer's colour is on
+    screen exactly during the evidence windows (a big shape), and no other option colour ever is."""
+    checked = {"brief_colour": 0, "flash_count": 0}
+    for rec in _records(set_fixed):
+        frames = _frames(set_fixed, rec)
+        if rec["task"] == "brief_colour":
+            assert [o.split(". ", 1)[1] for o in rec["options"]] == list(FIXED_COLOURS)
+            answer = _option(rec, _answer(rec))
+            (start, end), = rec["evidence"]
+            shown = _colour_present(frames, answer, min_pixels=2000)  # big: > 15% of a 112x112 frame
+            assert np.flatnonzero(shown).tolist() == list(range(start, end)), rec["path"]
+            for o in rec["options"]:
+                if o[0] != _answer(rec):
+                    assert not _colour_present(frames, _option(rec, o[0])).any(), (rec["path"], o)
+        else:
+            on = np.zeros(len(frames), int)
+            for s_, e_ in rec["evidence"]:
+                on[s_:e_] = 1
+            lit = (frames.max(-1) > 80).sum((1, 2))  # (T,) the two small shapes always, plus the big square
+            big = lit > lit.min() + 2000
+            assert big.astype(int).tolist() == on.tolist(), rec["path"]
+            assert len(rec["evidence"]) == int(_answer(rec))
+        checked[rec["task"]] += 1
+    assert min(checked.values()) >= 2, checked

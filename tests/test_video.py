@@ -248,8 +248,9 @@ def test_errors_pickle(bad):
     assert type(back) is VideoCorrupt and back.path == err.path and str(back) == str(err)
 
 
-def test_read_batch_returns_errors_in_their_slots(clips, bad):
-    src = PyAVSource()
+@pytest.mark.parametrize("workers", [1, 3])
+def test_read_batch_returns_errors_in_their_slots(clips, bad, workers):
+    src = PyAVSource(workers=workers)  # workers > 1: files decoded concurrently, same order and slots
     out = src.read_batch([
         (clips["h264"], None, 4),
         (bad["random"], None, 4),

@@ -112,7 +112,7 @@ def test_public_function_backends_agree_and_check_inputs(device):
     with pytest.raises(KeyframeInputError, match="backend"):
         keyframe_sample(fe, qe, off, 3, 4, backend="gpu")
     with pytest.raises(KeyframeInputError, match="at most 64 variants, got P_max=14, K=65"):
-        keyframe_sample(fe, qe, off, 65, 4, backend="triton")
+        keyframe_sample(fe.to(device), qe.to(device), off, 65, 4, backend="triton")
     assert keyframe_sample(fe, qe, off, 65, 4, backend="reference")[0].shape == (2, 65, 4)
 
 

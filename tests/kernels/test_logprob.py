@@ -16,7 +16,7 @@ import torch
 
 import strive_kernels as sk
 from strive_engine.algorithms import PRESETS
-from strive_kernels.reference import fused_logprobs_reference
+from strive_kernels.reference import fused_logprob_loss_reference, fused_logprobs_reference
 
 BIG = 1 << 40  # max_chunk_bytes that makes everything one chunk
 
@@ -48,8 +48,18 @@ def make_case(n=37, h=72, v=1000, *, n_seq=4, seed=0, bias=True, mask_frac=0.25,
                 advantages=adv_seq if per_seq else adv_seq[seq] + 0.1 * torch.randn(n, generator=g), mask=mask)
 
 
+def dev_for(backend):
+    """Triton runs on CUDA tensors where there is a GPU (compiled), on CPU tensors under the interpreter."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
+def on(case, backend):
+    return {k: v.to(dev_for(backend)) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+
+
 def run(case, dtype, backend, *, with_ref=True, max_chunk_bytes=BIG, **kw):
-    """Call the public op on `case` cast to dtype; returns a dict of outputs and gradients (fp64)."""
+    """Call the public op on `case` cast to dtype; returns a dict of outputs and gradients (fp64, CPU)."""
+    case = on(case, backend)
     hid = case["hidden"].to(dtype, copy=True).requires_grad_()
     w = case["weight"].to(dtype, copy=True).requires_grad_()
     b = case["bias"].to(dtype, copy=True).requires_grad_() if case["bias"] is not None else None
@@ -65,7 +75,7 @@ def run(case, dtype, backend, *, with_ref=True, max_chunk_bytes=BIG, **kw):
         res["grad_bias"] = b.grad
     if with_ref:
         res["kl"] = out.kl
-    return {k: v.detach().double() for k, v in res.items()}
+    return {k: v.detach().double().cpu() for k, v in res.items()}
 
 
 def assert_close_to_oracle(case, dtype, backend, **kw):
@@ -201,7 +211,7 @@ def test_chunking_does_not_change_the_result():
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
 def test_grad_output_scales_gradients(small_tiles, backend):
-    case = make_case(seed=10, n=9)
+    case = on(make_case(seed=10, n=9), backend)
     h = case["hidden"].float().requires_grad_()
     w = case["weight"].float().requires_grad_()
     kw = dict(seq_ids=case["seq_ids"], backend=backend)
@@ -299,8 +309,11 @@ def test_logprobs_match_oracle(small_tiles, backend, dtype):
     cast = {"bias": case["bias"].to(dtype)}
     pt_lp, pt_ent = fused_logprobs_reference(case["hidden"].to(dtype), case["weight"].to(dtype), case["targets"],
                                              **{**args, **cast})
-    lp, ent = sk.fused_logprobs(case["hidden"].to(dtype), case["weight"].to(dtype), case["targets"], backend=backend,
-                                max_chunk_bytes=10 * 1000 * 4, **{**args, **cast})
+    d = on(case, backend)
+    lp, ent = sk.fused_logprobs(d["hidden"].to(dtype), d["weight"].to(dtype), d["targets"], backend=backend,
+                                max_chunk_bytes=10 * 1000 * 4, bias=d["bias"].to(dtype), temperature=0.8,
+                                return_entropy=True)
+    lp, ent = lp.cpu(), ent.cpu()
     assert lp.dtype == torch.float32 and ent.shape == (29,)
     for ours, plain, ref in ((lp, pt_lp, ref_lp), (ent, pt_ent, ref_ent)):
         e_ours, e_plain = (ours.double() - ref).abs().max(), (plain.double() - ref).abs().max()
@@ -441,3 +454,33 @@ def test_gpu_extra_memory_is_gradients_plus_one_chunk():
     extra = torch.cuda.max_memory_allocated() - base
     grads = (v * h + n * h) * 2
     assert extra <= grads + budget + 8 * 2**20, (extra - grads) / 2**20  # no copy of grad_weight
+
+
+@pytest.mark.parametrize("order", ["loss_first", "other_first", "together"])
+def test_weight_used_twice_accumulates(order):
+    """Tied lm_head/embedding: the adopted grad_weight and another use's gradient add up, in any order."""
+    case = make_case(seed=21, n=7)
+    args = (case["targets"], case["old_logp"], case["advantages"], case["mask"])
+    hid = case["hidden"].double()
+
+    def loss(w):
+        return sk.fused_logprob_loss(hid, w, *args, seq_ids=case["seq_ids"]).loss
+
+    def other(w):
+        return (w[:3] ** 2).sum() * 0.5  # gradient: w on rows 0..2, 0 elsewhere
+
+    w = case["weight"].double().requires_grad_()
+    loss(w).backward()
+    alone = w.grad.clone()                # the fused op's gradient on its own
+    w.grad = None
+    if order == "other_first":
+        other(w).backward()
+        loss(w).backward()
+    elif order == "loss_first":
+        loss(w).backward()
+        other(w).backward()
+    else:
+        (loss(w) + other(w)).backward()
+    expect = alone.clone()
+    expect[:3] += w.detach()[:3]
+    torch.testing.assert_close(w.grad, expect, rtol=0, atol=0)
