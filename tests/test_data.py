@@ -85,7 +85,8 @@ def test_fields_and_path_resolution(folder):
     assert r1.path == str(folder / "videos" / "b.webm")
     assert r0 == VideoQA(id="10", path=r0.path, question="What colour?", options=("A. red", "B. green", "C. blue"),
                          answer="B", solution="<answer>B</answer>", problem_type="multiple choice",
-                         data_type="video", source="data.json:line 1", process="<think>look</think>")
+                         data_type="video", source="data.json:line 1", process="<think>look</think>",
+                         category="test")  # from its data_source (category/task/sub_category/data_source)
     assert r1.answer == "3.5" and r1.options == () and r1.process == ""
     assert r2.problem_type == "multiple choice" and r2.answer == "C. blue"
     assert r3.problem_type == "free-form" and r3.problem_type in PROBLEM_TYPES
