@@ -49,8 +49,6 @@ def _versions() -> dict:
 
 def measure(argv: list[str], steps: int, warmup: int) -> dict:
     """Build the trainer from the config in argv and time `steps` RL steps after `warmup` ones."""
-    import torch
-
     from strive_engine.checkpoint import Checkpointer
     from strive_engine.config import load_config
     from strive_engine.metrics import StageTimer

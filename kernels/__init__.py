@@ -4,7 +4,7 @@
     pv, grid = sk.variant_patchify(frames_u8, indices, boxes, out_hw, mean, std)   # C++/CUDA op
     idx, scores, imp = sk.keyframe_sample(frame_emb, question_emb, offsets, K, F)  # Triton
     adv, stats = sk.group_advantages(rewards, group_ids, variant_ids, mode="joint")  # Triton
-    loss, logp = sk.fused_logprob_loss(hidden, weight, targets, ...)                # Triton
+    out = sk.fused_logprob_loss(hidden, weight, targets, old_logp, adv, mask)    # Triton; out.loss, out.logp
 
 Every public function picks its fast path when it can run (CUDA tensors, or the C++ op on CPU) and the
 pure-torch twin in `strive_kernels.reference` otherwise; `backend="reference"` forces the twin.

@@ -71,7 +71,8 @@ class MetricsLogger:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(clean) + "\n")
         if self.bar is not None:
-            show = {"reward": "reward/mean", "acc": "reward/accuracy", "zv": "adv/zero_var_frac", "s": "time/step"}
+            show = {"loss": "loss", "reward": "reward/mean", "acc": "reward/accuracy", "zv": "adv/zero_var_frac",
+                    "s": "time/step"}
             self.bar.set_postfix({k: f"{clean[v]:.3f}" for k, v in show.items() if isinstance(clean.get(v), float)})
             self.bar.update(1)
 

@@ -55,8 +55,6 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     gloo on CPU, NCCL on CUDA (`backend="auto"`). Each rank uses cuda:LOCAL_RANK when CUDA is available.
     A single process still gets a (size-1) process group so FSDP2 and checkpointing take the same code path.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -72,7 +72,7 @@ def prepare_batch(decoded: DecodedBatch, scorer, cfg: Config, seed: int, out_dty
 
     `seed` fixes the keyframe quantile offsets and the crop boxes (derive it from (run seed, step, rank)).
     """
-    K, F = cfg.variants.num_variants, cfg.keyframes.num_frames
+    K = cfg.variants.num_variants
     time = timer or (lambda _: _NullCtx())
     with time("keyframes"):
         sel = select_keyframes(scorer, [p.frames for p in decoded.pools], [r.question for r in decoded.records],

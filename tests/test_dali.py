@@ -22,7 +22,7 @@ from strive_engine.config import VideoConfig  # noqa: E402
 from strive_engine.video import (EmptyVideo, FrameIndexError, FrameSizeChanged, NoVideoStream,  # noqa: E402
                                  NotEnoughFrames, PyAVSource, RoutingSource, UnsupportedCodec, VideoCorrupt,
                                  VideoNotFound, build_source, sample_indices)
-from strive_engine.video import dali as dali_mod  # noqa: E402
+from strive_engine.video import scan as scan_mod  # noqa: E402
 from strive_engine.video.dali import DALIDisabled, DALISource, scan_stream  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -435,7 +435,7 @@ def test_scan_flags_sequence_parameter_changes(tmp_path):
     same = write_size_change(tmp_path / "same.ts", "h264", sizes=((96, 48), (96, 48)), fmt="mpegts")
     assert scan_stream(same).unsafe is None  # repeated but identical in-band SPS are fine
     with av.open(write(tmp_path / "c.mp4", "h264")) as c:
-        watch = dali_mod._SpsWatch("h264", c.streams.video[0].codec_context.extradata)
+        watch = scan_mod._SpsWatch("h264", c.streams.video[0].codec_context.extradata)
     assert watch.length_size == 4 and len(watch.seen) == 1  # the avcC record's SPS
 
 
@@ -443,16 +443,16 @@ def test_vp9_superframe_and_show_existing_headers(clips):
     with av.open(clips["vp9"]) as c:
         key, inter = [bytes(p) for _, p in zip(range(2), c.demux(video=0))]
     refs = [None] * 8
-    assert dali_mod._vp9_shown_size(key, refs) == (W, H) and refs == [(W, H)] * 8
+    assert scan_mod._vp9_shown_size(key, refs) == (W, H) and refs == [(W, H)] * 8
     # Superframe: two frames and an index (marker 0b110_mm_fff: 4-byte sizes, 2 frames).
     marker = 0xC0 | (3 << 3) | 1
     sizes = len(inter).to_bytes(4, "little") + (1).to_bytes(4, "little")
     show_existing = bytes([0b10_0_0_1_010 << 0])  # marker 2, profile 0, show_existing_frame, slot 2
     sf = inter + show_existing + bytes([marker]) + sizes + bytes([marker])
-    assert dali_mod._vp9_subframes(sf) == [inter, show_existing]
+    assert scan_mod._vp9_subframes(sf) == [inter, show_existing]
     refs[2] = (10, 20)
-    assert dali_mod._vp9_shown_size(sf, refs) == (10, 20)  # the shown frame is the existing slot 2
-    assert dali_mod._vp9_subframes(inter) == [inter]
+    assert scan_mod._vp9_shown_size(sf, refs) == (10, 20)  # the shown frame is the existing slot 2
+    assert scan_mod._vp9_subframes(inter) == [inter]
 
 
 # ------------------------------------------------------------------------------------------ GPU

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from strive_engine.algorithms import LOSS_AGGREGATIONS, PRESETS
 from strive_engine.config import AlgorithmConfig, RolloutConfig
