@@ -4,6 +4,7 @@ Layout of one checkpoint (`<output_dir>/checkpoints/step_000040/`):
     .metadata, *.distcp   model + optimizer, sharded as FSDP2 holds them (DCP; any world size can load)
     trainer.pt            step, scheduler, data position, counters — identical on every rank, written by rank 0
     rng_rank{r}.pt        each rank's torch / numpy / python RNG state
+    ref/                  the frozen KL reference policy, DCP (only when algorithm.beta > 0)
     COMPLETE              written last, after every rank finished: a checkpoint without it (a run killed while
                           saving) is ignored by `latest()`
 """
@@ -63,7 +64,9 @@ class Checkpointer:
         steps = self._steps()
         return steps[-1][1] if steps else None
 
-    def save(self, step: int, root: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
+    def save(self, step: int, root: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
+             ref_root: nn.Module | None = None) -> Path:
+        """All ranks call this. `ref_root`: the frozen KL reference, saved under `ref/` (exact resume)."""
         path = self.dir / f"step_{step:06d}"
         if self.env.is_main:
             if path.exists():  # a partial save of the same step from a killed run
@@ -72,6 +75,10 @@ class Checkpointer:
         barrier()
         msd, osd = get_state_dict(root, optimizer)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+        if ref_root is not None:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            dcp.save(get_model_state_dict(ref_root), checkpoint_id=str(path / "ref"))
         torch.save(_rng_state(), path / f"rng_rank{self.env.rank}.pt")
         if self.env.is_main:
             torch.save(trainer_state, path / "trainer.pt")

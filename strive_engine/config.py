@@ -513,3 +513,17 @@ def format_help() -> str:
         for f in dataclasses.fields(cls):
             lines.append(f"  --{section}.{f.name}={f.default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def config_from_cli(argv: list[str] | None = None) -> Config:
+    """For entry points: `--help` prints every option and exits 0; a bad option or value prints the
+    ConfigError and exits 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(format_help())
+        raise SystemExit(0)
+    try:
+        return load_config(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from strive_engine.config import Config, ConfigError, format_help, load_config
+from strive_engine.config import Config, ConfigError, config_from_cli
 from strive_engine.data import load_records, shard_records
 from strive_engine.keyframes import build_scorer, select_keyframes
 from strive_engine.model import Policy, build_model
@@ -88,12 +88,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(format_help())
-        return 0
+    cfg = config_from_cli(argv)
     try:
-        cfg = load_config(argv)
         path = eval_records_path(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -6,11 +6,13 @@ minutes: almost every group would have zero reward variance. Video-R1 itself run
 `process` + `solution` fields) before RL; we do the same, on the canonical view (evenly spaced frames, full
 frame), with teacher-forced cross-entropy on the target tokens.
 
-    torchrun --nproc_per_node 2 -m strive_engine.sft [--sft.steps=200 ...]   # SFT only, then HF export
+    torchrun --nproc_per_node 2 -m strive_engine.sft [--sft.steps=200 ...]   # SFT only, then the HF export
+    python -m strive_engine.sft --model.path=/ckpt --data.path=/data/cot.json   # one process
 """
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any
 
@@ -119,3 +121,15 @@ def run_sft(t, records, log_fn=None) -> dict[str, Any]:
         if log_fn is not None:
             log_fn(last)
     return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    """SFT only: the trainer's set-up, `sft.steps` supervised steps, the HF export (train.py with run.steps=0)."""
+    from strive_engine.train import main as train_main
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return train_main([*argv, "--run.steps=0"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

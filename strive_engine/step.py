@@ -41,6 +41,8 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     timer: StageTimer
     prefetcher: Any = None         # video.prefetch.Prefetcher over `loader` (built after a resume)
+    ref_root: Any = None           # frozen reference policy (FSDP root) when algorithm.beta > 0
+    ref_policy: Any = None
     nonfinite_skips: int = 0
 
     @property
@@ -70,16 +72,26 @@ def _rollout_phase(t: Trainer, decoded, seed: int):
                     reqs.append(RolloutRequest(r.question, pix, r.grid_thw, r.second_per_grid_ts))
                 shuffled = generate_rollouts(t.policy, t.tokenizer, reqs, cfg.rollout, seed + 2)
         with t.timer("old_logp"):
-            M = rb.inputs.num_rows
-            mbs = cfg.parallel.micro_batch_size or M
-            parts = []
-            for lo in range(0, M, mbs):  # row-major chunks: concatenation keeps the packing order
-                inputs = rb.inputs.select(torch.arange(lo, min(lo + mbs, M)))
-                targets = inputs.targets()
-                parts.append(t.policy(inputs, lambda h, w, b, y=targets:
-                                      token_logprobs(h, w, y, cfg.rollout.temperature, b)))
-            old_logp = torch.cat(parts)                                         # (N,)
+            old_logp = _logprobs(t.policy, rb, cfg)                             # (N,)
     return prepared, rb, shuffled, old_logp
+
+
+def _logprobs(policy: Policy, rb, cfg: Config) -> torch.Tensor:
+    """(N,) log-probs of the rollout's completion tokens under `policy`, micro-batched, no grad."""
+    M = rb.inputs.num_rows
+    mbs = cfg.parallel.micro_batch_size or M
+    parts = []
+    for lo in range(0, M, mbs):  # row-major chunks: concatenation keeps the packing order
+        inputs = rb.inputs.select(torch.arange(lo, min(lo + mbs, M)))
+        targets = inputs.targets()
+        parts.append(policy(inputs, lambda h, w, b, y=targets: token_logprobs(h, w, y, cfg.rollout.temperature, b)))
+    return torch.cat(parts)
+
+
+def _ref_phase(t: Trainer, rb) -> torch.Tensor:
+    """Runs inside ref_root(): the frozen reference policy's log-probs for the k3 KL term."""
+    with unsharded(t.ref_root), torch.no_grad():
+        return _logprobs(t.ref_policy, rb, t.cfg)
 
 
 def _row_token_counts(rb) -> torch.Tensor:
@@ -110,6 +122,10 @@ def rl_step(t: Trainer, step: int) -> dict[str, Any]:
             decoded = decode_batch(records, t.source, cfg.video.pool_frames, device=env.device)
     # ---- stages 3-5 (+ old log-probs) inside one root forward
     prepared, rb, shuffled, old_logp = t.root(_rollout_phase, t, decoded, seed)
+    ref_logp = None
+    if t.ref_root is not None:
+        with t.timer("old_logp"):
+            ref_logp = t.ref_root(_ref_phase, t, rb)
 
     # ---- stage 6: rewards (B, K, G)
     with t.timer("reward"):
@@ -141,7 +157,7 @@ def rl_step(t: Trainer, step: int) -> dict[str, Any]:
     row_adv, row_keep = adv.reshape(-1), keep.reshape(-1)                       # (M,)
 
     # ---- stage 8: policy update, mu epochs x minibatches
-    upd = _update(t, rb, old_logp, row_adv, row_keep)  # times "update" (fwd/bwd) and "optimizer"
+    upd = _update(t, rb, old_logp, row_adv, row_keep, ref_logp)  # times "update" (fwd/bwd) and "optimizer"
 
     # ---- metrics (global over ranks)
     m = _global_stats(reward, accuracy, rew.format.view(B, K, G), valid, rb)
@@ -191,7 +207,8 @@ def _optimizer_step(t: Trainer, loss_sum: torch.Tensor) -> tuple[torch.Tensor, b
     return gn, ok
 
 
-def _update(t: Trainer, rb, old_logp: torch.Tensor, row_adv: torch.Tensor, row_keep: torch.Tensor) -> dict:
+def _update(t: Trainer, rb, old_logp: torch.Tensor, row_adv: torch.Tensor, row_keep: torch.Tensor,
+            ref_logp: torch.Tensor | None = None) -> dict:
     cfg = t.cfg
     spec = LossSpec.from_config(cfg.algorithm, cfg.rollout)
     counts = _row_token_counts(rb)                                              # (M,)
@@ -219,8 +236,11 @@ def _update(t: Trainer, rb, old_logp: torch.Tensor, row_adv: torch.Tensor, row_k
                 mask = torch.full_like(old, weight)
                 seq_ids = torch.repeat_interleave(torch.arange(len(rows)), counts[rows]).to(old.device)
 
-                def head(h, w, b, targets=targets, old=old, adv=adv, mask=mask, seq_ids=seq_ids):
-                    return policy_loss(h, w, targets, old, adv, mask, spec, norm, seq_ids=seq_ids, bias=b)
+                ref = _packed(ref_logp, counts, rows) if ref_logp is not None else None
+
+                def head(h, w, b, targets=targets, old=old, adv=adv, mask=mask, seq_ids=seq_ids, ref=ref):
+                    return policy_loss(h, w, targets, old, adv, mask, spec, norm, seq_ids=seq_ids, ref_logp=ref,
+                                       bias=b)
 
                 with t.timer("update"):
                     loss, stats = t.root(t.policy, inputs, head)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from strive_engine.checkpoint import Checkpointer, export_hf
-from strive_engine.config import Config, ConfigError, format_help, load_config
+from strive_engine.config import Config, config_from_cli
 from strive_engine.data import RecordLoader, load_records
 from strive_engine.keyframes import build_scorer
 from strive_engine.metrics import MetricsLogger, StageTimer, plot_metrics, read_metrics
@@ -64,6 +64,21 @@ def lr_lambda(cfg, total_updates: int):
     return f
 
 
+def build_sharded_policy(cfg: Config, env: DistEnv, activation_checkpointing: bool = False):
+    """(hf model, tokenizer, Policy, FSDP Root). With bf16 mixed precision (CUDA by default) the weights are
+    fp32 masters and FSDP2 gathers them in bf16; on CPU everything is fp32."""
+    mp = cfg.parallel.mixed_precision
+    mp = ("bf16" if env.device.type == "cuda" else "off") if mp == "auto" else mp
+    model_cfg = dataclasses.replace(cfg.model, dtype="float32") if mp == "bf16" else cfg.model
+    hf, tokenizer = build_model(model_cfg, env.device)
+    if activation_checkpointing:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = Policy(hf)
+    root = apply_fsdp(policy, hf, mixed_precision=mp, reshard_after_forward=cfg.parallel.reshard_after_forward,
+                      device=env.device)
+    return hf, tokenizer, policy, root
+
+
 def build_trainer(cfg: Config, env: DistEnv) -> tuple[Trainer, list]:
     # ---- data: records (bad ones counted and reported), per-rank loader, video decoder
     records, report = load_records(train_records_path(cfg))
@@ -75,19 +90,9 @@ def build_trainer(cfg: Config, env: DistEnv) -> tuple[Trainer, list]:
                           shuffle=cfg.data.shuffle)
     source = build_source(cfg.video, env.device)
 
-    # ---- model: identical init on every rank, fp32 master weights when FSDP computes in bf16
-    mp = cfg.parallel.mixed_precision
-    mp = ("bf16" if env.device.type == "cuda" else "off") if mp == "auto" else mp
-    model_cfg = dataclasses.replace(cfg.model, dtype="float32") if mp == "bf16" else cfg.model
+    # ---- model (identical init on every rank), then FSDP2 per block and the root
     torch.manual_seed(cfg.run.seed)
-    hf, tokenizer = build_model(model_cfg, env.device)
-    if cfg.parallel.activation_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = Policy(hf)
-
-    # ---- parallelize: FSDP2 per block, then the root
-    root = apply_fsdp(policy, hf, mixed_precision=mp, reshard_after_forward=cfg.parallel.reshard_after_forward,
-                      device=env.device)
+    hf, tokenizer, policy, root = build_sharded_policy(cfg, env, cfg.parallel.activation_checkpointing)
     scorer = build_scorer(cfg.keyframes, model=hf, tokenizer=tokenizer)
 
     # ---- optimizer: AdamW + warmup/cosine over all optimizer steps of the run
@@ -99,6 +104,24 @@ def build_trainer(cfg: Config, env: DistEnv) -> tuple[Trainer, list]:
     t = Trainer(cfg=cfg, env=env, root=root, policy=policy, tokenizer=tokenizer, scorer=scorer, source=source,
                 loader=loader, optimizer=opt, scheduler=sched, timer=StageTimer())
     return t, records
+
+
+def build_reference(t: Trainer, resumed: Path | None) -> None:
+    """A second, frozen, identically sharded copy of the policy. Fresh run: the current (post-SFT) weights.
+    Resumed run: the reference saved with the checkpoint (`ref/` beside it), so KL terms continue exactly."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    _, _, t.ref_policy, t.ref_root = build_sharded_policy(t.cfg, t.env)
+    t.ref_root.requires_grad_(False)
+    if resumed is not None and (resumed / "ref").is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        sd = get_model_state_dict(t.ref_root)
+        dcp.load(sd, checkpoint_id=str(resumed / "ref"))
+        set_model_state_dict(t.ref_root, sd)
+    else:
+        set_model_state_dict(t.ref_root, get_model_state_dict(t.root))
+    log.info("reference policy for the KL term (beta=%g) ready", t.cfg.algorithm.beta)
 
 
 def trainer_state(t: Trainer, step: int) -> dict:
@@ -115,15 +138,7 @@ def _trim_metrics(path: Path, start: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help" in argv or "-h" in argv:
-        print(format_help())
-        return 0
-    try:
-        cfg = load_config(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_cli(argv)
     env = init_distributed(cfg.parallel.backend)
     setup_logging(env, cfg.logging.log_level)
     seed_everything(cfg.run.seed + env.rank)
@@ -157,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         run_sft(t, records, log_fn=sft_log.log)
         sft_log.close()
 
+    # ---- frozen reference policy for the k3 KL term (beta > 0): the policy as RL starts (after SFT)
+    if cfg.algorithm.beta > 0:
+        build_reference(t, resumed)
+
     # ---- RL loop; the next batch's videos decode on a background thread while a step runs
     t.prefetcher = Prefetcher(t.loader, functools.partial(decode_batch, source=t.source,
                                                           pool_frames=cfg.video.pool_frames, device=env.device),
@@ -168,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         m = rl_step(t, step)
         if (every and (step + 1) % every == 0) or step + 1 == cfg.run.steps:
             with t.timer("checkpoint"):
-                ckpt.save(step + 1, t.root, t.optimizer, trainer_state(t, step + 1))
+                ckpt.save(step + 1, t.root, t.optimizer, trainer_state(t, step + 1), ref_root=t.ref_root)
             m.update(t.timer.reset())
         rl_log.log(m)
     rl_log.close()

@@ -188,3 +188,25 @@ def test_corrupt_video_mid_run_is_skipped_and_counted(tmp_path, dist_cleanup):
     m = rl_step(t, 0)
     assert m["data/skipped_videos"] == 1 and m["data/valid_samples"] == 0 and m["data/kept_rows"] == 0
     assert m["nonfinite_skipped_updates"] == 0
+
+
+@pytest.mark.slow
+def test_kl_to_frozen_reference(tmp_path, syn_dir, dist_cleanup):
+    """beta > 0: a frozen copy of the policy gives ref log-probs; once the policy moves, the k3 KL is > 0 and
+    the reference does not move with it."""
+    import strive_engine.step as step_mod
+    from strive_engine.train import build_reference
+
+    t = _trainer(tmp_path, syn_dir, extra=["--algorithm.beta=0.1"])
+    build_reference(t, None)
+    m0 = step_mod.rl_step(t, 0)
+    assert m0["loss/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
+    ref_before = {n: p.detach().clone() for n, p in t.ref_root.named_parameters()}
+    with torch.no_grad():
+        for p in t.root.parameters():  # move the policy (as training would)
+            p.add_(0.05 * torch.randn_like(p))
+    m1 = step_mod.rl_step(t, 1)
+    assert m1["loss/kl"] > 1e-4
+    for n, p in t.ref_root.named_parameters():
+        assert torch.equal(p.detach(), ref_before[n]), n
+    assert all(not p.requires_grad for p in t.ref_root.parameters())
