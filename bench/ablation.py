@@ -1,7 +1,8 @@
 """STRIVE vs GRPO vs per-variant normalisation on the synthetic task, same rollouts per question, 3 seeds.
 
-    python bench/ablation.py                     # embedded default (CPU); ~15-25 min on 2 cores
-    python bench/ablation.py --steps 40 --seeds 0,1,2 --sft-steps 300
+    python bench/ablation.py                                  # embedded default (CPU), 30 RL steps per run
+    python bench/ablation.py --steps 60 --sft-steps 800       # the README's run: ~10 min on 2 cores
+    python bench/ablation.py --from-json bench/results/ablation-2026-11-26.json   # table + plot again
 
 The claim tested (the STRIVE paper's): normalising rewards jointly over K variants x G answers leaves fewer
 zero-variance ("dead") groups than normalising within each group, and gives a more stable learning signal.
@@ -57,7 +58,10 @@ def main() -> None:
     ap.add_argument("--sft-steps", type=int, default=None, help="shared warm start (default: the recipe's)")
     ap.add_argument("--arms", default="grpo,per_variant,strive")
     ap.add_argument("--out", default=str(ROOT / "runs" / "ablation"))
+    ap.add_argument("--from-json", default=None, help="redo the table and plot from a saved ablation JSON")
     args, extra = ap.parse_known_args()
+    if args.from_json:
+        return report(json.loads(Path(args.from_json).read_text()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = ["--recipe", args.recipe, "--logging.progress=false", *extra]
@@ -89,15 +93,24 @@ def main() -> None:
                  "--eval.resume=false"], d.with_suffix(".eval.log"))
             rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines() if x.strip()]
             rows = [r for r in rows if r.get("phase") == "rl"]
-            report = json.loads((d / "eval" / "report.json").read_text())
+            eval_report = json.loads((d / "eval" / "report.json").read_text())
             results.setdefault(arm, []).append({
                 "seed": seed, "steps": [r["step"] for r in rows],
                 "reward": [r["reward/mean"] for r in rows], "accuracy": [r["reward/accuracy"] for r in rows],
                 "zero_var_chosen": [r.get("adv/zero_var_frac") for r in rows],
                 "zero_var_per_variant": [r.get("adv/zero_var_frac_per_variant") for r in rows],
-                "adv_std": [r.get("adv/adv_std") for r in rows], "heldout_accuracy": report["accuracy"]})
+                "adv_std": [r.get("adv/adv_std") for r in rows], "heldout_accuracy": eval_report["accuracy"]})
 
-    # ---- table
+    stamp = datetime.date.today().isoformat()
+    record = {"bench": "ablation", "date": stamp, "recipe": args.recipe, "steps": args.steps,
+              "sft_steps": args.sft_steps if args.sft_steps is not None else cfg.sft.steps, "seeds": seeds,
+              "K": K, "G": G, "extra": extra, "runs": results}
+    report(record)
+
+
+def report(record: dict) -> None:
+    """Print the table, draw the plot and write bench/results/ablation-<date>.{json,png} from a record."""
+    results, seeds = record["runs"], record["seeds"]
     print(f"\n{'arm':<12} {'held-out acc':>16} {'train acc (last half)':>22} {'dead groups (chosen)':>22} "
           f"{'dead (per-variant)':>20} {'reward sd over steps':>21}")
     summary = {}
@@ -113,22 +126,22 @@ def main() -> None:
         print(f"{arm:<12} {mean_sd(s['heldout']):>16} {mean_sd(s['train_acc']):>22} {mean_sd(s['dead_chosen']):>22} "
               f"{mean_sd(s['dead_per_variant']):>20} {mean_sd(s['reward_sd']):>21}")
 
-    # ---- plot
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    window = 10
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     colours = {"grpo": "tab:gray", "per_variant": "tab:blue", "strive": "tab:red"}
     for arm, runs in results.items():
-        for i, r in enumerate(runs):
-            kw = dict(color=colours.get(arm), alpha=0.8, label=arm if i == 0 else None)
-            axes[0].plot(r["steps"], r["reward"], **kw)
-            axes[1].plot(r["steps"], r["zero_var_chosen"], **kw)
+        for ax, key in ((axes[0], "reward"), (axes[1], "zero_var_chosen")):
+            steps, mean = seed_mean(runs, key)
+            ax.plot(steps, mean, color=colours.get(arm), alpha=0.25, linewidth=0.8)
+            ax.plot(steps[window - 1:], rolling(mean, window), color=colours.get(arm), linewidth=2, label=arm)
         axes[2].bar(arm, statistics.mean(r["heldout_accuracy"] for r in runs), color=colours.get(arm),
                     yerr=statistics.stdev([r["heldout_accuracy"] for r in runs]) if len(runs) > 1 else 0)
-    axes[0].set_title("reward (train)")
+    axes[0].set_title(f"train reward (mean of {len(seeds)} seeds; bold: {window}-step rolling mean)")
     axes[1].set_title("zero-variance group fraction (the arm's grouping)")
     axes[2].set_title(f"held-out accuracy (mean ± sd over {len(seeds)} seeds)")
     for ax in axes[:2]:
@@ -136,16 +149,28 @@ def main() -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    stamp = datetime.date.today().isoformat()
     res_dir = ROOT / "bench" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
-    png = res_dir / f"ablation-{stamp}.png"
+    png = res_dir / f"ablation-{record['date']}.png"
     fig.savefig(png, dpi=110)
-    record = {"bench": "ablation", "date": stamp, "recipe": args.recipe, "steps": args.steps, "seeds": seeds,
-              "K": K, "G": G, "extra": extra, "summary": summary, "runs": results, "plot": str(png.relative_to(ROOT))}
-    (res_dir / f"ablation-{stamp}.json").write_text(json.dumps(record, indent=1))
+    record = {**record, "summary": summary, "plot": str(png.relative_to(ROOT))}
+    (res_dir / f"ablation-{record['date']}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps({"bench": "ablation", "summary": {a: {k: v["mean"] for k, v in s.items()}
                                                        for a, s in summary.items()}, "plot": record["plot"]}))
+
+
+def seed_mean(runs: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Per-step mean over seeds (steps missing a value in some seed average the seeds that have one)."""
+    steps = runs[0]["steps"]
+    out = []
+    for i in range(len(steps)):
+        xs = [r[key][i] for r in runs if i < len(r[key]) and isinstance(r[key][i], (int, float))]
+        out.append(statistics.mean(xs) if xs else float("nan"))
+    return steps, out
+
+
+def rolling(xs: list[float], window: int) -> list[float]:
+    return [statistics.mean(xs[i - window + 1:i + 1]) for i in range(window - 1, len(xs))]
 
 
 if __name__ == "__main__":
