@@ -7,10 +7,10 @@
 
 Runs in one process (a world of one, FSDP2 on gloo/NCCL as in training), warms up, then times `--steps` RL
 steps with CUDA synchronised at stage boundaries (StageTimer(sync=True)), and one checkpoint save. Reported:
-questions/s, rollouts/s, generated tokens/s, trained tokens/s, and seconds per stage (decode, keyframes,
-variants, rollout, reward, advantage, old_logp, update, optimizer, checkpoint). `--compare` runs the same steps
-again in a child process with STRIVE_KERNELS_BACKEND=reference (same seed, same data) and prints the ratio
-per stage. A table goes to stdout, one JSON object is the last line, and the record is appended to
+questions/s, rollouts/s, generated tokens/s, trained (completion) tokens/s, all tokens forwarded by the update
+(prompt + video + completion) per second, and seconds per stage (decode, keyframes, variants, rollout, reward,
+advantage, old_logp, ref_logp (β>0 only), update, optimizer, checkpoint). `--compare` runs the same steps again
+in a child process with STRIVE_KERNELS_BACKEND=reference (same seed, same data) and prints the ratio per stage. A table goes to stdout, one JSON object is the last line, and the record is appended to
 bench/results/throughput.jsonl with machine, versions, git SHA and date.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from strive_engine.metrics import STAGES
+
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("decode", "keyframes", "variants", "rollout", "reward", "advantage", "old_logp", "update", "optimizer",
-          "checkpoint")
 
 
 def _versions() -> dict:
@@ -54,12 +54,14 @@ def measure(argv: list[str], steps: int, warmup: int) -> dict:
     from strive_engine.metrics import StageTimer
     from strive_engine.parallel import destroy_distributed, init_distributed, seed_everything
     from strive_engine.step import rl_step
-    from strive_engine.train import build_trainer, trainer_state
+    from strive_engine.train import build_reference, build_trainer, trainer_state
 
     cfg = load_config(argv + ["--logging.progress=false"])
     env = init_distributed(cfg.parallel.backend)
     seed_everything(cfg.run.seed)
     t, _ = build_trainer(cfg, env)
+    if cfg.algorithm.beta > 0:
+        build_reference(t, None)
     t.timer = StageTimer(sync=True)
     for step in range(warmup):
         rl_step(t, step)
@@ -78,9 +80,11 @@ def measure(argv: list[str], steps: int, warmup: int) -> dict:
     per_stage["checkpoint"] = ckpt
     gen = sum(r["rollout/gen_tokens"] for r in rows)
     trained = sum(r.get("loss/num_tokens", 0.0) for r in rows) * cfg.algorithm.ppo_epochs
+    forwarded = sum(r.get("rollout/seq_tokens", 0) for r in rows) * cfg.algorithm.ppo_epochs
     return {"recipe_args": argv, "steps": steps, "step_s": wall / steps, "questions_per_s": B * steps / wall,
             "rollouts_per_s": B * K * G * steps / wall, "gen_tokens_per_s": gen / wall,
-            "train_tokens_per_s": trained / wall, "stages_s": per_stage,
+            "train_tokens_per_s": trained / wall, "update_seq_tokens_per_s": forwarded / wall,
+            "stages_s": per_stage,
             "shape": {"B": B, "K": K, "G": G, "F": cfg.keyframes.num_frames, "P": cfg.video.pool_frames,
                       "max_new_tokens": cfg.rollout.max_new_tokens, "device": str(env.device)},
             "accuracy_mean": sum(r["reward/accuracy"] for r in rows) / steps}
@@ -103,10 +107,11 @@ def _table(fast: dict, ref: dict | None) -> str:
         row = f"{s:<12} {a:>9.4f}"
         if ref:
             b = ref["stages_s"].get(s, 0.0)
-            row += f" {b:>12.4f} {b / a if a > 0 else float('nan'):>6.2f}x"
+            row += f" {b:>12.4f} " + (f"{b / a:>6.2f}x" if a > 0 else f"{'-':>7}")
         lines.append(row)
-    for k in ("step_s", "questions_per_s", "rollouts_per_s", "gen_tokens_per_s", "train_tokens_per_s"):
-        row = f"{k:<18} {fast[k]:>10.3f}"
+    for k in ("step_s", "questions_per_s", "rollouts_per_s", "gen_tokens_per_s", "train_tokens_per_s",
+              "update_seq_tokens_per_s"):
+        row = f"{k:<24} {fast[k]:>10.3f}"
         if ref:
             ratio = ref[k] / fast[k] if k == "step_s" else fast[k] / ref[k]
             row += f"   reference {ref[k]:>10.3f}   speed-up {ratio:.2f}x"

@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import torch
 
-STAGES = ("decode", "keyframes", "variants", "rollout", "reward", "advantage", "old_logp", "update",
+STAGES = ("decode", "keyframes", "variants", "rollout", "reward", "advantage", "old_logp", "ref_logp", "update",
           "optimizer", "checkpoint")
 
 

@@ -109,6 +109,9 @@ def _packed(values: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor) -> t
 def rl_step(t: Trainer, step: int) -> dict[str, Any]:
     cfg, env = t.cfg, t.env
     B, K, G = cfg.data.batch_size, cfg.variants.num_variants, cfg.rollout.num_generations
+    if cfg.algorithm.beta > 0 and t.ref_root is None:
+        raise RuntimeError(f"algorithm.beta = {cfg.algorithm.beta} > 0 needs the frozen reference policy: "
+                           "call strive_engine.train.build_reference(trainer, resumed) before the first RL step")
     t0 = time.perf_counter()
     seed = step_seed(cfg.run.seed, step, env.rank)
 
@@ -124,7 +127,7 @@ def rl_step(t: Trainer, step: int) -> dict[str, Any]:
     prepared, rb, shuffled, old_logp = t.root(_rollout_phase, t, decoded, seed)
     ref_logp = None
     if t.ref_root is not None:
-        with t.timer("old_logp"):
+        with t.timer("ref_logp"):
             ref_logp = t.ref_root(_ref_phase, t, rb)
 
     # ---- stage 6: rewards (B, K, G)
@@ -181,14 +184,15 @@ def _global_stats(reward, accuracy, fmt, valid, rb) -> dict[str, float]:
     lens = rb.completion_mask.sum(1).float().view_as(reward)
     s = torch.stack([v.sum(), (r * v).sum(), (r * r * v).sum(), (accuracy * v).sum(), (fmt * v).sum(),
                      (lens * v).sum(), (rb.truncated.float().view_as(reward) * v).sum(),
-                     torch.tensor(float(rb.num_gen_tokens))])
+                     torch.tensor(float(rb.num_gen_tokens)),
+                     rb.inputs.attention_mask.sum().float().cpu()])
     all_reduce(s)
     n = max(float(s[0]), 1.0)
     mean = float(s[1]) / n
     return {"reward/mean": mean, "reward/std": math.sqrt(max(float(s[2]) / n - mean * mean, 0.0)),
             "reward/accuracy": float(s[3]) / n, "reward/format": float(s[4]) / n,
             "rollout/completion_len": float(s[5]) / n, "rollout/truncated_frac": float(s[6]) / n,
-            "rollout/gen_tokens": int(s[7]), "data/valid_samples": int(s[0])}
+            "rollout/gen_tokens": int(s[7]), "rollout/seq_tokens": int(s[8]), "data/valid_samples": int(s[0])}
 
 
 def _optimizer_step(t: Trainer, loss_sum: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -198,6 +198,8 @@ def test_kl_to_frozen_reference(tmp_path, syn_dir, dist_cleanup):
     from strive_engine.train import build_reference
 
     t = _trainer(tmp_path, syn_dir, extra=["--algorithm.beta=0.1"])
+    with pytest.raises(RuntimeError, match=r"algorithm.beta = 0.1 > 0 needs the frozen reference"):
+        step_mod.rl_step(t, 0)  # no reference built: named, before any work
     build_reference(t, None)
     m0 = step_mod.rl_step(t, 0)
     assert m0["loss/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference

@@ -1,0 +1,71 @@
+"""The benchmark scripts as users run them: bench/throughput.py end to end (tiny shapes, both backends, the
+β>0 reference path) and bench/ablation.py's report from a saved record. Timings are not asserted here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--data.batch_size=1", "--data.synthetic_size=24", "--data.synthetic_tasks=brief_colour,flash_count",
+        "--video.pool_frames=8", "--keyframes.num_frames=4", "--variants.num_variants=2",
+        "--rollout.num_generations=2", "--rollout.max_new_tokens=8", "--model.tiny_hidden_size=64",
+        "--model.tiny_vision_hidden_size=32", "--video.backend=pyav"]
+
+
+def _script(path, args, timeout=600, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / path), *args], cwd=cwd, capture_output=True, text=True,
+                         env=env, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+@pytest.mark.slow
+def test_throughput_compare_with_kl_reference(tmp_path):
+    syn = tmp_path / "syn"
+    res = _script("bench/throughput.py", ["--steps", "1", "--warmup", "0", "--compare", "--no-save", *TINY,
+                                          f"--data.synthetic_dir={syn}", "--algorithm.beta=0.05"])
+    rec = json.loads(res.stdout.strip().splitlines()[-1])
+    for side in ("fast", "reference"):
+        r = rec[side]
+        assert set(r["stages_s"]) >= {"decode", "keyframes", "variants", "rollout", "old_logp", "ref_logp", "update"}
+        assert r["stages_s"]["ref_logp"] > 0 and r["stages_s"]["update"] > 0
+        assert r["rollouts_per_s"] > 0 and r["gen_tokens_per_s"] > 0
+        # every update forwards prompt + video + completion tokens: more than the completion tokens alone
+        assert r["update_seq_tokens_per_s"] > r["train_tokens_per_s"] > 0
+        assert r["shape"] == {"B": 1, "K": 2, "G": 2, "F": 4, "P": 8, "max_new_tokens": 8, "device": "cpu"}
+    assert rec["speedup_step"] == pytest.approx(rec["reference"]["step_s"] / rec["fast"]["step_s"])
+    assert {"torch", "git_sha", "date", "cpu_count"} <= set(rec)
+    assert "ref_logp" in res.stdout and "speed-up" in res.stdout
+
+
+def test_ablation_report_from_saved_record(tmp_path, monkeypatch):
+    """--from-json redraws the table and plot; the summary is recomputed from the per-step rows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "bench" / "ablation.py")
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    monkeypatch.setattr(ab, "ROOT", tmp_path)
+
+    def run(seed, acc, dead):
+        return {"seed": seed, "steps": [0, 1, 2, 3], "reward": [1.0, 1.2, 1.1, 1.3], "accuracy": acc,
+                "zero_var_chosen": dead, "zero_var_per_variant": [0.5, 0.5, None, 1.0], "adv_std": [1, 1, 1, 1],
+                "heldout_accuracy": 0.5 + seed / 10}
+
+    record = {"bench": "ablation", "date": "2000-01-01", "recipe": "debug_cpu", "steps": 4, "sft_steps": 1,
+              "seeds": [0, 1], "K": 2, "G": 2, "extra": [],
+              "runs": {"strive": [run(0, [0, 0, 1, 1], [0.0, 0.5, 0.5, 0.0]), run(1, [0, 1, 1, 0], [1, 1, 0, 0])]}}
+    ab.report(record)
+    saved = json.loads((tmp_path / "bench" / "results" / "ablation-2000-01-01.json").read_text())
+    s = saved["summary"]["strive"]
+    assert s["heldout"]["mean"] == pytest.approx(0.55)
+    assert s["train_acc"]["values"] == [1.0, 0.5]            # mean over the last half of the steps
+    assert s["dead_chosen"]["values"] == [0.25, 0.5]
+    assert s["dead_per_variant"]["values"] == [pytest.approx(2 / 3)] * 2  # None rows are skipped
+    assert (tmp_path / "bench" / "results" / "ablation-2000-01-01.png").stat().st_size > 1000
