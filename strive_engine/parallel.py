@@ -73,8 +73,14 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(sync: bool = True) -> None:
+    """Tear the process group down at a normal exit. `sync`: a barrier first, so that no rank closes its
+    connections while a peer still has collective work in flight (gloo then aborts the peer with
+    "terminate called without an active exception" — seen when rank 0 was still writing a file). Pass
+    sync=False on an error path, where a barrier could wait for a rank that will never arrive."""
     if dist.is_initialized():
+        if sync and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

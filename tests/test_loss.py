@@ -166,6 +166,7 @@ def _rank_worker(rank, world, init_file, out_dir):
         loss.backward()
         res = {"loss": loss.detach(), "gh": h.grad, "gw": w.grad, "norm": norm}
         torch.save(res, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears down (see parallel.destroy_distributed)
     finally:
         dist.destroy_process_group()
 

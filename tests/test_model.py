@@ -383,6 +383,7 @@ def _fsdp_worker(rank, world, port, tok_dir, out_path):
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         if rank == 0:
             torch.save({"sd": full, "loss": loss.detach(), "grads": grads}, out_path)
+        dist.barrier()  # both ranks done before either tears down (see parallel.destroy_distributed)
     finally:
         dist.destroy_process_group()
 
@@ -403,7 +404,10 @@ def test_fsdp2_sharded_init_forward_backward_match_unsharded(tok_dir, tmp_path):
         p.start()
     for p in procs:
         p.join(240)
-        assert p.exitcode == 0
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
     got = torch.load(out)
     ref, _ = build_model(ModelConfig(tokenizer_dir=tok_dir, **TINY), "cpu")
     init_weights(ref, seed=7)
