@@ -56,6 +56,13 @@ run_bench() {  # name timeout args...
   tail -1 "$OUTDIR/$name.log" > "$OUTDIR/$name.json"
 }
 run_bench bench_logprob 150 --quick
+# Where the extra gradient-sized buffer of the fused loss's backward comes from (H200, torch 2.11: 2.14 GiB
+# peak vs 1.10 after forward): allocations alive at the peak with their Python frames; snapshot for memory_viz.
+stage "log-prob memory trace"
+timeout "$(limit 60)" $PY bench/bench_logprob.py --memory-trace "$OUTDIR/logprob_memory.pickle" \
+  > "$OUTDIR/bench_logprob_memtrace.log" 2>&1 || echo "  memory trace exited with $?"
+grep "MiB" "$OUTDIR/bench_logprob_memtrace.log" | head -8
+tail -1 "$OUTDIR/bench_logprob_memtrace.log" > "$OUTDIR/bench_logprob_memtrace.json"
 run_bench bench_variant_patchify 60 --quick
 run_bench bench_keyframe 60 --quick --sweep
 run_bench bench_advantage 60 --quick --sweep
@@ -68,6 +75,12 @@ timeout "$(limit 200)" $PY -m pytest -q -rfE $XD -p no:cacheprovider tests/kerne
   > "$OUTDIR/tests_gpu.log" 2>&1
 grep -E "^(FAILED|ERROR)" "$OUTDIR/tests_gpu.log" | cut -c1-200
 echo "kernel + model tests on the GPU (Triton compiled, CUDA op): $(tail -1 "$OUTDIR/tests_gpu.log")"
+
+stage "end-to-end throughput (gpu_small recipe: random-weight 0.17 B Qwen2.5-VL, synthetic videos)"
+timeout "$(limit 150)" $PY bench/throughput.py --recipe gpu_small --steps 3 --compare --no-save \
+  > "$OUTDIR/bench_throughput.log" 2>&1 || echo "  throughput exited with $? (see bench_throughput.log)"
+grep -v "^\[rank" "$OUTDIR/bench_throughput.log" | grep -E "^(step_s|rollouts|gen_tokens|update_seq)" || true
+tail -1 "$OUTDIR/bench_throughput.log" > "$OUTDIR/bench_throughput.json"
 
 stage "table"
 $PY bench/gpu_table.py "$OUTDIR" | tee "$OUTDIR/table.md"

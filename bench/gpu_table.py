@@ -9,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-KEEP = re.compile(r"(ms|_us|us$|GiB|TFLOP|gbps|GBps|TBps|speedup|fraction|ratio|per_frame|x_)", re.I)
+KEEP = re.compile(r"(ms|_us|us$|GiB|TFLOP|gbps|GBps|TBps|speedup|fraction|ratio|per_frame|x_|_s$|_s\.|per_s)", re.I)
 
 
 def leaves(obj, prefix=""):
