@@ -257,13 +257,19 @@ class SFTConfig:
     """Optional supervised warm start (Video-R1's SFT stage) chained before RL."""
 
     steps: int = doc(0, "SFT steps before RL; 0 = none")
-    lr: float = doc(1e-3, "SFT learning rate (AdamW, constant after a short warmup)")
+    lr: float = doc(1e-3, "SFT peak learning rate (AdamW, linear warmup over the first 10% of the steps)")
     batch_size: int = doc(8, "questions per rank per SFT step (canonical view only)")
+    schedule: str = doc("cosine", "lr after the warmup: cosine (decays to min_lr_ratio * lr at the last step) "
+                                  "| constant")
+    min_lr_ratio: float = doc(0.1, "cosine schedule: final lr as a fraction of sft.lr")
 
     def __post_init__(self):
         _require(self.steps >= 0, "sft.steps", "must be >= 0")
         _require(self.lr > 0, "sft.lr", "must be > 0")
         _require(self.batch_size >= 1, "sft.batch_size", "must be >= 1")
+        _require(self.schedule in ("cosine", "constant"), "sft.schedule",
+                 f"{self.schedule!r}: use 'cosine' or 'constant'")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "sft.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass

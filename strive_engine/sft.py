@@ -12,6 +12,7 @@ frame), with teacher-forced cross-entropy on the target tokens.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from typing import Any
@@ -75,15 +76,28 @@ def masked_ce(hidden, weight, bias, targets, token_w, chunk: int = 2048):
     return total / token_w.sum().clamp_min(1.0)
 
 
+def sft_lr_factor(i: int, s) -> float:
+    """Multiplier of sft.lr at step i (0-based): linear warmup over the first 10% of the steps, then constant or
+    a cosine to min_lr_ratio at the last step. The decay makes where SFT lands far less sensitive to the noise of
+    the last few hundred steps (with a constant 1e-3 two float-level-different runs of the demo ended at
+    held-out 0.53 and 0.69)."""
+    warm = max(1, s.steps // 10)
+    if i < warm:
+        return (i + 1) / warm
+    if s.schedule == "constant":
+        return 1.0
+    p = min(1.0, (i + 1 - warm) / max(1, s.steps - warm))
+    return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 def run_sft(t, records, log_fn=None) -> dict[str, Any]:
-    """`t`: the step.Trainer of the run (its root/policy/source/config). Own AdamW (constant lr after a short
-    warmup); the RL optimizer is untouched. Returns the last step's metrics."""
+    """`t`: the step.Trainer of the run (its root/policy/source/config). Own AdamW (linear warmup, then cosine
+    decay or constant: `sft_lr_factor`); the RL optimizer is untouched. Returns the last step's metrics."""
     cfg = t.cfg
     s = cfg.sft
     params = t.params
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-    warm = max(1, s.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: sft_lr_factor(i, s))
     loader = RecordLoader(records, s.batch_size, t.env.rank, t.env.world_size, seed=cfg.run.seed + 7919)
     F_ = cfg.keyframes.num_frames
     device = t.env.device

@@ -65,3 +65,19 @@ def test_summarise_counts_skipped_and_groups():
     assert s["accuracy"] == pytest.approx(0.5) and s["format"] == pytest.approx(2 / 3)
     assert s["per_problem_type"]["numerical"] == {"n": 2, "accuracy": 0.75}
     assert s["per_category"]["(none)"]["n"] == 1 and "b" not in s["per_category"]
+
+
+def test_sft_lr_schedule():
+    """Linear warmup over 10% of the steps, then cosine down to min_lr_ratio at the last step (or constant)."""
+    from strive_engine.config import SFTConfig
+    from strive_engine.sft import sft_lr_factor
+
+    cos = SFTConfig(steps=100, schedule="cosine", min_lr_ratio=0.1)
+    f = [sft_lr_factor(i, cos) for i in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)       # warmup: (i + 1) / 10
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))                       # never increases after warmup
+    assert f[99] == pytest.approx(0.1) and f[54] == pytest.approx(0.55, abs=0.02)  # midpoint of the cosine
+    const = SFTConfig(steps=100, schedule="constant")
+    assert [sft_lr_factor(i, const) for i in (9, 50, 99)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="sft.schedule"):
+        SFTConfig(steps=10, schedule="linear")
