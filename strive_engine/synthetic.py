@@ -45,7 +45,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 5  # 2: short rationales; 3: fixed option order; 4: grey distractors, 5: big events (fixed)
+GENERATOR_VERSION = 6  # 2: short rationales; 3: fixed option order; 4: grey distractors, 5: big events (fixed);
+#                        6: own RGB->YUV conversion into zero-padded planes (byte-identical files)
 TASKS = ("brief_colour", "first_shape", "flash_count")
 # Saturated and far apart in RGB, so they survive 4:2:0 chroma subsampling and downscaling.
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 64, 255), "yellow": (255, 255, 0),
@@ -271,6 +272,33 @@ def _plan(m: int, rng, fixed: bool = False, task_mix: tuple[str, ...] = TASKS) -
 # ------------------------------------------------------------------------------------------ writing
 
 
+# RGB -> Y'CbCr, BT.601: limited range (yuv420p, what decoders assume for untagged H.264/VP9) or full range
+# (yuvj420p, JPEG). Rows: Y, Cb, Cr; offsets added after.
+_BT601_LIMITED = (np.array([[65.481, 128.553, 24.966], [-37.797, -74.203, 112.0], [112.0, -93.786, -18.214]]) / 255,
+                  np.array([16.0, 128.0, 128.0]))
+_BT601_FULL = (np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]]),
+               np.array([0.0, 128.0, 128.0]))
+
+
+def yuv420_frame(rgb: np.ndarray, full_range: bool = False) -> av.VideoFrame:
+    """An (H, W, 3) uint8 RGB frame (H, W even) as a 4:2:0 VideoFrame, converted here and written into planes
+    whose row padding is zeroed. Letting PyAV/swscale convert inside stream.encode left the padding bytes past
+    each row uninitialised, and the encoders read them: now and then the rightmost 16-pixel column of
+    macroblocks came out different (seen: 2-14 of 800 synthetic H.264 files differing between two runs with
+    the same seed, single-threaded x264). Chroma: the mean of each 2x2 block."""
+    m, off = _BT601_FULL if full_range else _BT601_LIMITED
+    ycc = rgb.astype(np.float32) @ m.T.astype(np.float32) + off.astype(np.float32)  # (H, W, 3)
+    H, W = rgb.shape[:2]
+    chroma = ycc[..., 1:].reshape(H // 2, 2, W // 2, 2, 2).mean((1, 3))
+    planes = [ycc[..., 0], chroma[..., 0], chroma[..., 1]]
+    frame = av.VideoFrame(W, H, "yuvj420p" if full_range else "yuv420p")
+    for plane, data in zip(frame.planes, planes):
+        buf = np.zeros((plane.buffer_size // plane.line_size, plane.line_size), np.uint8)
+        buf[: data.shape[0], : data.shape[1]] = np.clip(np.rint(data), 0, 255)
+        plane.update(buf)
+    return frame
+
+
 def _encode(path: Path, canvas: Canvas, T: int, fps: float, codec: str, threads: int) -> None:
     encoder, fmt, _, pix, options = CODECS[codec]
     # bitexact: no random Matroska UIDs or version strings, so the same seed gives byte-identical files.
@@ -279,7 +307,7 @@ def _encode(path: Path, canvas: Canvas, T: int, fps: float, codec: str, threads:
         stream.width, stream.height, stream.pix_fmt = canvas.w, canvas.h, pix
         stream.codec_context.thread_count = threads
         for t in range(T):
-            frame = av.VideoFrame.from_ndarray(canvas.frame(t), format="rgb24")
+            frame = yuv420_frame(canvas.frame(t), full_range=pix == "yuvj420p")
             frame.pts = t
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))

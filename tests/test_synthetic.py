@@ -82,6 +82,24 @@ def test_same_seed_same_json_and_frames(set_a, set_b):
         assert (set_a / rec["path"]).read_bytes() == (set_b / rec["path"]).read_bytes(), rec["path"]
 
 
+@pytest.mark.parametrize("full_range", [False, True])
+def test_yuv420_frame_zero_padding_and_colours(full_range):
+    """The encoder input is fully defined (row padding zeroed: uninitialised padding made x264 output vary
+    between runs) and converts back to the RGB it came from (blocks of flat colour: 2x2 chroma is exact)."""
+    from strive_engine.synthetic import yuv420_frame
+
+    rng = np.random.default_rng(0)
+    W, H = 58, 34  # chroma planes 29 x 17: odd, with padding after every row
+    rgb = np.repeat(np.repeat(rng.integers(0, 256, (H // 2, W // 2, 3), dtype=np.uint8), 2, 0), 2, 1)
+    frame = yuv420_frame(rgb, full_range=full_range)
+    assert frame.format.name == ("yuvj420p" if full_range else "yuv420p")
+    for plane, w in zip(frame.planes, (W, W // 2, W // 2)):
+        rows = np.frombuffer(bytes(plane), np.uint8).reshape(-1, plane.line_size)
+        assert plane.line_size > w and not rows[:, w:].any()
+    back = frame.to_ndarray(format="rgb24").astype(int)
+    assert np.abs(back - rgb.astype(int)).max() <= 4  # 8-bit Y'CbCr round trip
+
+
 def test_different_seed_differs(set_a, tmp_path_factory):
     c = _gen(tmp_path_factory, "c", seed=4)
     assert (c / "train.json").read_text() != (set_a / "train.json").read_text()
