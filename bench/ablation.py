@@ -151,10 +151,11 @@ def report(record: dict) -> None:
     fig.tight_layout()
     res_dir = ROOT / "bench" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
-    png = res_dir / f"ablation-{record['date']}.png"
+    name = record.get("name", f"ablation-{record['date']}")  # file stem under bench/results
+    png = res_dir / f"{name}.png"
     fig.savefig(png, dpi=110)
     record = {**record, "summary": summary, "plot": str(png.relative_to(ROOT))}
-    (res_dir / f"ablation-{record['date']}.json").write_text(json.dumps(record, indent=1))
+    (res_dir / f"{name}.json").write_text(json.dumps(record, indent=1))
     print(json.dumps({"bench": "ablation", "summary": {a: {k: v["mean"] for k, v in s.items()}
                                                        for a, s in summary.items()}, "plot": record["plot"]}))
 

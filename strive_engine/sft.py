@@ -79,8 +79,8 @@ def masked_ce(hidden, weight, bias, targets, token_w, chunk: int = 2048):
 def sft_lr_factor(i: int, s) -> float:
     """Multiplier of sft.lr at step i (0-based): linear warmup over the first 10% of the steps, then constant or
     a cosine to min_lr_ratio at the last step. The decay makes where SFT lands far less sensitive to the noise of
-    the last few hundred steps (with a constant 1e-3 two float-level-different runs of the demo ended at
-    held-out 0.53 and 0.69)."""
+    the last few hundred steps (demo recipe, 600 steps, seeds 0/1/2 on the same data: held-out 0.53/0.88/0.89
+    with a constant 1e-3, 0.87/0.92/0.96 with the cosine)."""
     warm = max(1, s.steps // 10)
     if i < warm:
         return (i + 1) / warm
