@@ -282,10 +282,11 @@ _BT601_FULL = (np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.
 
 def yuv420_frame(rgb: np.ndarray, full_range: bool = False) -> av.VideoFrame:
     """An (H, W, 3) uint8 RGB frame (H, W even) as a 4:2:0 VideoFrame, converted here and written into planes
-    whose row padding is zeroed. Letting PyAV/swscale convert inside stream.encode left the padding bytes past
-    each row uninitialised, and the encoders read them: now and then the rightmost 16-pixel column of
-    macroblocks came out different (seen: 2-14 of 800 synthetic H.264 files differing between two runs with
-    the same seed, single-threaded x264). Chroma: the mean of each 2x2 block."""
+    whose row padding is zeroed. With PyAV/swscale converting (implicitly in stream.encode, or by an explicit
+    reformat) now and then the rightmost 16-pixel column of macroblocks came out different (2-14 of 800
+    synthetic H.264 files differed between two runs with the same seed, single-threaded x264) — most likely
+    the encoder reading uninitialised padding past each row; with this conversion two full generations were
+    identical. Chroma: the mean of each 2x2 block."""
     m, off = _BT601_FULL if full_range else _BT601_LIMITED
     ycc = rgb.astype(np.float32) @ m.T.astype(np.float32) + off.astype(np.float32)  # (H, W, 3)
     H, W = rgb.shape[:2]
