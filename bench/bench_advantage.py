@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
@@ -29,6 +28,8 @@ import triton  # noqa: E402
 
 from strive_kernels.advantage import group_advantages, group_advantages_forward  # noqa: E402
 from strive_kernels.reference.advantage import group_advantages_reference  # noqa: E402
+
+from _timing import cuda_time_us, peak_extra_mb, timeit  # noqa: E402
 
 MODES = ("joint", "per_variant", "batch_std")
 
@@ -50,25 +51,11 @@ def make_layout(n: int, ragged: bool, device: str):
     return r.to(device), gid.to(device), vid.to(device)
 
 
-def cuda_time(fn, quick: bool) -> dict:
-    ms = triton.testing.do_bench(fn, warmup=10 if quick else 50, rep=50 if quick else 300, quantiles=[0.5, 0.2, 0.8])
-    return {"median_us": 1e3 * ms[0], "p20_us": 1e3 * ms[1], "p80_us": 1e3 * ms[2]}
-
-
-def peak_extra_mb(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", tiles: tuple = ()) -> dict:
     out = {"n": n}
     src = torch.empty(6 * n, dtype=torch.float32, device=device)  # 24 bytes per answer, like the kernel moves
     dst = torch.empty_like(src)
-    copy = cuda_time(lambda: dst.copy_(src), quick)
+    copy = cuda_time_us(lambda: dst.copy_(src), quick)
     out["copy_24B_per_answer"] = dict(copy, GBps_read_write=2 * src.numel() * 4 / (copy["median_us"] * 1e-6) / 1e9)
     moved = 24 * n  # r (4) + g (8) + v (8) read, adv (4) written
     for layout in ("dense_BKG", "ragged"):
@@ -76,21 +63,21 @@ def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", tiles: tu
         res = {}
         for mode in MODES:
             kern = lambda: group_advantages_forward(r, g, v, mode, 1e-6, *tiles)  # noqa: E731
-            t = cuda_time(kern, quick)
+            t = cuda_time_us(kern, quick)
             ref = lambda: group_advantages_reference(r, g, v, mode, 1e-6, validate=False)  # noqa: E731
             a, _ = kern()
             ra, _ = group_advantages_reference(r.double(), g, v, mode, 1e-6)
             res[mode] = {
                 "kernel": dict(t, GBps=moved / (t["median_us"] * 1e-6) / 1e9, peak_extra_MB=peak_extra_mb(kern)),
-                "public_call_validated": cuda_time(lambda: group_advantages(r, g, v, mode=mode, backend="triton"), quick),
-                "reference": dict(cuda_time(ref, True), peak_extra_MB=peak_extra_mb(ref)),
+                "public_call_validated": cuda_time_us(lambda: group_advantages(r, g, v, mode=mode, backend="triton"), quick),
+                "reference": dict(cuda_time_us(ref, True), peak_extra_MB=peak_extra_mb(ref)),
                 "max_abs_diff_vs_fp64": (a.double() - ra).abs().max().item(),
                 "meets_target_20us": t["median_us"] <= 20.0,
             }
             res[mode]["speedup_kernel_vs_reference"] = res[mode]["reference"]["median_us"] / t["median_us"]
         if sweep:
             res["sweep_joint"] = {
-                f"win{b + 2 * h}_halo{h}_warps{w}": cuda_time(
+                f"win{b + 2 * h}_halo{h}_warps{w}": cuda_time_us(
                     lambda b=b, h=h, w=w: group_advantages_forward(r, g, v, "joint", 1e-6, block=b, halo=h,
                                                                    num_warps=w), True)["median_us"]
                 for b, h, w in ((384, 64, 4), (384, 64, 8), (768, 128, 8), (768, 128, 16), (1536, 256, 16),
@@ -105,13 +92,7 @@ def bench_cpu(quick: bool) -> dict:
     reps = 1 if quick else 3
 
     def timed(fn):
-        fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return {"median_us": 1e6 * statistics.median(ts)}
+        return timeit(fn, reps, warmup=1, unit="us")
 
     tiny = dict(block=96, halo=16, num_warps=1)
     a, _ = group_advantages_forward(r, g, v, "joint", 1e-6, **tiny)

@@ -27,8 +27,6 @@ import concurrent.futures
 import json
 import os
 import platform
-import resource
-import statistics
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -46,6 +44,8 @@ from strive_engine.synthetic import Canvas  # noqa: E402
 from strive_engine.variants import sample_crop_boxes  # noqa: E402
 from strive_engine.video import PyAVSource, build_source, sample_indices  # noqa: E402
 from strive_kernels.reference.variant import box_hull  # noqa: E402
+
+from _timing import rss_mb, timeit  # noqa: E402
 
 P, K, F, BATCH, FPS, D = 64, 4, 16, 8, 30, 1152
 SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
@@ -104,24 +104,6 @@ def make_clips(cache: Path, seconds: float, threads: int) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- timing
-
-
-def timeit(fn, reps: int, warmup: int = 1, sync=lambda: None) -> dict:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return {"median_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[1], "p80_ms": 1e3 * q[7], "reps": reps}
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def hf_processor():

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
@@ -29,6 +28,8 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from strive_kernels.keyframe import keyframe_sample, keyframe_sample_forward  # noqa: E402
+
+from _timing import cuda_time_us, peak_extra_mb, timeit  # noqa: E402
 from strive_kernels.reference.keyframe import keyframe_sample_reference  # noqa: E402
 
 K, F, TAU, LAM, SEED = 4, 16, 0.1, 0.3, 1234
@@ -44,31 +45,6 @@ def make_inputs(B: int, P: int, D: int, device: str, dtype=torch.bfloat16):
     return fe.to(device, dtype), qe.to(device, dtype), off
 
 
-def cuda_time(fn, quick: bool) -> dict:
-    ms = triton.testing.do_bench(fn, warmup=10 if quick else 50, rep=50 if quick else 300, quantiles=[0.5, 0.2, 0.8])
-    return {"median_us": 1e3 * ms[0], "p20_us": 1e3 * ms[1], "p80_us": 1e3 * ms[2]}
-
-
-def cpu_time(fn, reps: int) -> dict:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    q = statistics.quantiles(ts, n=10) if len(ts) > 1 else ts * 9
-    return {"median_us": 1e6 * statistics.median(ts), "p20_us": 1e6 * q[1], "p80_us": 1e6 * q[7]}
-
-
-def peak_extra_mb(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def bench_cuda(quick: bool, sweep: bool, B: int = 64, P: int = 256, D: int = 1152, device: str = "cuda") -> dict:
     fe, qe, off = make_inputs(B, P, D, device)
     sizes = [P] * B
@@ -81,14 +57,14 @@ def bench_cuda(quick: bool, sweep: bool, B: int = 64, P: int = 256, D: int = 115
 
     out = {"shape": dict(B=B, P=P, D=D, K=K, F=F, dtype="bfloat16"), "embedding_MB": nbytes / 1e6}
     dst = torch.empty_like(fe)
-    copy = cuda_time(lambda: dst.copy_(fe), quick)
+    copy = cuda_time_us(lambda: dst.copy_(fe), quick)
     out["copy"] = dict(copy, GBps_read_write=2 * nbytes / (copy["median_us"] * 1e-6) / 1e9)
-    k = cuda_time(kernel, quick)
+    k = cuda_time_us(kernel, quick)
     out["kernel"] = dict(k, GBps=nbytes / (k["median_us"] * 1e-6) / 1e9, peak_extra_MB=peak_extra_mb(kernel))
     out["kernel"]["fraction_of_copy_bandwidth"] = out["kernel"]["GBps"] / out["copy"]["GBps_read_write"]
-    out["public_call"] = cuda_time(lambda: keyframe_sample(fe, qe, off, K, F, TAU, LAM, SEED), quick)
+    out["public_call"] = cuda_time_us(lambda: keyframe_sample(fe, qe, off, K, F, TAU, LAM, SEED), quick)
     ref = lambda: keyframe_sample_reference(fe, qe, off, K, F, TAU, LAM, SEED)  # noqa: E731
-    out["reference"] = dict(cuda_time(ref, True), peak_extra_MB=peak_extra_mb(ref))
+    out["reference"] = dict(cuda_time_us(ref, True), peak_extra_MB=peak_extra_mb(ref))
     out["speedup_kernel_vs_reference"] = out["reference"]["median_us"] / k["median_us"]
     idx, sc, imp = kernel()
     ridx, rsc, rimp = ref()
@@ -98,7 +74,7 @@ def bench_cuda(quick: bool, sweep: bool, B: int = 64, P: int = 256, D: int = 115
     out["target_us"] = 25.0
     out["meets_target"] = k["median_us"] <= 25.0
     if sweep:
-        out["sweep"] = {f"rows{r}_warps{w}": cuda_time(lambda r=r, w=w: kernel(r, w), True)["median_us"]
+        out["sweep"] = {f"rows{r}_warps{w}": cuda_time_us(lambda r=r, w=w: kernel(r, w), True)["median_us"]
                         for r in (16, 32, 64) for w in (4, 8)}
     return out
 
@@ -107,8 +83,8 @@ def bench_cpu(quick: bool) -> dict:
     B, P, D = 4, 32, 64
     fe, qe, off = make_inputs(B, P, D, "cpu", torch.float32)
     reps = 2 if quick else 5
-    tri = cpu_time(lambda: keyframe_sample(fe, qe, off, K, 8, TAU, LAM, SEED, backend="triton"), reps)
-    ref = cpu_time(lambda: keyframe_sample_reference(fe, qe, off, K, 8, TAU, LAM, SEED), reps)
+    tri = timeit(lambda: keyframe_sample(fe, qe, off, K, 8, TAU, LAM, SEED, backend="triton"), reps, unit="us")
+    ref = timeit(lambda: keyframe_sample_reference(fe, qe, off, K, 8, TAU, LAM, SEED), reps, unit="us")
     same = torch.equal(keyframe_sample(fe, qe, off, K, 8, TAU, LAM, SEED, backend="triton")[0],
                        keyframe_sample_reference(fe, qe, off, K, 8, TAU, LAM, SEED)[0])
     return {"shape": dict(B=B, P=P, D=D, K=K, F=8, dtype="float32"), "triton_interpreter": tri, "reference": ref,

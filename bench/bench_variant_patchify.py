@@ -17,8 +17,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
-import statistics
 import time
 
 import torch
@@ -27,6 +25,8 @@ from strive_engine.config import VariantConfig
 from strive_engine.variants import sample_crop_boxes, variant_sizes
 from strive_kernels.reference.variant import CLIP_MEAN, CLIP_STD, box_hull
 from strive_kernels.variant import has_native, variant_patchify
+
+from _timing import rss_mb, summarise, timeit
 
 K, F, POOL, H, W = 4, 16, 32, 720, 1280
 
@@ -54,24 +54,6 @@ def make_inputs(seed: int = 0):
     return pool, indices, boxes, variant_sizes(boxes, cfg)
 
 
-def timeit(fn, reps: int, warmup: int = 1, sync=lambda: None) -> dict:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return {"median_ms": 1e3 * statistics.median(times), "p20_ms": 1e3 * q[1], "p80_ms": 1e3 * q[7], "reps": reps}
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def hf_crops(pool, indices, boxes, limit: int):
     """The (variant, frame) crops as HF receives images: uint8 HWC numpy arrays (views)."""
     crops = []
@@ -95,12 +77,7 @@ def timeit_interleaved(fns: dict, reps: dict, warmup: int = 1) -> dict:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-    out = {}
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else ts * 9
-        out[name] = {"median_ms": 1e3 * statistics.median(ts), "p20_ms": 1e3 * q[1], "p80_ms": 1e3 * q[7],
-                     "reps": len(ts)}
-    return out
+    return {name: summarise(ts, "ms") for name, ts in times.items()}
 
 
 def bench_cpu(pool, indices, boxes, out_hw, quick: bool) -> dict:

@@ -1,0 +1,57 @@
+"""Timing and memory helpers shared by the bench scripts. They run as `python bench/NAME.py`, which puts this
+folder on sys.path, so `from _timing import ...` works from any of them."""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+
+_SCALE = {"ms": 1e3, "us": 1e6}
+
+
+def summarise(times_s: list[float], unit: str = "ms") -> dict:
+    """Median and p20/p80 of wall times (seconds) in `unit` ("ms" or "us"), and the number of samples."""
+    k = _SCALE[unit]
+    q = statistics.quantiles(times_s, n=10) if len(times_s) >= 2 else times_s * 9
+    return {f"median_{unit}": k * statistics.median(times_s), f"p20_{unit}": k * q[1], f"p80_{unit}": k * q[7],
+            "reps": len(times_s)}
+
+
+def timeit(fn, reps: int, warmup: int = 1, sync=lambda: None, unit: str = "ms") -> dict:
+    """Host wall time of fn() over `reps` calls after `warmup` ones; `sync` (e.g. torch.cuda.synchronize) ends
+    each call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return summarise(times, unit)
+
+
+def cuda_time_us(fn, quick: bool) -> dict:
+    """Device time of fn() with triton.testing.do_bench (median, p20, p80 in microseconds)."""
+    import triton
+
+    ms = triton.testing.do_bench(fn, warmup=10 if quick else 50, rep=50 if quick else 300, quantiles=[0.5, 0.2, 0.8])
+    return {"median_us": 1e3 * ms[0], "p20_us": 1e3 * ms[1], "p80_us": 1e3 * ms[2]}
+
+
+def peak_extra_mb(fn) -> float:
+    """CUDA memory allocated by one call of fn() beyond what was allocated before it, at its peak (MiB)."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def rss_mb() -> float:
+    """High-water resident set size of this process (MiB; Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
