@@ -24,15 +24,11 @@ from strive_engine.video import (EmptyVideo, FrameIndexError, FrameSizeChanged, 
                                  VideoNotFound, build_source, sample_indices)
 from strive_engine.video import scan as scan_mod  # noqa: E402
 from strive_engine.video.dali import DALIDisabled, DALISource, scan_stream  # noqa: E402
+from videoclips import BLOCK, CODECS, read_code, stamp_code, write_clip  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
-N, W, H, FPS, BLOCK = 37, 96, 48, 10, 16
-CODECS = {  # name -> (encoder, format, suffix, pix_fmt, options)
-    "h264": ("libx264", "mp4", ".mp4", "yuv420p", {"crf": "18", "preset": "veryfast"}),
-    "vp9": ("libvpx-vp9", "webm", ".webm", "yuv420p", {"crf": "24", "b": "0", "deadline": "good", "cpu-used": "8"}),
-    "mjpeg": ("mjpeg", "avi", ".avi", "yuvj420p", {"qmin": "1", "qmax": "3"}),
-}
+N, W, H, FPS = 37, 96, 48, 10
 BARS = np.array([(230, 20, 30), (20, 220, 40), (30, 40, 230), (240, 230, 20), (200, 30, 210)], np.uint8)
 # DALI's CPU conversion (frames_decoder_cpu.cc): swscale with these flags, default (BT.601) matrix.
 DALI_FLAGS = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
@@ -40,33 +36,13 @@ DALI_FLAGS = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolati
 
 def coded_frame(i: int, w: int = W, h: int = H) -> np.ndarray:
     img = np.full((h, w, 3), 16, np.uint8)  # (H, W, 3)
-    for bit in range(6):
-        if i >> bit & 1:
-            img[:BLOCK, bit * BLOCK:(bit + 1) * BLOCK] = 255
     x = np.arange(w)
     img[BLOCK:] = BARS[((x + 3 * i) // 10) % len(BARS)][None]  # bars 10 px wide, moving 3 px per frame
-    return img
-
-
-def read_code(frame: np.ndarray) -> int:
-    return sum(1 << b for b in range(6) if frame[BLOCK // 2, b * BLOCK + BLOCK // 2].mean() > 128)
+    return stamp_code(img, i)
 
 
 def write(path, codec="vp9", n=N, w=W, h=H, colorspace=None):
-    encoder, fmt, _, pix, opts = CODECS[codec]
-    with av.open(str(path), "w", format=fmt) as out:
-        s = out.add_stream(encoder, rate=Fraction(FPS), options=dict(opts))
-        s.width, s.height, s.pix_fmt = w, h, pix
-        s.codec_context.thread_count = 1
-        if colorspace is not None:
-            s.codec_context.colorspace = colorspace
-        if n == 0:
-            out.start_encoding()
-        for i in range(n):
-            out.mux(s.encode(av.VideoFrame.from_ndarray(coded_frame(i, w, h), format="rgb24")))
-        if n:
-            out.mux(s.encode(None))
-    return str(path)
+    return write_clip(path, codec, coded_frame, n, w, h, FPS, colorspace=colorspace)
 
 
 def write_size_change(path, codec, first=10, then=10, sizes=((96, 48), (64, 32)), fmt=None):

@@ -1,10 +1,9 @@
 """PyAV backend: frame numbering and index convention, reproducibility, and one typed error per bad file.
 
-Clips are written here with PyAV: frame i carries its own number as a 6-bit code of black/white blocks
+Clips are written with PyAV (tests/videoclips.py): frame i carries its own number as a 6-bit code of black/white blocks
 (survives lossy coding), so a test can check that "frame i" really is the i-th frame."""
 import os
 import pickle
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -14,43 +13,21 @@ import torch
 from strive_engine.video import (DecodedVideo, EmptyVideo, FrameIndexError, FrameSizeChanged, NoVideoStream,
                                  NotEnoughFrames, PyAVSource, UnsupportedCodec, VideoCorrupt, VideoError,
                                  VideoInfo, VideoNotFound, sample_indices)
+from videoclips import BLOCK, CODECS, read_code, stamp_code, write_clip
 
 pytestmark = pytest.mark.timeout(120)  # a hang on a bad file fails instead of blocking CI
 
-N, W, H, FPS, BLOCK = 37, 96, 40, 10, 16  # odd frame count on purpose; 6 code blocks of 16 px per row
-CODECS = {  # name -> (encoder, format, suffix, pix_fmt, options)
-    "h264": ("libx264", "mp4", ".mp4", "yuv420p", {"crf": "18", "preset": "veryfast"}),
-    "vp9": ("libvpx-vp9", "webm", ".webm", "yuv420p", {"crf": "24", "b": "0", "deadline": "good", "cpu-used": "5"}),
-    "mjpeg": ("mjpeg", "avi", ".avi", "yuvj420p", {"qmin": "1", "qmax": "3"}),
-}
+N, W, H, FPS = 37, 96, 40, 10  # odd frame count on purpose; 6 code blocks of 16 px per row
 
 
 def coded_frame(i: int, w: int = W, h: int = H) -> np.ndarray:
     img = np.zeros((h, w, 3), np.uint8)  # (H, W, 3)
-    for bit in range(6):
-        if i >> bit & 1:
-            img[:BLOCK, bit * BLOCK:(bit + 1) * BLOCK] = 255
     img[BLOCK:, :] = (40, 200, 90)
-    return img
-
-
-def read_code(frame: np.ndarray) -> int:
-    return sum(1 << b for b in range(6) if frame[BLOCK // 2, b * BLOCK + BLOCK // 2].mean() > 128)
+    return stamp_code(img, i)
 
 
 def write(path, codec="h264", n=N, w=W, h=H, fmt=None, options=None):
-    encoder, cfmt, _, pix, opts = CODECS[codec]
-    with av.open(str(path), "w", format=fmt or cfmt, options=options or {}) as out:
-        s = out.add_stream(encoder, rate=Fraction(FPS), options=dict(opts))
-        s.width, s.height, s.pix_fmt = w, h, pix
-        s.codec_context.thread_count = 1
-        if n == 0:
-            out.start_encoding()
-        for i in range(n):
-            out.mux(s.encode(av.VideoFrame.from_ndarray(coded_frame(i, w, h), format="rgb24")))
-        if n:
-            out.mux(s.encode(None))
-    return str(path)
+    return write_clip(path, codec, coded_frame, n, w, h, FPS, fmt=fmt, options=options)
 
 
 @pytest.fixture(scope="module")
