@@ -45,8 +45,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 6  # 2: short rationales; 3: fixed option order; 4: grey distractors, 5: big events (fixed);
-#                        6: own RGB->YUV conversion into zero-padded planes (byte-identical files)
+GENERATOR_VERSION = 7  # 2: short rationales; 3: fixed option order; 4: grey distractors, 5: big events (fixed);
+#                        6: own RGB->YUV conversion into zero-padded planes; 7: x264 without asm
+#                        (both for byte-identical files run to run)
 TASKS = ("brief_colour", "first_shape", "flash_count")
 # Saturated and far apart in RGB, so they survive 4:2:0 chroma subsampling and downscaling.
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 64, 255), "yellow": (255, 255, 0),
@@ -64,7 +65,10 @@ BACKGROUND = (16, 16, 16)
 MAX_FLASHES = 3
 # codec -> (encoder, container format, file suffix, pixel format, encoder options)
 CODECS = {
-    "h264": ("libx264", "mp4", ".mp4", "yuv420p", {"crf": "18", "preset": "veryfast"}),
+    # asm=0: x264's SIMD paths made the rightmost macroblock column of an occasional file differ between two
+    # encodes of the same frames (5 of 25 repeated 9-clip sets; 0 of 85 with asm=0, at the same speed on these
+    # small frames) — most likely an over-read of uninitialised memory past the end of a row.
+    "h264": ("libx264", "mp4", ".mp4", "yuv420p", {"crf": "18", "preset": "veryfast", "x264-params": "asm=0"}),
     "vp9": ("libvpx-vp9", "webm", ".webm", "yuv420p", {"crf": "24", "b": "0", "deadline": "good", "cpu-used": "5"}),
     "mjpeg": ("mjpeg", "avi", ".avi", "yuvj420p", {"qmin": "1", "qmax": "3"}),
 }
@@ -284,9 +288,9 @@ def yuv420_frame(rgb: np.ndarray, full_range: bool = False) -> av.VideoFrame:
     """An (H, W, 3) uint8 RGB frame (H, W even) as a 4:2:0 VideoFrame, converted here and written into planes
     whose row padding is zeroed. With PyAV/swscale converting (implicitly in stream.encode, or by an explicit
     reformat) now and then the rightmost 16-pixel column of macroblocks came out different (2-14 of 800
-    synthetic H.264 files differed between two runs with the same seed, single-threaded x264) — most likely
-    the encoder reading uninitialised padding past each row; with this conversion two full generations were
-    identical. Chroma: the mean of each 2x2 block."""
+    synthetic H.264 files differed between two runs with the same seed, single-threaded x264), most likely
+    the encoder reading uninitialised bytes past each row. This conversion alone made it rarer, not gone; x264
+    also runs without asm (CODECS). Chroma: the mean of each 2x2 block."""
     m, off = _BT601_FULL if full_range else _BT601_LIMITED
     ycc = rgb.astype(np.float32) @ m.T.astype(np.float32) + off.astype(np.float32)  # (H, W, 3)
     H, W = rgb.shape[:2]
