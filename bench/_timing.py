@@ -40,6 +40,44 @@ def cuda_time_us(fn, quick: bool) -> dict:
     return {"median_us": 1e3 * ms[0], "p20_us": 1e3 * ms[1], "p80_us": 1e3 * ms[2]}
 
 
+def graph_time_us(calls, rounds: int = 4, reps: int = 30) -> dict:
+    """Device time per call of µs-scale GPU work, free of host launch overhead (median, p20, p80 in µs).
+
+    `calls`: callables doing the same work on different input sets (rotating among sets whose bytes
+    together exceed the L2 cache keeps repeated calls from re-reading L2). Each is run once (compile,
+    allocate) on a side stream, then `rounds` passes over all of them are captured into one CUDA graph,
+    and the graph is replayed `reps` times between events: time per replay / calls per replay. The
+    calls must not sync with the host. do_bench (cuda_time_us) instead records events around one eager
+    call, so for work shorter than its Python launch path it times the host, not the GPU.
+    """
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in calls:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for fn in calls:
+                fn()
+    per_replay = rounds * len(calls)
+    graph.replay()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = [start.elapsed_time(end) * 1e-3 / per_replay for start, end in events]  # seconds per call
+    del graph
+    return dict(summarise(times, "us"), calls_per_replay=per_replay, input_sets=len(calls))
+
+
 def peak_extra_mb(fn) -> float:
     """CUDA memory allocated by one call of fn() beyond what was allocated before it, at its peak (MiB)."""
     import torch

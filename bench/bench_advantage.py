@@ -4,11 +4,13 @@
 
 Two layouts: the engine's dense (B, K, G) = (65536, 4, 4) flattened, and a ragged batch of question groups
 of 1..64 answers with 1..4 variants. For each: the kernels alone (`group_advantages_forward`, layout not
-re-validated: two launches, three for batch_std), the public call with layout validation (one host sync),
-the pure-torch reference on the same GPU (torch.compile-free), all with triton.testing.do_bench (median,
-p20, p80 in us), achieved GB/s on the bytes moved (rewards fp32 + two int64 id arrays read, fp32 advantages
+re-validated: two launches, three for batch_std) as device time from CUDA-graph replays over --sets input
+sets (4 x 20 MB: more than the L2; no host launch overhead; the target is judged on it), the same eager call,
+the public call with layout validation (one host sync) and the pure-torch reference on the same GPU
+(torch.compile-free) with triton.testing.do_bench (median, p20, p80 in us; an eager call of a few tens of
+us can time the Python launch path rather than the GPU), achieved GB/s on the bytes moved (rewards fp32 + two int64 id arrays read, fp32 advantages
 written) against a device copy measured in the same run, peak extra memory, and the max |difference| to
-the reference. --sweep times other (block, halo, warps) tilings. CPU: a small batch through the Triton
+the reference. --sweep times other (block, halo, warps) tilings (graph device time). CPU: a small batch through the Triton
 interpreter and the reference, only to show the path runs. Last stdout line: one JSON object.
 """
 from __future__ import annotations
@@ -29,13 +31,19 @@ import triton  # noqa: E402
 from strive_kernels.advantage import group_advantages, group_advantages_forward  # noqa: E402
 from strive_kernels.reference.advantage import group_advantages_reference  # noqa: E402
 
-from _timing import cuda_time_us, peak_extra_mb, timeit  # noqa: E402
+from _timing import cuda_time_us, graph_time_us, peak_extra_mb, timeit  # noqa: E402
 
 MODES = ("joint", "per_variant", "batch_std")
+# (block, halo, warps, finalize_block, finalize_warps). Offline sm_90 compiles (kernels/advantage.py docstring):
+# the multi-warp tilings cross warps in every scan (130 barriers); one warp needs none but makes N / block
+# partial rows for the single finalize program, hence the wider finalize variants.
+SWEEP = ((768, 128, 8, 1024, 4), (384, 64, 4, 1024, 4), (384, 64, 2, 1024, 4), (1536, 256, 16, 1024, 4),
+         (192, 32, 1, 1024, 4), (192, 32, 1, 4096, 8), (128, 64, 1, 4096, 8), (96, 16, 1, 4096, 8),
+         (448, 32, 2, 2048, 8))
 
 
-def make_layout(n: int, ragged: bool, device: str):
-    g = torch.Generator().manual_seed(0)
+def make_layout(n: int, ragged: bool, device: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
     if ragged:
         sizes = torch.randint(1, 65, (n // 16 + 64,), generator=g)
         sizes = sizes[: int((sizes.cumsum(0) < n).sum()) + 1]
@@ -51,7 +59,7 @@ def make_layout(n: int, ragged: bool, device: str):
     return r.to(device), gid.to(device), vid.to(device)
 
 
-def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", tiles: tuple = ()) -> dict:
+def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", sets: int = 4) -> dict:
     out = {"n": n}
     src = torch.empty(6 * n, dtype=torch.float32, device=device)  # 24 bytes per answer, like the kernel moves
     dst = torch.empty_like(src)
@@ -59,16 +67,24 @@ def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", tiles: tu
     out["copy_24B_per_answer"] = dict(copy, GBps_read_write=2 * src.numel() * 4 / (copy["median_us"] * 1e-6) / 1e9)
     moved = 24 * n  # r (4) + g (8) + v (8) read, adv (4) written
     for layout in ("dense_BKG", "ragged"):
-        r, g, v = make_layout(n, layout == "ragged", device)
+        inputs = [make_layout(n, layout == "ragged", device, seed=i) for i in range(sets)]
+        r, g, v = inputs[0]
         res = {}
+
+        def device_us(mode, **kw):
+            return graph_time_us([lambda x=x: group_advantages_forward(*x, mode, 1e-6, **kw) for x in inputs],
+                                 2 if quick else 4)
+
         for mode in MODES:
-            kern = lambda: group_advantages_forward(r, g, v, mode, 1e-6, *tiles)  # noqa: E731
-            t = cuda_time_us(kern, quick)
+            kern = lambda: group_advantages_forward(r, g, v, mode, 1e-6)  # noqa: E731
+            t = device_us(mode)
             ref = lambda: group_advantages_reference(r, g, v, mode, 1e-6, validate=False)  # noqa: E731
             a, _ = kern()
             ra, _ = group_advantages_reference(r.double(), g, v, mode, 1e-6)
             res[mode] = {
-                "kernel": dict(t, GBps=moved / (t["median_us"] * 1e-6) / 1e9, peak_extra_MB=peak_extra_mb(kern)),
+                "kernel_device_graph": dict(t, GBps=moved / (t["median_us"] * 1e-6) / 1e9,
+                                            peak_extra_MB=peak_extra_mb(kern)),
+                "kernel_eager_do_bench": cuda_time_us(kern, quick),
                 "public_call_validated": cuda_time_us(lambda: group_advantages(r, g, v, mode=mode, backend="triton"), quick),
                 "reference": dict(cuda_time_us(ref, True), peak_extra_MB=peak_extra_mb(ref)),
                 "max_abs_diff_vs_fp64": (a.double() - ra).abs().max().item(),
@@ -76,12 +92,10 @@ def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", tiles: tu
             }
             res[mode]["speedup_kernel_vs_reference"] = res[mode]["reference"]["median_us"] / t["median_us"]
         if sweep:
-            res["sweep_joint"] = {
-                f"win{b + 2 * h}_halo{h}_warps{w}": cuda_time_us(
-                    lambda b=b, h=h, w=w: group_advantages_forward(r, g, v, "joint", 1e-6, block=b, halo=h,
-                                                                   num_warps=w), True)["median_us"]
-                for b, h, w in ((384, 64, 4), (384, 64, 8), (768, 128, 8), (768, 128, 16), (1536, 256, 16),
-                                (1984, 32, 16))[: 1 if tiles else None]}
+            res["sweep_joint_device_graph"] = {
+                f"win{b + 2 * h}_halo{h}_warps{w}_fin{fb}x{fw}": device_us(
+                    "joint", block=b, halo=h, num_warps=w, finalize_block=fb, finalize_warps=fw)["median_us"]
+                for b, h, w, fb, fw in SWEEP}
         out[layout] = res
     return out
 
@@ -108,14 +122,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a short GPU run)")
     ap.add_argument("--sweep", action="store_true", help="also time other tilings of the main kernel")
     ap.add_argument("--n", type=int, default=1 << 20, help="number of rewards (GPU)")
+    ap.add_argument("--sets", type=int, default=4, help="input sets the device-time graph rotates over (GPU)")
     args = ap.parse_args()
     report = {"bench": "group_advantages", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "triton": triton.__version__, "python": platform.python_version(), "target_us": 20.0}
     if torch.cuda.is_available():
         report["device"] = torch.cuda.get_device_name()
-        report.update(bench_cuda(args.n, args.quick, args.sweep))
+        report.update(bench_cuda(args.n, args.quick, args.sweep, sets=args.sets))
         for layout in ("dense_BKG", "ragged"):
-            print(layout, {m: round(report[layout][m]["kernel"]["median_us"], 1) for m in MODES}, "us (kernels);",
+            print(layout, {m: round(report[layout][m]["kernel_device_graph"]["median_us"], 1) for m in MODES},
+                  "us (kernels, device);",
                   {m: round(report[layout][m]["reference"]["median_us"]) for m in MODES}, "us (reference)")
     else:
         report["device"] = "cpu (" + platform.machine() + ")"

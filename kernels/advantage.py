@@ -352,14 +352,18 @@ def _adv_scale_kernel(adv_ptr, stats_ptr, N, eps, BLOCK: tl.constexpr):
 
 
 def group_advantages_forward(rewards: Tensor, group_ids: Tensor, variant_ids: Tensor, mode: str, eps: float,
-                             block: int = 768, halo: int = 128, side: int = 128,
-                             num_warps: int = 8) -> tuple[Tensor, GroupStats]:
+                             block: int = 768, halo: int = 128, side: int = 128, num_warps: int = 8,
+                             finalize_block: int = 1024, finalize_warps: int = 4) -> tuple[Tensor, GroupStats]:
     """Launch the kernels on validated inputs (no checks, no sync).
 
     Tuning: a program owns `block` answers and sees `halo` more on each side (block + 2*halo lanes, a power
     of two). Groups up to `halo` answers long take the fast path; longer ones are recomputed canonically in
-    chunks of `side`. Defaults keep the main kernel at ~180 registers/thread without spills on sm_90
-    (checked by compiling offline); bench/bench_advantage.py --sweep times the alternatives on a GPU.
+    chunks of `side`. The finalize program reads the N / block partial rows `finalize_block` at a time.
+    Compiled offline for sm_90 (triton 3.7, pointers 16-byte aligned): the default main kernel uses 128
+    registers and 130 CTA barriers (its block-wide scans and sums cross warps); with num_warps=1 every scan
+    and sum stays inside one warp (0 barriers; 195 registers at block 192 / halo 32 or block 128 / halo 64,
+    no spills) at the price of more programs and more partial rows. bench/bench_advantage.py --sweep times
+    these on a GPU; the defaults are the last measured best.
     """
     win = block + 2 * halo
     if win & (win - 1) or halo < 1 or side & (side - 1):
@@ -378,7 +382,8 @@ def group_advantages_forward(rewards: Tensor, group_ids: Tensor, variant_ids: Te
         _adv_main_kernel[(T,)](r, g, v, adv, part, n, float(eps), MODE=mode_id, BLOCK=block, HALO=halo,
                                WIN=win, SIDE=side, NP=NPART, num_warps=num_warps)
         _adv_finalize_kernel[(1,)](part, stats, counts, T, float(eps), MODE=mode_id,
-                                   TB=min(1024, triton.next_power_of_2(T)), NP=NPART, num_warps=4)
+                                   TB=min(finalize_block, triton.next_power_of_2(T)), NP=NPART,
+                                   num_warps=finalize_warps)
         if mode == "batch_std":
             _adv_scale_kernel[(triton.cdiv(n, 4096),)](adv, stats, n, float(eps), BLOCK=4096, num_warps=4)
     return adv, GroupStats(stats[0], stats[1], stats[2], stats[3], stats[4], counts[0], counts[1])

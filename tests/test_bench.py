@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--data.batch_size=1", "--data.synthetic_size=24", "--data.synthetic_tasks=brief_colour,flash_count",
@@ -69,3 +70,62 @@ def test_ablation_report_from_saved_record(tmp_path, monkeypatch):
     assert s["dead_chosen"]["values"] == [0.25, 0.5]
     assert s["dead_per_variant"]["values"] == [pytest.approx(2 / 3)] * 2  # None rows are skipped
     assert (tmp_path / "bench" / "results" / "ablation-2000-01-01.png").stat().st_size > 1000
+
+
+def _bench_module(name, monkeypatch):
+    """bench/NAME.py imported as the script imports its helpers (bench/ on sys.path), with the CUDA timers
+    replaced by stand-ins that run each callable once and record which inputs they were given."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    mod = importlib.import_module(name)
+    seen = {"graph_sets": [], "eager": 0}
+
+    def graph_time_us(calls, rounds=4, reps=30):
+        outs = [fn() for fn in calls]
+        seen["graph_sets"].append(outs)
+        return {"median_us": 1.0, "p20_us": 1.0, "p80_us": 1.0, "reps": 0, "input_sets": len(calls)}
+
+    def cuda_time_us(fn, quick):
+        fn()
+        seen["eager"] += 1
+        return {"median_us": 2.0, "p20_us": 2.0, "p80_us": 2.0}
+
+    def peak_extra_mb(fn):
+        fn()
+        return 0.0
+
+    monkeypatch.setattr(mod, "graph_time_us", graph_time_us)
+    monkeypatch.setattr(mod, "cuda_time_us", cuda_time_us)
+    monkeypatch.setattr(mod, "peak_extra_mb", peak_extra_mb)
+    return mod, seen
+
+
+def test_keyframe_bench_wiring_on_cpu(monkeypatch):
+    """The GPU branch of bench_keyframe.py run through the interpreter on tiny shapes: the device-time graph
+    gets one call per input set, on different embeddings, and the kernel's indices equal the reference's."""
+    mod, seen = _bench_module("bench_keyframe", monkeypatch)
+    out = mod.bench_cuda(quick=True, sweep=False, B=2, P=20, D=24, device="cpu", sets=3)
+    (calls,) = seen["graph_sets"]
+    assert len(calls) == 3 and out["kernel_device_graph"]["input_sets"] == 3
+    scores = [c[1] for c in calls]  # (indices, scores, importance) per input set
+    assert not torch.equal(scores[0], scores[1]) and not torch.equal(scores[1], scores[2])
+    assert out["indices_equal_reference"] and out["max_abs_score_diff"] < 1e-5
+    assert out["meets_target"] and out["kernel_eager_do_bench"]["median_us"] == 2.0
+
+
+def test_advantage_bench_wiring_on_cpu(monkeypatch):
+    """Same for bench_advantage.py: per layout and mode a graph over the input sets, advantages close to fp64."""
+    mod, seen = _bench_module("bench_advantage", monkeypatch)
+    monkeypatch.setattr(mod, "MODES", ("joint", "batch_std"))
+    fwd = mod.group_advantages_forward
+    monkeypatch.setattr(mod, "group_advantages_forward",  # interpreter-sized tiles (the defaults are for GPUs)
+                        lambda *a, **kw: fwd(*a, **{"block": 96, "halo": 16, "num_warps": 1, **kw}))
+    out = mod.bench_cuda(200, quick=True, sweep=False, device="cpu", sets=2)
+    assert len(seen["graph_sets"]) == 2 * 2  # layouts x modes
+    for layout in ("dense_BKG", "ragged"):
+        for mode in ("joint", "batch_std"):
+            r = out[layout][mode]
+            assert r["kernel_device_graph"]["input_sets"] == 2 and r["max_abs_diff_vs_fp64"] < 1e-5
+    adv_a, adv_b = (c[0] for c in seen["graph_sets"][0])
+    assert not torch.equal(adv_a, adv_b)  # two different reward sets
