@@ -37,8 +37,8 @@ MODES = ("joint", "per_variant", "batch_std")
 # (block, halo, warps, finalize_block, finalize_warps). Offline sm_90 compiles (kernels/advantage.py docstring):
 # the multi-warp tilings cross warps in every scan (130 barriers); one warp needs none but makes N / block
 # partial rows for the single finalize program, hence the wider finalize variants.
-SWEEP = ((768, 128, 8, 1024, 4), (384, 64, 4, 1024, 4), (384, 64, 2, 1024, 4), (1536, 256, 16, 1024, 4),
-         (192, 32, 1, 1024, 4), (192, 32, 1, 4096, 8), (128, 64, 1, 4096, 8), (96, 16, 1, 4096, 8),
+SWEEP = ((768, 128, 8, 1024, 8), (768, 128, 8, 512, 4), (384, 64, 4, 1024, 8), (384, 64, 2, 1024, 8),
+         (192, 32, 1, 1024, 8), (192, 32, 1, 2048, 8), (128, 64, 1, 2048, 8), (96, 16, 1, 2048, 8),
          (448, 32, 2, 2048, 8))
 
 
