@@ -15,11 +15,12 @@ Algorithm (rewards r, question ids g, variant ids v; N < 2^31):
                   per-variant dead count is always reported)
   A group that straddles a tile edge but is shorter than HALO lies whole in both neighbours' windows; each
   computes it (the two may differ in the last bit: scan order) and writes its own answers — no
-  communication between programs. A run cut by the window edge (a group longer than HALO; detected with
-  cumulative counts of run starts/ends) is recomputed by `_canonical_stats`, which walks the whole group
-  from its first answer in fixed SIDE-wide chunks: the same arithmetic in every program that needs it, so
-  all its answers see bit-identical statistics. (A group spanning m tiles is then read m times: fine for
-  the K*G <= a few thousand answers of RL, quadratic for absurd single groups of millions.)
+  communication between programs. A run cut by the window edge (a group longer than HALO) is recomputed by
+  `_canonical_stats`, which walks the whole group from its first answer in fixed SIDE-wide chunks: the same
+  arithmetic in every program that needs it, so all its answers see bit-identical statistics. Detecting a
+  cut needs no scan: with sorted ids a run crosses the window's left (right) edge iff it holds the answer
+  just before (after) the window. (A group spanning m tiles is then read m times: fine for the K*G <= a few
+  thousand answers of RL, quadratic for absurd single groups of millions.)
   The program writes the advantages of its own tile and one row of partial statistics (finite count,
   mean and M2 of rewards and of advantages, group and dead-group counts, NaN count; each group is counted
   by the tile that holds its last answer).
@@ -161,9 +162,12 @@ def _canonical_stats(r_ptr, g_ptr, v_ptr, p, N, BY_VARIANT: tl.constexpr, SIDE: 
 
 
 @triton.jit
-def _scalar_at(x, lane, k):
-    # x[k] of a 1-D block as a scalar (a masked reduction: blocks have no scalar indexing)
-    return tl.sum(tl.where(lane == k, x, 0), axis=0)
+def _carries(g_ptr, v_ptr, i, inb, gk, vk, BY_VARIANT: tl.constexpr):
+    # lanes holding the ids (gk[, vk]) of one answer: with sorted ids, exactly the lanes of that answer's run
+    same = inb & (tl.load(g_ptr + i, mask=inb, other=0) == gk)
+    if BY_VARIANT:
+        same = same & (tl.load(v_ptr + i, mask=inb, other=0) == vk)
+    return same
 
 
 @triton.jit
@@ -201,12 +205,6 @@ def _adv_main_kernel(r_ptr, g_ptr, v_ptr, adv_ptr, part_ptr, N, eps,
     fin = inb & _is_finite(r)
     r_lo = tl.where(fin, r, float("inf"))
     r_hi = tl.where(fin, r, -float("inf"))
-    # A lane's run is cut by the window's left edge if no real run start lies in [0, lane], by the right
-    # edge if no real run end lies in [lane, WIN).
-    c_starts = tl.cumsum(c_start.to(tl.int32), 0)
-    c_ends_incl = tl.cumsum(c_end.to(tl.int32), 0)
-    cut_left = c_starts == 0
-    cut_right = (tl.sum(c_end.to(tl.int32), axis=0) - c_ends_incl + c_end.to(tl.int32)) == 0
     c_flag = (c_start | first).to(tl.int32)
     c_pos = tl.where(c_end | last, lane, _BIG)
 
@@ -222,12 +220,36 @@ def _adv_main_kernel(r_ptr, g_ptr, v_ptr, adv_ptr, part_ptr, N, eps,
     _p2, m2_c = tl.associative_scan((c_pos, m2_c), 0, _bcast_combine, reverse=True)
 
     # ---- runs cut by the window edge: recompute canonically (rare: groups longer than HALO)
+    # The ids are sorted ((question, variant) lexicographically non-decreasing), so a run reaches past the
+    # window's left edge iff it holds the answer just before the window, and past the right edge iff it holds
+    # the answer just after it: scalar compares for the own tile's first (s0) and last (t_last) answers, and
+    # elementwise ones (`_carries`) for the lanes to patch, only on that rare path. No scan.
     own = (lane >= HALO) & (lane < HALO + BLOCK) & inb
-    tail_lane = tl.minimum(HALO + BLOCK, N - s0 + HALO) - 1  # last own lane
-    head_cut = _scalar_at(cut_left.to(tl.int32), lane, HALO) != 0
-    tail_cut = (_scalar_at(cut_right.to(tl.int32), lane, tail_lane) != 0) & \
-        (_scalar_at(cut_left.to(tl.int32), lane, tail_lane) == 0)  # else it is the head's run, done below
+    before = s0 - HALO - 1
+    after = s0 - HALO + WIN
+    has_before = before >= 0
+    has_after = after < N
+    g_bef = tl.load(g_ptr + before, mask=has_before, other=0)
+    v_bef = tl.load(v_ptr + before, mask=has_before, other=0)
+    g_aft = tl.load(g_ptr + after, mask=has_after, other=0)
+    v_aft = tl.load(v_ptr + after, mask=has_after, other=0)
+    t_last = tl.minimum(s0 + BLOCK, N) - 1
+    g0 = tl.load(g_ptr + s0)
+    v0 = tl.load(v_ptr + s0)
+    gt = tl.load(g_ptr + t_last)
+    vt = tl.load(v_ptr + t_last)
+    head_q = has_before & (g0 == g_bef)
+    head_v = head_q & (v0 == v_bef)
+    tail_left_q = has_before & (gt == g_bef)
+    tail_right_q = has_after & (gt == g_aft)
+    if BY_VARIANT:
+        head_cut = head_v
+        tail_cut = tail_right_q & (vt == v_aft) & ~(tail_left_q & (vt == v_bef))
+    else:
+        head_cut = head_q
+        tail_cut = tail_right_q & ~tail_left_q  # else it is the head's run, done below
     if head_cut:
+        cut_left = _carries(g_ptr, v_ptr, i, inb, g_bef, v_bef, BY_VARIANT)
         cn, cmean, cm2, cmn, cmx = _canonical_stats(r_ptr, g_ptr, v_ptr, s0, N, BY_VARIANT, SIDE)
         n_c = tl.where(cut_left, cn, n_c)
         mean_c = tl.where(cut_left, cmean, mean_c)
@@ -235,7 +257,8 @@ def _adv_main_kernel(r_ptr, g_ptr, v_ptr, adv_ptr, part_ptr, N, eps,
         mn_c = tl.where(cut_left, cmn, mn_c)
         mx_c = tl.where(cut_left, cmx, mx_c)
     if tail_cut:
-        cn, cmean, cm2, cmn, cmx = _canonical_stats(r_ptr, g_ptr, v_ptr, s0 - HALO + tail_lane, N, BY_VARIANT, SIDE)
+        cut_right = _carries(g_ptr, v_ptr, i, inb, g_aft, v_aft, BY_VARIANT)
+        cn, cmean, cm2, cmn, cmx = _canonical_stats(r_ptr, g_ptr, v_ptr, t_last, N, BY_VARIANT, SIDE)
         n_c = tl.where(cut_right, cn, n_c)
         mean_c = tl.where(cut_right, cmean, mean_c)
         m2_c = tl.where(cut_right, cm2, m2_c)
@@ -249,12 +272,15 @@ def _adv_main_kernel(r_ptr, g_ptr, v_ptr, adv_ptr, part_ptr, N, eps,
         _f3, mn_v, mx_v = tl.associative_scan(((v_start | first).to(tl.int32), r_lo, r_hi), 0, _seg_minmax_combine)
         _p3, mn_v, mx_v = tl.associative_scan((tl.where(v_end | last, lane, _BIG), mn_v, mx_v), 0,
                                               _bcast_minmax_combine, reverse=True)
-        # a variant run cut on the left whose end is ours: its min/max canonically
-        cut_v = tl.cumsum(v_start.to(tl.int32), 0) == 0
-        v_ends_before = tl.cumsum(v_end.to(tl.int32), 0) - v_end.to(tl.int32)
-        v_head_cut = (_scalar_at(cut_v.to(tl.int32), lane, HALO) != 0) & \
-            (_scalar_at(v_ends_before, lane, HALO + BLOCK) > 0)  # its end lies before the right halo
+        # a variant run cut on the left whose end is ours (the answer after the own tile is not in it): its
+        # min/max canonically
+        nxt = s0 + BLOCK
+        has_nxt = nxt < N
+        g_nxt = tl.load(g_ptr + nxt, mask=has_nxt, other=0)
+        v_nxt = tl.load(v_ptr + nxt, mask=has_nxt, other=0)
+        v_head_cut = head_v & ~(has_nxt & (g_nxt == g_bef) & (v_nxt == v_bef))
         if v_head_cut:
+            cut_v = _carries(g_ptr, v_ptr, i, inb, g_bef, v_bef, True)
             _vn, _vmean, _vm2, vmn, vmx = _canonical_stats(r_ptr, g_ptr, v_ptr, s0, N, True, SIDE)
             mn_v = tl.where(cut_v, vmn, mn_v)
             mx_v = tl.where(cut_v, vmx, mx_v)
