@@ -162,6 +162,16 @@ def _canonical_stats(r_ptr, g_ptr, v_ptr, p, N, BY_VARIANT: tl.constexpr, SIDE: 
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add8(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4, a5 + b5, a6 + b6, a7 + b7
+
+
+@triton.jit
 def _carries(g_ptr, v_ptr, i, inb, gk, vk, BY_VARIANT: tl.constexpr):
     # lanes holding the ids (gk[, vk]) of one answer: with sorted ids, exactly the lanes of that answer's run
     same = inb & (tl.load(g_ptr + i, mask=inb, other=0) == gk)
@@ -296,26 +306,31 @@ def _adv_main_kernel(r_ptr, g_ptr, v_ptr, adv_ptr, part_ptr, N, eps,
     adv = tl.where(fin & ~dead_c, adv, 0.0)
     tl.store(adv_ptr + i, adv, mask=own)
 
-    # ---- partial statistics of the own tile (row t of part_ptr)
+    # ---- partial statistics of the own tile (row t of part_ptr): two tuple reductions (one block-wide
+    # reduction each, whatever the number of values) instead of ten
     ownf = own & fin
-    nf = tl.sum(ownf.to(tl.float32), axis=0)
-    r_mean = tl.sum(tl.where(ownf, r, 0.0), axis=0) / tl.maximum(nf, 1.0)
-    r_d = tl.where(ownf, r - r_mean, 0.0)
-    a_mean = tl.sum(tl.where(ownf, adv, 0.0), axis=0) / tl.maximum(nf, 1.0)
-    a_d = tl.where(ownf, adv - a_mean, 0.0)
     ends_c = own & c_end
     ends_v = own & v_end
+    nf, r_sum, a_sum, n_ends_c, n_dead_c, n_ends_v, n_dead_v, n_nan = tl.reduce(
+        (ownf.to(tl.float32), tl.where(ownf, r, 0.0), tl.where(ownf, adv, 0.0), ends_c.to(tl.int32),
+         (ends_c & dead_c).to(tl.int32), ends_v.to(tl.int32), (ends_v & dead_v).to(tl.int32),
+         (own & ~fin).to(tl.int32)), 0, _add8)
+    r_mean = r_sum / tl.maximum(nf, 1.0)
+    a_mean = a_sum / tl.maximum(nf, 1.0)
+    r_d = tl.where(ownf, r - r_mean, 0.0)
+    a_d = tl.where(ownf, adv - a_mean, 0.0)
+    r_m2, a_m2 = tl.reduce((r_d * r_d, a_d * a_d), 0, _add2)
     row = part_ptr + t * NP
     tl.store(row + 0, nf)
     tl.store(row + 1, r_mean)
-    tl.store(row + 2, tl.sum(r_d * r_d, axis=0))
+    tl.store(row + 2, r_m2)
     tl.store(row + 3, a_mean)
-    tl.store(row + 4, tl.sum(a_d * a_d, axis=0))
-    tl.store(row + 5, tl.sum(ends_c.to(tl.float32), axis=0))
-    tl.store(row + 6, tl.sum((ends_c & dead_c).to(tl.float32), axis=0))
-    tl.store(row + 7, tl.sum(ends_v.to(tl.float32), axis=0))
-    tl.store(row + 8, tl.sum((ends_v & dead_v).to(tl.float32), axis=0))
-    tl.store(row + 9, tl.sum((own & ~fin).to(tl.float32), axis=0))
+    tl.store(row + 4, a_m2)
+    tl.store(row + 5, n_ends_c.to(tl.float32))
+    tl.store(row + 6, n_dead_c.to(tl.float32))
+    tl.store(row + 7, n_ends_v.to(tl.float32))
+    tl.store(row + 8, n_dead_v.to(tl.float32))
+    tl.store(row + 9, n_nan.to(tl.float32))
 
 
 @triton.jit
