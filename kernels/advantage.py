@@ -11,8 +11,8 @@ Algorithm (rewards r, question ids g, variant ids v; N < 2^31):
       scans 1-2   per run of the chosen grouping: finite count, sum, min, max (forward), then broadcast
                   from the run's last lane to all its lanes (backward, a min-by-lane: order-free)
       scans 3-4   sum of squared deviations from the run mean (two-pass variance), broadcast
-      scans 5-6   per variant run: min, max (only when the chosen grouping is by question: the
-                  per-variant dead count is always reported)
+                  (when the chosen grouping is by question, the same tuple scans also carry min and max
+                  of each variant run: the per-variant dead count is always reported)
   A group that straddles a tile edge but is shorter than HALO lies whole in both neighbours' windows; each
   computes it (the two may differ in the last bit: scan order) and writes its own answers — no
   communication between programs. A run cut by the window edge (a group longer than HALO) is recomputed by
@@ -88,6 +88,20 @@ def _seg_minmax_combine(fa, mna, mxa, fb, mnb, mxb):
 def _bcast_minmax_combine(pa, mna, mxa, pb, mnb, mxb):
     ta = pa <= pb
     return tl.where(ta, pa, pb), tl.where(ta, mna, mnb), tl.where(ta, mxa, mxb)
+
+
+@triton.jit
+def _seg_both_combine(fa, na, sa, mna, mxa, ga, mnva, mxva, fb, nb, sb, mnb, mxb, gb, mnvb, mxvb):
+    f, n, s, mn, mx = _seg_stats_combine(fa, na, sa, mna, mxa, fb, nb, sb, mnb, mxb)
+    g, mnv, mxv = _seg_minmax_combine(ga, mnva, mxva, gb, mnvb, mxvb)
+    return f, n, s, mn, mx, g, mnv, mxv
+
+
+@triton.jit
+def _bcast_both_combine(pa, na, sa, mna, mxa, qa, mnva, mxva, pb, nb, sb, mnb, mxb, qb, mnvb, mxvb):
+    p, n, s, mn, mx = _bcast_stats_combine(pa, na, sa, mna, mxa, pb, nb, sb, mnb, mxb)
+    q, mnv, mxv = _bcast_minmax_combine(qa, mnva, mxva, qb, mnvb, mxvb)
+    return p, n, s, mn, mx, q, mnv, mxv
 
 
 @triton.jit
@@ -218,11 +232,21 @@ def _adv_main_kernel(r_ptr, g_ptr, v_ptr, adv_ptr, part_ptr, N, eps,
     c_flag = (c_start | first).to(tl.int32)
     c_pos = tl.where(c_end | last, lane, _BIG)
 
-    # ---- scans 1-2: n, sum, min, max of each run of the chosen grouping, broadcast from its last lane
-    _f1, n_c, s_c, mn_c, mx_c = tl.associative_scan(
-        (c_flag, fin.to(tl.float32), tl.where(fin, r, 0.0), r_lo, r_hi), 0, _seg_stats_combine)
-    _p1, n_c, s_c, mn_c, mx_c = tl.associative_scan((c_pos, n_c, s_c, mn_c, mx_c), 0, _bcast_stats_combine,
-                                                    reverse=True)
+    # ---- scans 1-2: n, sum, min, max of each run of the chosen grouping, broadcast from its last lane; by
+    # question, the same scans also carry min/max of each variant run (the per-variant dead count, always
+    # reported): one pair of tuple scans for both groupings
+    if BY_VARIANT:
+        _f1, n_c, s_c, mn_c, mx_c = tl.associative_scan(
+            (c_flag, fin.to(tl.float32), tl.where(fin, r, 0.0), r_lo, r_hi), 0, _seg_stats_combine)
+        _p1, n_c, s_c, mn_c, mx_c = tl.associative_scan((c_pos, n_c, s_c, mn_c, mx_c), 0, _bcast_stats_combine,
+                                                        reverse=True)
+    else:
+        _f1, n_c, s_c, mn_c, mx_c, _f3, mn_v, mx_v = tl.associative_scan(
+            (c_flag, fin.to(tl.float32), tl.where(fin, r, 0.0), r_lo, r_hi, (v_start | first).to(tl.int32), r_lo,
+             r_hi), 0, _seg_both_combine)
+        _p1, n_c, s_c, mn_c, mx_c, _p3, mn_v, mx_v = tl.associative_scan(
+            (c_pos, n_c, s_c, mn_c, mx_c, tl.where(v_end | last, lane, _BIG), mn_v, mx_v), 0, _bcast_both_combine,
+            reverse=True)
     mean_c = s_c / tl.maximum(n_c, 1.0)
     dev = tl.where(fin, r - mean_c, 0.0)
     # ---- scans 3-4: M2 about the run mean (two-pass variance)
@@ -278,10 +302,6 @@ def _adv_main_kernel(r_ptr, g_ptr, v_ptr, adv_ptr, part_ptr, N, eps,
     if BY_VARIANT:
         dead_v = dead_c
     else:
-        # ---- scans 5-6: min/max of each variant run, for the per-variant dead count
-        _f3, mn_v, mx_v = tl.associative_scan(((v_start | first).to(tl.int32), r_lo, r_hi), 0, _seg_minmax_combine)
-        _p3, mn_v, mx_v = tl.associative_scan((tl.where(v_end | last, lane, _BIG), mn_v, mx_v), 0,
-                                              _bcast_minmax_combine, reverse=True)
         # a variant run cut on the left whose end is ours (the answer after the own tile is not in it): its
         # min/max canonically
         nxt = s0 + BLOCK
