@@ -48,7 +48,8 @@ def graph_time_us(calls, rounds: int = 4, reps: int = 30) -> dict:
     allocate) on a side stream, then `rounds` passes over all of them are captured into one CUDA graph,
     and the graph is replayed `reps` times between events: time per replay / calls per replay. The
     calls must not sync with the host. do_bench (cuda_time_us) instead records events around one eager
-    call, so for work shorter than its Python launch path it times the host, not the GPU.
+    call, so for work shorter than its Python launch path it times the host, not the GPU. If the capture
+    fails, the eager do_bench numbers of the first call come back instead, with `graph_capture_failed`.
     """
     import torch
 
@@ -60,10 +61,15 @@ def graph_time_us(calls, rounds: int = 4, reps: int = 30) -> dict:
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for fn in calls:
-                fn()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(rounds):
+                for fn in calls:
+                    fn()
+    except Exception as ex:  # noqa: BLE001 -- a capture failure must not lose the bench's other numbers
+        torch.cuda.synchronize()
+        eager = cuda_time_us(calls[0], True)
+        return dict(eager, graph_capture_failed=repr(ex)[:300], input_sets=1)
     per_replay = rounds * len(calls)
     graph.replay()
     torch.cuda.synchronize()
@@ -76,6 +82,18 @@ def graph_time_us(calls, rounds: int = 4, reps: int = 30) -> dict:
     times = [start.elapsed_time(end) * 1e-3 / per_replay for start, end in events]  # seconds per call
     del graph
     return dict(summarise(times, "us"), calls_per_replay=per_replay, input_sets=len(calls))
+
+
+def sweep_point(measure) -> float | str:
+    """median_us of one sweep configuration (`measure()` -> a graph_time_us dict), or why it has none: one
+    tiling that fails to compile or capture must not lose the others."""
+    try:
+        r = measure()
+    except Exception as ex:  # noqa: BLE001
+        return f"error: {repr(ex)[:200]}"
+    if "graph_capture_failed" in r:
+        return f"eager {r['median_us']:.2f} (graph capture failed)"
+    return r["median_us"]
 
 
 def peak_extra_mb(fn) -> float:

@@ -31,7 +31,7 @@ import triton  # noqa: E402
 from strive_kernels.advantage import group_advantages, group_advantages_forward  # noqa: E402
 from strive_kernels.reference.advantage import group_advantages_reference  # noqa: E402
 
-from _timing import cuda_time_us, graph_time_us, peak_extra_mb, timeit  # noqa: E402
+from _timing import cuda_time_us, graph_time_us, peak_extra_mb, sweep_point, timeit  # noqa: E402
 
 MODES = ("joint", "per_variant", "batch_std")
 # (block, halo, warps, finalize_block, finalize_warps). Offline sm_90 compiles (kernels/advantage.py docstring):
@@ -85,7 +85,8 @@ def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", sets: int
                 "kernel_device_graph": dict(t, GBps=moved / (t["median_us"] * 1e-6) / 1e9,
                                             peak_extra_MB=peak_extra_mb(kern)),
                 "kernel_eager_do_bench": cuda_time_us(kern, quick),
-                "public_call_validated": cuda_time_us(lambda: group_advantages(r, g, v, mode=mode, backend="triton"), quick),
+                "public_call_validated": cuda_time_us(
+                    lambda: group_advantages(r, g, v, mode=mode, backend="triton"), quick),
                 "reference": dict(cuda_time_us(ref, True), peak_extra_MB=peak_extra_mb(ref)),
                 "max_abs_diff_vs_fp64": (a.double() - ra).abs().max().item(),
                 "meets_target_20us": t["median_us"] <= 20.0,
@@ -93,8 +94,9 @@ def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", sets: int
             res[mode]["speedup_kernel_vs_reference"] = res[mode]["reference"]["median_us"] / t["median_us"]
         if sweep:
             res["sweep_joint_device_graph"] = {
-                f"win{b + 2 * h}_halo{h}_warps{w}_fin{fb}x{fw}": device_us(
-                    "joint", block=b, halo=h, num_warps=w, finalize_block=fb, finalize_warps=fw)["median_us"]
+                f"win{b + 2 * h}_halo{h}_warps{w}_fin{fb}x{fw}": sweep_point(
+                    lambda b=b, h=h, w=w, fb=fb, fw=fw: device_us("joint", block=b, halo=h, num_warps=w,
+                                                                  finalize_block=fb, finalize_warps=fw))
                 for b, h, w, fb, fw in SWEEP}
         out[layout] = res
     return out

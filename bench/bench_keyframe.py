@@ -32,7 +32,7 @@ import triton  # noqa: E402
 
 from strive_kernels.keyframe import keyframe_sample, keyframe_sample_forward  # noqa: E402
 
-from _timing import cuda_time_us, graph_time_us, peak_extra_mb, timeit  # noqa: E402
+from _timing import cuda_time_us, graph_time_us, peak_extra_mb, sweep_point, timeit  # noqa: E402
 from strive_kernels.reference.keyframe import keyframe_sample_reference  # noqa: E402
 
 K, F, TAU, LAM, SEED = 4, 16, 0.1, 0.3, 1234
@@ -89,7 +89,7 @@ def bench_cuda(quick: bool, sweep: bool, B: int = 64, P: int = 256, D: int = 115
     out["target_us"] = 25.0
     out["meets_target"] = k["median_us"] <= 25.0
     if sweep:
-        out["sweep_device_graph"] = {f"rows{r}_warps{w}": device_us(r, w)["median_us"]
+        out["sweep_device_graph"] = {f"rows{r}_warps{w}": sweep_point(lambda r=r, w=w: device_us(r, w))
                                      for r, w in SWEEP}
     return out
 

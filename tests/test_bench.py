@@ -105,8 +105,12 @@ def test_keyframe_bench_wiring_on_cpu(monkeypatch):
     """The GPU branch of bench_keyframe.py run through the interpreter on tiny shapes: the device-time graph
     gets one call per input set, on different embeddings, and the kernel's indices equal the reference's."""
     mod, seen = _bench_module("bench_keyframe", monkeypatch)
-    out = mod.bench_cuda(quick=True, sweep=False, B=2, P=20, D=24, device="cpu", sets=3)
-    (calls,) = seen["graph_sets"]
+    monkeypatch.setattr(mod, "SWEEP", ((16, 1), (0, 1)))  # 16 rows: two programs and the ticket; 0: invalid
+    out = mod.bench_cuda(quick=True, sweep=True, B=2, P=20, D=24, device="cpu", sets=3)
+    calls, swept = seen["graph_sets"]
+    assert torch.equal(swept[0][0], calls[0][0])  # the tiling changes the schedule, not the indices
+    assert out["sweep_device_graph"]["rows16_warps1"] == 1.0
+    assert out["sweep_device_graph"]["rows0_warps1"].startswith("error: ")  # recorded, the others kept
     assert len(calls) == 3 and out["kernel_device_graph"]["input_sets"] == 3
     scores = [c[1] for c in calls]  # (indices, scores, importance) per input set
     assert not torch.equal(scores[0], scores[1]) and not torch.equal(scores[1], scores[2])
@@ -121,8 +125,12 @@ def test_advantage_bench_wiring_on_cpu(monkeypatch):
     fwd = mod.group_advantages_forward
     monkeypatch.setattr(mod, "group_advantages_forward",  # interpreter-sized tiles (the defaults are for GPUs)
                         lambda *a, **kw: fwd(*a, **{"block": 96, "halo": 16, "num_warps": 1, **kw}))
-    out = mod.bench_cuda(200, quick=True, sweep=False, device="cpu", sets=2)
-    assert len(seen["graph_sets"]) == 2 * 2  # layouts x modes
+    monkeypatch.setattr(mod, "SWEEP", ((48, 8, 1, 2, 1), (48, 9, 1, 2, 1)))  # the second: window not a power of 2
+    out = mod.bench_cuda(200, quick=True, sweep=True, device="cpu", sets=2)
+    assert len(seen["graph_sets"]) == 2 * (2 + 1)  # layouts x (modes + the valid sweep point)
+    for layout in ("dense_BKG", "ragged"):
+        sw = out[layout]["sweep_joint_device_graph"]
+        assert sw["win64_halo8_warps1_fin2x1"] == 1.0 and sw["win66_halo9_warps1_fin2x1"].startswith("error: ")
     for layout in ("dense_BKG", "ragged"):
         for mode in ("joint", "batch_std"):
             r = out[layout][mode]
