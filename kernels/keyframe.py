@@ -42,6 +42,11 @@ _COS_EPS = tl.constexpr(COS_EPS)
 _BIG_KEY = tl.constexpr(1 << 30)  # "taken" marker of the nearest-free-frame search (> any 2*distance+1)
 
 
+@triton.jit
+def _min_and_sum(ka, ca, kb, cb):
+    return tl.minimum(ka, kb), ca + cb
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _keyframe_kernel(f_ptr, q_ptr, off_ptr, scores_ptr, imp_ptr, idx_ptr, ticket_ptr,
                      D, stride_f, stride_q, K, F, tau, lam, seed,
@@ -116,15 +121,19 @@ def _keyframe_kernel(f_ptr, q_ptr, off_ptr, scores_ptr, imp_ptr, idx_ptr, ticket
         valid2 = valid[None, :] & (kk < K)[:, None]
         used = tl.where(valid2, 0, 1)  # padding lanes count as taken
         lane2 = lane[None, :]
+        # raw inverse-CDF index of sample j: x_j = #{i : W_i * F <= j*T + uT}. It does not depend on the
+        # frames already taken, so x_{j+1} is counted in the same (tuple) reduction as step j's nearest-free
+        # search: one block-wide reduction per step instead of two.
+        x = tl.sum(((WF <= uT[:, None]) & valid2).to(tl.int32), axis=1)  # x_0
         for j in range(F):
-            target = j * T + uT  # (K_BLOCK,)
-            x = tl.sum(((WF <= target[:, None]) & valid2).to(tl.int32), axis=1)  # raw inverse-CDF index
             dist = tl.abs(lane2 - x[:, None])
             key = tl.where(used != 0, _BIG_KEY, dist * 2 + (lane2 > x[:, None]).to(tl.int32))
-            kmin = tl.min(key, axis=1)  # nearest free frame, the earlier one on a tie
+            nxt = ((WF <= ((j + 1) * T + uT)[:, None]) & valid2).to(tl.int32)
+            kmin, x_next = tl.reduce((key, nxt), 1, _min_and_sum)  # nearest free frame (earlier on a tie); x_{j+1}
             d = kmin >> 1
             new = tl.where((kmin & 1) != 0, x + d, x - d)
             used = tl.where(lane2 == new[:, None], 1, used)
+            x = x_next
         # ---- phase 4: the F used frames of each variant, in order
         taken = (used != 0) & valid2
         rank = tl.cumsum(taken.to(tl.int32), axis=1) - 1
