@@ -111,9 +111,9 @@ def _keyframe_kernel(f_ptr, q_ptr, off_ptr, scores_ptr, imp_ptr, idx_ptr, ticket
         kk = tl.arange(0, K_BLOCK)
         canon_k = (kk == 0) & CANON
         wc = (tl.div_rn(1.0, p_f) * 1073741824.0).to(tl.int64)
-        Wc = tl.cumsum(tl.where(valid, wc, 0), axis=0)
+        Wc = wc * (tl.minimum(lane, P - 1) + 1).to(tl.int64)  # the cumulative sum of a constant, no scan
         W = tl.where(canon_k[:, None], Wc[None, :], Wq[None, :])  # (K_BLOCK, P_BLOCK)
-        T = tl.where(canon_k, tl.sum(tl.where(valid, wc, 0), axis=0), tl.sum(w, axis=0))  # (K_BLOCK,)
+        T = tl.where(canon_k, wc * P.to(tl.int64), tl.sum(w, axis=0))  # (K_BLOCK,)
         u = tl.rand(seed, b * 65536 + kk)
         u = tl.where(canon_k, 0.5, u)
         uT = ((u * 16777216.0).to(tl.int64) * T) >> 24  # floor(u * 2^24) * T >> 24
