@@ -2,14 +2,15 @@
 
     python bench/gpu_table.py OUTDIR
 Each benchmark's last stdout line is a JSON object; numeric leaves whose key names a time, a rate, a memory
-size or a ratio are listed, one row per leaf, grouped by benchmark.
+size or a ratio are listed, one row per leaf, grouped by benchmark; so are sweep points, and the error or
+failed capture that left a case without a number.
 """
 import json
 import re
 import sys
 from pathlib import Path
 
-KEEP = re.compile(r"(ms|_us|us$|GiB|TFLOP|gbps|GBps|TBps|speedup|fraction|ratio|per_frame|x_|_s$|_s\.|per_s)", re.I)
+KEEP = re.compile(r"(ms|_us|us$|GiB|TFLOP|gbps|GBps|TBps|speedup|fraction|ratio|per_frame|x_|_s$|_s\.|per_s|sweep)", re.I)
 
 
 def leaves(obj, prefix=""):
@@ -18,6 +19,8 @@ def leaves(obj, prefix=""):
             yield from leaves(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
         yield prefix, obj
+    elif isinstance(obj, str) and ("sweep" in prefix or "error" in prefix or "failed" in prefix):
+        yield prefix, obj  # why a sweep point or a case has no number
 
 
 def main(out: str) -> None:
@@ -32,8 +35,9 @@ def main(out: str) -> None:
             print(f"| {p.stem} | (no JSON: see {p.stem}.log) | |")
             continue
         for key, value in leaves(data):
-            if KEEP.search(key.rsplit(".", 1)[-1]) or KEEP.search(key):
-                print(f"| {p.stem} | {key} | {value:.4g} |")
+            if isinstance(value, str) or KEEP.search(key.rsplit(".", 1)[-1]) or KEEP.search(key):
+                shown = value[:120].replace("|", "/") if isinstance(value, str) else f"{value:.4g}"
+                print(f"| {p.stem} | {key} | {shown} |")
 
 
 if __name__ == "__main__":

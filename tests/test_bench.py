@@ -137,3 +137,20 @@ def test_advantage_bench_wiring_on_cpu(monkeypatch):
             assert r["kernel_device_graph"]["input_sets"] == 2 and r["max_abs_diff_vs_fp64"] < 1e-5
     adv_a, adv_b = (c[0] for c in seen["graph_sets"][0])
     assert not torch.equal(adv_a, adv_b)  # two different reward sets
+
+
+def test_gpu_table_lists_metrics_sweeps_and_errors(tmp_path):
+    (tmp_path / "bench_keyframe.json").write_text(json.dumps({
+        "bench": "keyframe_sample", "shape": {"B": 64}, "note": "not a metric",
+        "kernel_device_graph": {"median_us": 20.5, "input_sets": 4},
+        "sweep_device_graph": {"rows16_warps1": 18.25, "rows0_warps1": "error: ZeroDivisionError('a|b')"},
+        "fwd_bwd": {"peer": {"error": "ImportError('liger')"}}}))
+    (tmp_path / "bench_broken.json").write_text("Traceback (most recent call last):")
+    res = _script("bench/gpu_table.py", [str(tmp_path)])
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| bench_")]
+    assert "| bench_keyframe | kernel_device_graph.median_us | 20.5 |" in rows
+    assert "| bench_keyframe | sweep_device_graph.rows16_warps1 | 18.25 |" in rows
+    assert "| bench_keyframe | sweep_device_graph.rows0_warps1 | error: ZeroDivisionError('a/b') |" in rows
+    assert "| bench_keyframe | fwd_bwd.peer.error | ImportError('liger') |" in rows
+    assert "| bench_broken | (no JSON: see bench_broken.log) | |" in rows
+    assert not any("shape" in r or "note" in r or "input_sets" in r for r in rows)
