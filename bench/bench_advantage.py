@@ -8,10 +8,11 @@ re-validated: two launches, three for batch_std) as device time from CUDA-graph 
 sets (4 x 20 MB: more than the L2; no host launch overhead; the target is judged on it), the same eager call,
 the public call with layout validation (one host sync) and the pure-torch reference on the same GPU
 (torch.compile-free) with triton.testing.do_bench (median, p20, p80 in us; an eager call of a few tens of
-us can time the Python launch path rather than the GPU), achieved GB/s on the bytes moved (rewards fp32 + two int64 id arrays read, fp32 advantages
-written) against a device copy measured in the same run, peak extra memory, and the max |difference| to
-the reference. --sweep times other (block, halo, warps) tilings (graph device time). CPU: a small batch through the Triton
-interpreter and the reference, only to show the path runs. Last stdout line: one JSON object.
+us can time the Python launch path rather than the GPU), achieved GB/s on the bytes moved (rewards fp32 +
+two int64 id arrays read, fp32 advantages written) against a device copy measured in the same run, peak
+extra memory, and the max |difference| to the reference. --sweep times other (block, halo, warps, finalize)
+tilings (graph device time). CPU: a small batch through the Triton interpreter and the reference, only to
+show the path runs. Last stdout line: one JSON object.
 """
 from __future__ import annotations
 
@@ -34,9 +35,9 @@ from strive_kernels.reference.advantage import group_advantages_reference  # noq
 from _timing import cuda_time_us, graph_time_us, peak_extra_mb, sweep_point, timeit  # noqa: E402
 
 MODES = ("joint", "per_variant", "batch_std")
-# (block, halo, warps, finalize_block, finalize_warps). Offline sm_90 compiles (kernels/advantage.py docstring):
-# the multi-warp tilings cross warps in every scan (130 barriers); one warp needs none but makes N / block
-# partial rows for the single finalize program, hence the wider finalize variants.
+# (block, halo, warps, finalize_block, finalize_warps). Offline sm_90 compiles (bench/TUNING.md): the
+# multi-warp tilings cross warps in every scan and reduction (76 CTA barriers by question); one warp needs
+# none but makes N / block partial rows for the single finalize program, hence the wider finalize variants.
 SWEEP = ((768, 128, 8, 1024, 8), (768, 128, 8, 512, 4), (384, 64, 4, 1024, 8), (384, 64, 2, 1024, 8),
          (192, 32, 1, 1024, 8), (192, 32, 1, 2048, 8), (128, 64, 1, 2048, 8), (96, 16, 1, 2048, 8),
          (448, 32, 2, 2048, 8))

@@ -11,8 +11,9 @@ triton.testing.do_bench (median, p20, p80 in us; an eager call of a few tens of 
 launch path rather than the GPU: the stop-9 run saw 34-84 us for one configuration); the kernel's
 achieved GB/s on the 38 MB of embeddings against a device-to-device copy of the same tensor measured in the
 same run (copy GB/s counts read + write); peak extra memory; whether the indices equal the reference's.
-The target is judged on the graph device time. --sweep times other (rows per program, warps) settings the same way. CPU (no CUDA): a small shape through the Triton
-interpreter and the reference, only to show the path runs (interpreter times mean nothing).
+The target is judged on the graph device time. --sweep times other (rows per program, warps) settings the
+same way. CPU (no CUDA): a small shape through the Triton interpreter and the reference, only to show the
+path runs (interpreter times mean nothing).
 Last stdout line: one JSON object.
 """
 from __future__ import annotations
@@ -36,9 +37,10 @@ from _timing import cuda_time_us, graph_time_us, peak_extra_mb, sweep_point, tim
 from strive_kernels.reference.keyframe import keyframe_sample_reference  # noqa: E402
 
 K, F, TAU, LAM, SEED = 4, 16, 0.1, 0.3, 1234
-# (rows per program, warps). Offline sm_90 compiles (triton 3.7): with >= 2 warps the per-pool tail's (K, P)
-# reductions cross warps (30-35 CTA barriers, 16 F-steps of them on the critical path after the scores);
-# one warp needs 2, at 255 registers for 16 rows (32 and 64 rows spill at one warp; 64 rows spill at two).
+# (rows per program, warps). Offline sm_90 compiles (triton 3.7, bench/TUNING.md): with >= 2 warps the
+# per-pool tail's (K, P) reductions cross warps (3 CTA barriers per F-step on the critical path after the
+# scores); one warp needs none there, at 255 registers for 16 rows (32 and 64 rows spill at one warp; 64 rows
+# spill at two).
 SWEEP = ((16, 1), (16, 2), (32, 2), (16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8), (128, 8))
 
 

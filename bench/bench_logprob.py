@@ -264,7 +264,8 @@ def memory_trace(x, path: str, min_mib: float = 64.0) -> dict:
         cpp = [f.get("name", "?") for f in frames if not f.get("filename", "").endswith(".py")
                and any(k in f.get("name", "") for k in ("autograd", "Accumulate", "clone", "copy", "empty", "at::"))]
         py = [f for f in frames if f.get("filename", "").endswith(".py")]
-        return [n[:80] for n in cpp[:4]] + [f"{Path(f['filename']).name}:{f.get('line')} {f.get('name')}" for f in py[:6]]
+        return [n[:80] for n in cpp[:4]] + [f"{Path(f['filename']).name}:{f.get('line')} {f.get('name')}"
+                                             for f in py[:6]]
 
     big = sorted((e for e in at_peak.values() if int(e.get("size", 0)) >= min_mib * 2**20),
                  key=lambda e: -int(e["size"]))

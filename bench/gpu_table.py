@@ -10,7 +10,8 @@ import re
 import sys
 from pathlib import Path
 
-KEEP = re.compile(r"(ms|_us|us$|GiB|TFLOP|gbps|GBps|TBps|speedup|fraction|ratio|per_frame|max_abs|_diff|_s$|_s\.|per_s|sweep)", re.I)
+KEEP = re.compile(r"(ms|_us|us$|GiB|TFLOP|gbps|GBps|TBps|speedup|fraction|ratio|per_frame|max_abs|_diff|_s$|_s\.|"
+                  r"per_s|sweep)", re.I)
 
 
 def leaves(obj, prefix=""):

@@ -10,7 +10,8 @@ steps with CUDA synchronised at stage boundaries (StageTimer(sync=True)), and on
 questions/s, rollouts/s, generated tokens/s, trained (completion) tokens/s, all tokens forwarded by the update
 (prompt + video + completion) per second, and seconds per stage (decode, keyframes, variants, rollout, reward,
 advantage, old_logp, ref_logp (β>0 only), update, optimizer, checkpoint). `--compare` runs the same steps again
-in a child process with STRIVE_KERNELS_BACKEND=reference (same seed, same data) and prints the ratio per stage. A table goes to stdout, one JSON object is the last line, and the record is appended to
+in a child process with STRIVE_KERNELS_BACKEND=reference (same seed, same data) and prints the ratio per
+stage. A table goes to stdout, one JSON object is the last line, and the record is appended to
 bench/results/throughput.jsonl with machine, versions, git SHA and date.
 """
 from __future__ import annotations

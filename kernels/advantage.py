@@ -427,11 +427,13 @@ def group_advantages_forward(rewards: Tensor, group_ids: Tensor, variant_ids: Te
     (whole rows, coalesced; per-row values reduced inside a warp, one or two block-wide column sums per
     tile: 9 CTA barriers in the compiled kernel where reading the ten columns separately took 35;
     1,024 x 8 warps: 128 registers, no spills).
-    Compiled offline for sm_90 (triton 3.7, pointers 16-byte aligned): the default main kernel uses 128
-    registers and 130 CTA barriers (its block-wide scans and sums cross warps); with num_warps=1 every scan
-    and sum stays inside one warp (0 barriers; 195 registers at block 192 / halo 32 or block 128 / halo 64,
-    no spills) at the price of more programs and more partial rows. bench/bench_advantage.py --sweep times
-    these on a GPU; the defaults are the last measured best.
+    Compiled offline for sm_90 (triton 3.7, pointers 16-byte aligned): the default main kernel uses 116
+    registers and 76 CTA barriers by question (its block-wide scans and reductions cross warps); with
+    num_warps=1 every scan and reduction stays inside one warp (0 barriers; 189 registers at block 192 /
+    halo 32 or block 128 / halo 64, no spills) at the price of more programs and more partial rows.
+    bench/bench_advantage.py --sweep times these on a GPU. The main-kernel defaults are the best of the
+    last GPU sweep (stop 9, eager timing); the finalize default (8 warps) was chosen offline (no spills)
+    and is not yet measured.
     """
     win = block + 2 * halo
     if win & (win - 1) or halo < 1 or side & (side - 1):
