@@ -181,7 +181,11 @@ class ModelConfig:
 
 @dataclass
 class RolloutConfig:
-    """Sampling of G answers per (question, variant) with HF generate (stage 5)."""
+    """Sampling of G answers per (question, variant) (stage 5): the native decode engine or HF generate."""
+
+    backend: str = doc("native", "native (strive_engine.decode: each (question, variant) prefilled once, its K/V "
+                                 "shared by its G answers, decode on device, CUDA-graph captured on CUDA) | hf "
+                                 "(HF generate: the oracle and fallback)")
 
     num_generations: int = doc(4, "G: answers sampled per (question, variant)")
     temperature: float = doc(1.0, "sampling temperature (also divides the logits in the loss)")
@@ -192,9 +196,14 @@ class RolloutConfig:
     do_sample: bool = doc(True, "sample (RL); false = greedy decoding (evaluation)")
     prompt: str = doc("video_r1", "video_r1 (Video-R1's prompt, for real checkpoints) | short (same <think>/<answer> "
                                   "contract in a few tokens, for the embedded tiny model)")
+    cuda_graph: bool = doc(True, "native backend on CUDA: replay the decode step as a CUDA graph (false = eager)")
+    stop_check_every: int = doc(16, "native backend: look for 'all rows finished' every N tokens (a non-blocking "
+                                    "copy; no host sync per token)")
 
     def __post_init__(self):
         _choice(self.prompt, ("video_r1", "short"), "rollout.prompt")
+        _choice(self.backend, ("native", "hf"), "rollout.backend")
+        _require(self.stop_check_every >= 1, "rollout.stop_check_every", "must be >= 1")
         _require(self.num_generations >= 1, "rollout.num_generations", "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
