@@ -36,7 +36,20 @@ def _round_to_bf16(x):
     return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
-@triton.jit
+# Arguments that change from call to call (the chunk's first token, the number of sequences, the caller's
+# per-token vectors and the workspace rows, whose 16-byte alignment follows the token count) are not
+# specialised: Triton would otherwise compile a new variant whenever one of them turned 1, a multiple of
+# 16 or an aligned address for the first time -- up to a second of compilation inside a training step,
+# which made the fast path slower than the reference at gpu_small (issue 14). They are read a scalar per
+# program, so specialising them bought nothing. The logits buffer and its row stride (fixed per model)
+# stay specialised: their alignment lets the row loads vectorise.
+_NO_SPEC_LSE = ["m_ptr", "s_ptr", "t_ptr", "tok0", "tgt_ptr", "zt_ptr"]
+_NO_SPEC_LOSS = ["m_ptr", "s_ptr", "t_ptr", "zt_ptr", "tok0", "tgt_ptr", "old_ptr", "adv_ptr", "mask_ptr", "ref_ptr",
+                 "seq_ptr", "cnt_ptr", "n_slots", "denom_ptr", "logp_ptr", "ent_ptr", "loss_ptr", "clip_ptr", "k3_ptr"]
+_NO_SPEC_LOGPROB = ["m_ptr", "s_ptr", "t_ptr", "zt_ptr", "tok0", "tgt_ptr", "logp_ptr", "ent_ptr"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC_LSE)
 def _lse_partials_kernel(logits_ptr, stride_row, V, inv_temp, m_ptr, s_ptr, t_ptr, NSPLIT, tok0, tgt_ptr, zt_ptr,
                          SPLIT: tl.constexpr, BLOCK_V: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     row = tl.program_id(0)
@@ -92,7 +105,7 @@ def _combine_partials(m_ptr, s_ptr, t_ptr, row, NSPLIT, NSPLIT_P2: tl.constexpr,
     return mx, log_s, ent
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC_LOSS)
 def _loss_grad_kernel(logits_ptr, stride_row, V, inv_temp, m_ptr, s_ptr, t_ptr, NSPLIT, zt_ptr,
                       tok0, tgt_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, seq_ptr, cnt_ptr, n_slots, denom_ptr,
                       eps_low, eps_high, beta, logp_ptr, ent_ptr, loss_ptr, clip_ptr, k3_ptr,
@@ -165,7 +178,7 @@ def _loss_grad_kernel(logits_ptr, stride_row, V, inv_temp, m_ptr, s_ptr, t_ptr, 
             tl.store(base + cols, dz.to(logits_ptr.dtype.element_ty), mask=inb)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC_LOGPROB)
 def _logprob_kernel(m_ptr, s_ptr, t_ptr, NSPLIT, zt_ptr, tok0, tgt_ptr, V, logp_ptr, ent_ptr,
                     NSPLIT_P2: tl.constexpr, WITH_ENTROPY: tl.constexpr):
     row = tl.program_id(0)
@@ -178,7 +191,7 @@ def _logprob_kernel(m_ptr, s_ptr, t_ptr, NSPLIT, zt_ptr, tok0, tgt_ptr, V, logp_
         tl.store(ent_ptr + tok, ent)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["g_ptr"])
 def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
     """x *= g in place, skipped entirely (no memory traffic) when g == 1, without a host sync."""
     g = tl.load(g_ptr).to(tl.float32)
@@ -196,9 +209,12 @@ def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr
 # ------------------------------------------------------------------------------------------ launchers
 
 
+_INTERPRETING = type(_loss_grad_kernel).__name__ == "InterpretedFunction"
+
+
 def interpreting() -> bool:
     """True when Triton runs under TRITON_INTERPRET=1 (decided when this module was imported)."""
-    return type(_loss_grad_kernel).__name__ == "InterpretedFunction"
+    return _INTERPRETING
 
 
 class TritonPass:

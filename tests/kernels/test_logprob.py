@@ -13,6 +13,8 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import strive_kernels as sk
 from strive_engine.algorithms import PRESETS
@@ -282,6 +284,89 @@ def test_weight_gradient_is_handed_over_not_copied():
     assert w.grad.data_ptr() == formed
 
 
+class _NewTensors(TorchDispatchMode):
+    """Records every op output of at least `numel` elements that does not share storage with an input."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.made = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ins = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.made += [(str(func), tuple(t.shape)) for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+                      and t.numel() >= self.numel and t.untyped_storage().data_ptr() not in ins]
+        return out
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("grad_scale", [1.0, -2.5])
+def test_backward_allocates_no_gradient_sized_tensor(small_tiles, backend, grad_scale):
+    """Backward only scales the gradients formed in forward: no (N, H) or (V, H) tensor is created. Autograd
+    used to materialise zeros for the op's non-differentiable outputs (shaped like grad_hidden and
+    grad_weight) before calling backward: the second gradient-sized buffer of the H200 memory trace."""
+    case = on(make_case(seed=22, n=24, h=16, v=1000), backend)
+    h = case["hidden"].float().requires_grad_()
+    w = case["weight"].float().requires_grad_()
+    out = sk.fused_logprob_loss(h, w, case["targets"], case["old_logp"], case["advantages"], case["mask"],
+                                seq_ids=case["seq_ids"], backend=backend)
+    rec = _NewTensors(min(h.numel(), w.numel()))
+    with rec:
+        (out.loss * grad_scale).backward()
+    assert rec.made == []
+    assert h.grad is not None and w.grad is not None
+
+
+class _Launches:
+    """Stands in for a Triton kernel: records the arguments of every launch, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+    def specialisations(self) -> set[str]:
+        """The distinct compile keys Triton's JIT would derive from the recorded launches for an sm_90 GPU
+        (argument types, integer == 1 / divisible by 16, pointer alignment): one compile each."""
+        pytest.importorskip("triton.backends.nvidia")
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+        k = self.kernel
+        jit = k if isinstance(k, JITFunction) else JITFunction(k.fn, **k.kwargs)
+        binder = create_function_from_signature(jit.signature, jit.params, make_backend(GPUTarget("cuda", 90, 32)))
+        return {str(binder(*args, **kwargs)[1]) for args, kwargs in self.calls}
+
+
+def test_one_compile_whatever_the_token_count(small_tiles, monkeypatch):
+    """Calls that differ only in token count, number of sequences, chunk offsets or where the caller's vectors
+    start in memory must map to one compiled variant per kernel: each new variant is a Triton compile (up
+    to a second) in the middle of a training step, which made the fast path lose to the reference at
+    gpu_small (issue 14). Before the fix the workspace rows' alignment followed the token count, and the
+    first token of a chunk and the number of sequences were specialised."""
+    from strive_kernels import logprob_triton as lt
+    rec = {name: _Launches(getattr(lt, name)) for name in ("_lse_partials_kernel", "_loss_grad_kernel",
+                                                            "_logprob_kernel")}
+    for name, r in rec.items():
+        monkeypatch.setattr(lt, name, r)
+    v = 1000
+    for i, (n, n_seq, rows) in enumerate([(37, 4, None), (50, 1, 16), (61, 3, 32), (16, 16, None), (33, 5, 17)]):
+        case = make_case(seed=30 + i, n=n, h=16, v=v, n_seq=n_seq)
+        pad = torch.zeros(n + 1, dtype=torch.int64)  # the caller's targets at an odd address
+        pad[1:] = case["targets"]
+        case["targets"] = pad[1:]
+        run(case, torch.float32, "triton", with_ref=False, max_chunk_bytes=BIG if rows is None else rows * v * 4)
+        sk.fused_logprobs(case["hidden"].float(), case["weight"].float(), case["targets"], backend="triton",
+                          return_entropy=True, max_chunk_bytes=BIG if rows is None else rows * v * 4)
+    for name, r in rec.items():
+        assert len(r.calls) >= 5, name
+        assert len(r.specialisations()) == 1, (name, r.specialisations())
+
+
 def test_default_tiles_several_splits():
     """Production tile sizes (2048-wide tiles, 8 per split) with V spanning three splits and a ragged tail."""
     case = make_case(n=3, h=16, v=2 * 16384 + 3001, seed=19, n_seq=2)
@@ -431,6 +516,27 @@ def test_gpu_two_stream_overlap_gives_the_same_result(monkeypatch):
     for key in plain:  # a missing stream sync would give O(1) garbage; cuBLAS may differ by a rounding
         scale = plain[key].abs().max().item()
         torch.testing.assert_close(overlapped[key], plain[key], rtol=1e-2, atol=1e-3 * scale)
+
+
+@pytest.mark.gpu
+def test_gpu_no_recompile_across_token_counts():
+    """Compiled variants per kernel after a first call stay the same when token count, number of sequences
+    and chunking change (each new variant would be a compile inside a training step)."""
+    from strive_kernels import logprob_triton as lt
+    kernels = (lt._lse_partials_kernel, lt._loss_grad_kernel, lt._logprob_kernel)
+    dev = torch.cuda.current_device()
+
+    def call(n, n_seq, rows):
+        case = {k: t.cuda() for k, t in make_case(n=n, h=64, v=5000, n_seq=n_seq, seed=n).items()}
+        run(case, torch.bfloat16, "triton", with_ref=False, max_chunk_bytes=rows * 5000 * 2)
+        sk.fused_logprobs(case["hidden"].bfloat16(), case["weight"].bfloat16(), case["targets"], return_entropy=True,
+                          max_chunk_bytes=rows * 5000 * 2)
+
+    call(300, 8, 128)
+    before = [len(k.device_caches[dev][0]) for k in kernels]
+    for n, n_seq, rows in ((301, 1, 128), (77, 3, 64), (512, 16, 100), (1000, 33, 256)):
+        call(n, n_seq, rows)
+    assert [len(k.device_caches[dev][0]) for k in kernels] == before
 
 
 @pytest.mark.gpu
