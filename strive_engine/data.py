@@ -10,6 +10,12 @@ for multiple choice), `solution` containing `<answer>…</answer>`, `path` (rela
 folder, or absolute), `data_type` ("video"), optional `problem_id`, `process` (a <think> rationale),
 `data_source`. Other keys are ignored.
 
+Video paths are confined: after resolving `..` and symlinks, a video must lie inside the video root (by
+default the records file's folder) or one of the listed extra roots; `../../etc/passwd`, an absolute path
+elsewhere or a symlink pointing out are skipped as "video outside the video roots". Numerical and regression
+answers must be numbers `rewards.parse_number` reads (the reward's own parser), so that an exact answer can
+score: `1e3`, `1_000`, `1,2,3` are skipped as "non-numeric answer".
+
 Bad records never stop a run and are never dropped silently: each is skipped, counted by reason in the
 LoadReport and logged as "file:line N: reason" (the first MAX_WARNINGS individually, then a summary).
 Only a file that cannot be read as records at all (missing, empty, not JSON, a JSON value that is not a
@@ -20,13 +26,14 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from strive_engine.rewards import parse_number
 
 log = logging.getLogger(__name__)
 
@@ -178,17 +185,21 @@ def _option_letters(options: tuple[str, ...]) -> list[str]:
     return letters
 
 
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text.replace(",", "")))
-    except ValueError:
-        return False
-
-
 CATEGORY_KEYS = ("category", "task", "sub_category", "data_source")
 
 
-def _parse(obj, folder: Path, name: str, line: int, check_files: bool) -> VideoQA:
+def _confined(video: Path, roots: tuple[Path, ...]) -> Path:
+    """The resolved path (symlinks followed) of `video`, which must lie inside one of `roots` (resolved)."""
+    real = Path(os.path.realpath(video))
+    if not any(real == r or real.is_relative_to(r) for r in roots):
+        where = f" (resolves to {real})" if real != video else ""
+        raise _Bad("video outside the video roots",
+                   f"{video}{where} is not inside {' or '.join(map(str, roots))}; set data.video_root or "
+                   "data.extra_video_roots to allow another folder")
+    return real
+
+
+def _parse(obj, folder: Path, name: str, line: int, check_files: bool, roots: tuple[Path, ...]) -> VideoQA:
     if not isinstance(obj, dict):
         raise _Bad("not a JSON object", f"got {type(obj).__name__}")
     missing = [k for k in REQUIRED_KEYS if k not in obj or obj[k] is None]
@@ -224,12 +235,13 @@ def _parse(obj, folder: Path, name: str, line: int, check_files: bool) -> VideoQ
         if not (answer.upper() in letters or (m_letter and m_letter.group(1).upper() in letters)
                 or answer in options):
             raise _Bad("answer is not an option letter", f"answer {answer!r}, options {letters}")
-    elif ptype in ("numerical", "regression") and not _is_number(answer):
-        raise _Bad("non-numeric answer", f"{ptype} answer {answer!r} is not a number")
+    elif ptype in ("numerical", "regression") and parse_number(answer) is None:
+        raise _Bad("non-numeric answer", f"{ptype} answer {answer!r} is not a number the reward can read "
+                                         "(plain decimal, optional comma thousands groups and unit)")
     if not obj["path"].strip():
         raise _Bad("missing key", "path is empty")
     video = Path(os.path.expanduser(obj["path"]))
-    video = Path(os.path.normpath(video if video.is_absolute() else folder / video))
+    video = _confined(Path(os.path.normpath(video if video.is_absolute() else folder / video)), roots)
     if check_files and not video.is_file():
         raise _Bad("missing video file", str(video))
     pid = obj.get("problem_id")
@@ -243,34 +255,40 @@ def _parse(obj, folder: Path, name: str, line: int, check_files: bool) -> VideoQ
     )
 
 
-def load_records(path, *, check_files: bool = True) -> tuple[list[VideoQA], LoadReport]:
+def load_records(path, *, check_files: bool = True, video_root=None, extra_roots=(),
+                 quiet: bool = False) -> tuple[list[VideoQA], LoadReport]:
     """Parse a Video-R1 JSON list or JSONL file (detected from the content, not the suffix).
 
-    Relative video paths resolve against the JSON file's folder. `check_files=False` skips the
-    existence check (e.g. on a rank that does not see the video disk). Returns the kept records in
-    file order and a LoadReport; raises RecordFileError only when the file as a whole is unusable.
+    Relative video paths resolve against the JSON file's folder; every video must resolve (symlinks
+    followed) inside `video_root` (default: that folder) or one of `extra_roots`, and VideoQA.path is
+    the resolved path. `check_files=False` skips the existence check (e.g. on a rank that does not see
+    the video disk). `quiet`: log nothing (ranks other than 0 parse the same file). Returns the kept
+    records in file order and a LoadReport; raises RecordFileError only when the file as a whole is unusable.
     """
     path = Path(os.path.expanduser(os.fspath(path))).absolute()
     rows, _ = _read_raw(path)
+    roots = tuple(Path(os.path.realpath(os.path.expanduser(os.fspath(r))))
+                  for r in (video_root or path.parent, *extra_roots))
     report = LoadReport(path=str(path), total=len(rows))
     records: list[VideoQA] = []
     for line, value in rows:
         try:
             if isinstance(value, Exception):
                 raise _Bad("invalid JSON", str(value))
-            records.append(_parse(value, path.parent, path.name, line, check_files))
+            records.append(_parse(value, path.parent, path.name, line, check_files, roots))
         except _Bad as bad:
             report.skipped[bad.reason] += 1
             msg = f"{path.name}:line {line}: {bad.reason}" + (f" ({bad.detail})" if bad.detail else "")
             report.messages.append(msg)
-            if len(report.messages) <= MAX_WARNINGS:
+            if len(report.messages) <= MAX_WARNINGS and not quiet:
                 log.warning("skipping record %s", msg)
     report.kept = len(records)
     n_bad = len(report.messages)
-    if n_bad > MAX_WARNINGS:
-        log.warning("%d more bad records not shown individually (LoadReport.messages has them all)",
-                    n_bad - MAX_WARNINGS)
-    (log.warning if n_bad else log.info)("%s", report.summary())
+    if not quiet:
+        if n_bad > MAX_WARNINGS:
+            log.warning("%d more bad records not shown individually (LoadReport.messages has them all)",
+                        n_bad - MAX_WARNINGS)
+        (log.warning if n_bad else log.info)("%s", report.summary())
     return records, report
 
 

@@ -81,7 +81,9 @@ def parse_option_letter(text: str) -> str | None:
 
 
 def parse_number(text: str) -> float | None:
-    """"1,000" -> 1000.0, "3.0" -> 3.0, "12 cm" -> 12.0, "40%" -> 40.0; None for anything else."""
+    """"1,000" -> 1000.0, "3.0" -> 3.0, "12 cm" -> 12.0, "40%" -> 40.0; None for anything else ("1e3", "1_000",
+    "1,2,3", "inf"). The engine's one number parser: `data.load_records` keeps a numerical or regression record
+    only when this reads its gold answer, so an exact answer always scores."""
     m = _NUMBER_RE.match(text.strip())
     if not m:
         return None

@@ -78,7 +78,8 @@ def test_json_list_counts_every_bad_kind_with_file_and_line(folder, caplog):
 def test_fields_and_path_resolution(folder):
     (folder / "sub").mkdir()
     (folder / "sub" / "data.json").write_text(json.dumps([c for c, _ in bad_kinds(folder)[:4]]))
-    records, report = load_records(folder / "sub" / "data.json", check_files=False)
+    # One record points at folder/videos (outside sub/): allowed by naming folder as the video root.
+    records, report = load_records(folder / "sub" / "data.json", check_files=False, video_root=folder)
     r0, r1, r2, r3 = records
     # "./videos/a.mp4" is relative to the JSON file's folder (sub/), absolute paths are kept.
     assert r0.path == str(folder / "sub" / "videos" / "a.mp4")
@@ -91,8 +92,74 @@ def test_fields_and_path_resolution(folder):
     assert r2.problem_type == "multiple choice" and r2.answer == "C. blue"
     assert r3.problem_type == "free-form" and r3.problem_type in PROBLEM_TYPES
     # check_files=True finds sub/videos/a.mp4 missing: the same records are now skipped and counted.
-    _, strict = load_records(folder / "sub" / "data.json")
+    _, strict = load_records(folder / "sub" / "data.json", video_root=folder)
     assert strict.skipped == Counter({"missing video file": 3})
+
+
+# ------------------------------------------------------------------------------------- confinement
+
+
+def test_video_paths_are_confined_to_the_video_roots(tmp_path, caplog):
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "videos").mkdir(parents=True)
+    outside.mkdir()
+    (data / "videos" / "ok.mp4").write_bytes(b"x")
+    (outside / "secret.mp4").write_bytes(b"x")
+    (data / "videos" / "link_out.mp4").symlink_to(outside / "secret.mp4")    # a symlink out of the folder
+    (data / "videos" / "link_in.mp4").symlink_to(data / "videos" / "ok.mp4")  # a symlink that stays inside
+    paths = ["./videos/ok.mp4", "videos/link_in.mp4", str(data / "videos" / "ok.mp4"),  # kept
+             "../../../../../../../../etc/passwd", "/etc/passwd", "../outside/secret.mp4",
+             str(outside / "secret.mp4"), "videos/link_out.mp4", "videos/../../outside/secret.mp4"]
+    (data / "data.jsonl").write_text("".join(json.dumps(rec(problem_id=i, path=p)) + "\n"
+                                             for i, p in enumerate(paths)))
+    with caplog.at_level(logging.WARNING, logger="strive_engine.data"):
+        records, report = load_records(data / "data.jsonl")
+    assert [r.id for r in records] == ["0", "1", "2"]
+    assert {r.path for r in records} == {str((data / "videos" / "ok.mp4").resolve())}  # symlinks resolved
+    assert report.skipped == Counter({"video outside the video roots": 6})
+    assert f"data.jsonl:line 4: video outside the video roots (/etc/passwd is not inside {data.resolve()}" \
+        in caplog.text
+    assert "data.jsonl:line 8: video outside the video roots" in caplog.text and "resolves to" in caplog.text
+    # check_files=False confines too (no file is opened, the path is still refused)
+    _, unchecked = load_records(data / "data.jsonl", check_files=False)
+    assert unchecked.skipped == Counter({"video outside the video roots": 6})
+    # an explicitly listed extra root admits the outside folder (and only it)
+    records, report = load_records(data / "data.jsonl", extra_roots=[outside])
+    assert [r.id for r in records] == ["0", "1", "2", "5", "6", "7", "8"]
+    assert report.skipped == Counter({"video outside the video roots": 2})
+    # a video_root elsewhere replaces the default (the records file's folder)
+    records, _ = load_records(data / "data.jsonl", video_root=outside)
+    assert [r.id for r in records] == ["5", "6", "7", "8"]
+
+
+def test_quiet_load_logs_nothing(folder, caplog):
+    (folder / "data.jsonl").write_text("not json\n" + json.dumps(rec()) + "\n")
+    with caplog.at_level(logging.DEBUG, logger="strive_engine.data"):
+        records, report = load_records(folder / "data.jsonl", quiet=True)
+    assert len(records) == 1 and report.skipped == Counter({"invalid JSON": 1}) and not caplog.records
+
+
+# ------------------------------------------------------------------------------------- numbers
+
+
+def test_numeric_answers_are_the_numbers_the_reward_reads(folder):
+    """One parser: a numerical/regression record is kept iff rewards.parse_number reads its gold answer, and
+    then the exact answer scores 1."""
+    from strive_engine.rewards import accuracy_reward, parse_number
+
+    answers = ["3", "-7", "3.5", ".5", "1,000", "12 cm", "40%", "1e308", "1E3", "1_000", "1,2,3", "inf", "nan",
+               "0x10", "1,0000", "three", "9" * 400, "+2"]
+    lines = [json.dumps(rec(problem_id=i, problem_type=t, options=[], solution=f"<answer>{a}</answer>"))
+             for i, a in enumerate(answers) for t in ("numerical", "regression")]
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+    records, report = load_records(folder / "data.jsonl")
+    kept = {r.answer for r in records}
+    assert kept == {a for a in answers if parse_number(a) is not None}
+    assert {"1e308", "1E3", "1_000", "1,2,3"}.isdisjoint(kept)
+    assert report.skipped["non-numeric answer"] == 2 * (len(answers) - len(kept))
+    for r in records:
+        assert accuracy_reward(f"<think>.</think><answer>{r.answer}</answer>", r.solution, r.problem_type) == 1.0
+    assert any("not a number the reward can read" in m for m in report.messages)
 
 
 def test_jsonl_with_invalid_lines(folder, caplog):
