@@ -1,56 +1,107 @@
-"""Checkpoints with torch.distributed.checkpoint, exact resume, and the final HF export.
+"""Checkpoints with torch.distributed.checkpoint (saved asynchronously), verified exact resume, the HF export.
 
 Layout of one checkpoint (`<output_dir>/checkpoints/step_000040/`):
-    .metadata, *.distcp   model + optimizer, sharded as FSDP2 holds them (DCP; any world size can load)
-    trainer.pt            step, scheduler, data position, counters — identical on every rank, written by rank 0
-    rng_rank{r}.pt        each rank's torch / numpy / python RNG state
-    ref/                  the frozen KL reference policy, DCP (only when algorithm.beta > 0)
-    COMPLETE              written last, after every rank finished: a checkpoint without it (a run killed while
-                          saving) is ignored by `latest()`
+    .metadata, *.distcp   model + optimizer (+ the frozen KL reference under "ref" when algorithm.beta > 0),
+                          sharded as FSDP2 holds them (DCP; any world size can load)
+    trainer.json          step, scheduler, data position, counters (rank 0)
+    rng_rank{r}.json      each rank's torch / CUDA / numpy / Python generator states, as integers
+    config.json           the run's whole configuration
+    MANIFEST.json         size and SHA-256 of every file above, written once every rank's files are on disk
+    COMPLETE              written last, after the manifest: a checkpoint without it (a run killed while saving) is
+                          ignored
+Nothing here is a pickle except DCP's `.metadata`, which is read by a restricted unpickler (checkpoint_io).
+
+Saving (`checkpoint.async_save`, default on): the step stalls only while DCP stages a CPU copy of the state;
+the shards are written, hashed into the manifest and marked COMPLETE on a background thread with its own gloo
+process group, so its collectives never interleave with training's. One save is in flight at a time: the next
+`save()` (or `wait()` / `close()`) waits for the previous one and re-raises its error.
+
+Resuming (`checkpoint.resume`): `false` starts afresh; `true` resumes or fails with a clear error; `auto` resumes
+when there is a complete checkpoint and starts afresh otherwise. The newest complete checkpoint is verified
+against its manifest (ranks split the files); a damaged one is renamed `step_N.damaged` with a warning that names
+the damaged file, and the previous one is tried. The saved configuration is compared with the current one: a
+change to any field that shapes the model, the data order or the algorithm fails with the list of differences,
+unless allowed by `checkpoint.allow_changes`. Every error names the checkpoint folder.
 """
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import json
 import logging
-import random
 import re
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 
-from strive_engine.parallel import DistEnv, barrier, gather_full_state_dict
+from strive_engine.checkpoint_io import (ENTRY_PROBLEMS, MANIFEST, CheckpointError, DCPError, check_entry, dcp_load,
+                                         file_entry, read_json, read_manifest, rng_state, set_rng_state, write_json)
+from strive_engine.parallel import DistEnv, all_reduce, barrier, gather_full_state_dict
+
+__all__ = ["Checkpointer", "CheckpointError", "ResumePoint", "config_differences", "export_hf", "RESUME_FREE"]
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_PART = ".manifest.rank{}.json"
+
+# Fields that change neither the model, the data order nor the algorithm: a resume may change them freely.
+# Every other field must match the checkpoint's config.json unless listed in checkpoint.allow_changes.
+RESUME_FREE = ("run.name", "run.output_dir", "checkpoint.*", "logging.*", "eval.*", "data.eval_path",
+               "video.prefetch_batches", "video.decode_threads", "video.decode_workers")
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    step: int
+    trainer_state: dict
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _flat(cfg: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, sec in cfg.items() for k, v in sec.items()}
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def config_differences(saved: dict, current: dict, allowed: Iterable[str] = ()) -> list[str]:
+    """`section.field: saved -> current` for every field that differs and is neither in RESUME_FREE nor allowed.
+    A field absent from the saved config (added to the engine after the checkpoint was written) is not compared."""
+    a, b = _flat(saved), _flat(json.loads(json.dumps(current)))
+    allowed = tuple(allowed)
+    return [f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in sorted(a)
+            if not _matches(k, RESUME_FREE) and not _matches(k, allowed) and a[k] != b.get(k)]
 
 
 class Checkpointer:
-    def __init__(self, root_dir: str | Path, env: DistEnv, keep: int = 2):
+    """Saves and finds checkpoints under `root_dir`. Every rank constructs it (it creates a process group)."""
+
+    def __init__(self, root_dir: str | Path, env: DistEnv, keep: int = 2, *, async_save: bool = False,
+                 config: dict | None = None):
         self.dir = Path(root_dir)
         self.env = env
         self.keep = keep
+        self.async_save = async_save
+        self.config = config or {}
+        # A gloo group of its own: DCP's background collectives must not interleave with training's (and async
+        # staging needs a CPU backend under NCCL).
+        self._pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._stager = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future | None = None
+
+    # ------------------------------------------------------------------------------------ listing
 
     def _steps(self) -> list[tuple[int, Path]]:
+        """(step, folder) of the complete checkpoints, oldest first."""
         if not self.dir.is_dir():
             return []
         found = []
@@ -64,44 +115,197 @@ class Checkpointer:
         steps = self._steps()
         return steps[-1][1] if steps else None
 
+    # ------------------------------------------------------------------------------------- saving
+
+    def _get_stager(self):
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = torch.cuda.is_available()
+            # Synchronous staging (the step waits for the copy, so the snapshot is consistent); pinned buffers
+            # and non-blocking copies on CUDA. The stager keeps its buffers between saves.
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+        return self._stager
+
     def save(self, step: int, root: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
              ref_root: nn.Module | None = None) -> Path:
-        """All ranks call this. `ref_root`: the frozen KL reference, saved under `ref/` (exact resume)."""
+        """All ranks call this. Returns once the state is staged (async) or written (sync); COMPLETE follows
+        when the background part finishes. `ref_root`: the frozen KL reference, saved under the key "ref"."""
+        self.wait()
         path = self.dir / f"step_{step:06d}"
         if self.env.is_main:
-            if path.exists():  # a partial save of the same step from a killed run
+            if path.exists():  # a partial save of the same step from a killed run, or a damaged one
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         barrier()
         msd, osd = get_state_dict(root, optimizer)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+        state = {"model": msd, "optim": osd}
         if ref_root is not None:
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-            dcp.save(get_model_state_dict(ref_root), checkpoint_id=str(path / "ref"))
-        torch.save(_rng_state(), path / f"rng_rank{self.env.rank}.pt")
+            state["ref"] = get_model_state_dict(ref_root)
+        small = {f"rng_rank{self.env.rank}.json": rng_state()}
         if self.env.is_main:
-            torch.save(trainer_state, path / "trainer.pt")
-        barrier()
-        if self.env.is_main:
-            (path / "COMPLETE").write_text(f"step {step}\n")
-            for _, old in self._steps()[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
-        log.info("saved checkpoint %s", path)
+            small["trainer.json"] = trainer_state
+            small["config.json"] = self.config
+        json.dumps(small, allow_nan=False)  # fail here, in the step, if something is not JSON
+        writer = dcp.FileSystemWriter(str(path))
+        try:
+            if self.async_save:
+                upload = dcp.async_save(state, storage_writer=writer, process_group=self._pg,
+                                        async_stager=self._get_stager())
+            else:
+                upload = Future()
+                upload.set_result(dcp.save(state, storage_writer=writer))
+        except (Exception, DCPError) as e:
+            raise CheckpointError(f"checkpoint {path}: saving failed: {type(e).__name__}: {e}") from e
+        self._pending = self._executor.submit(self._finalize, path, step, upload, small)
+        if not self.async_save:
+            self.wait()
         return path
 
-    def load(self, path: Path, root: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    def _finalize(self, path: Path, step: int, upload: Future, small: dict[str, Any]) -> None:
+        """Background: wait for the shards, write the small files, hash this rank's files, then rank 0 writes
+        MANIFEST.json and COMPLETE and prunes old checkpoints."""
+        try:
+            metadata = upload.result()
+            for name, obj in small.items():
+                write_json(path / name, obj)
+            # This rank's files: its DCP shards (DCP names them __{rank}_*), the small files it wrote, and on
+            # rank 0 DCP's .metadata.
+            r = self.env.rank
+            shards = sorted({info.relative_path for info in metadata.storage_data.values()})
+            mine = [s for s in shards if s.startswith(f"__{r}_")] + sorted(small)
+            if self.env.is_main:
+                mine.append(".metadata")
+            write_json(path / _PART.format(r), {rel: file_entry(path / rel) for rel in mine})
+            self._barrier()
+            if self.env.is_main:
+                files: dict[str, Any] = {}
+                for k in range(self.env.world_size):
+                    files.update(read_json(path / _PART.format(k), path))
+                for rel in shards:  # a shard DCP named otherwise: hash it here
+                    files.setdefault(rel, file_entry(path / rel))
+                write_json(path / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
+                for k in range(self.env.world_size):
+                    (path / _PART.format(k)).unlink()
+                write_json(path / "COMPLETE", {"step": step})
+                for _, old in self._steps()[: -self.keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+                log.info("saved checkpoint %s", path)
+            self._barrier()
+        except CheckpointError:
+            raise
+        except (Exception, DCPError) as e:
+            raise CheckpointError(f"checkpoint {path}: saving failed: {type(e).__name__}: {e}") from e
+
+    def _barrier(self) -> None:
+        if self._pg is not None:
+            dist.barrier(group=self._pg)
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is COMPLETE; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self, wait: bool = True) -> None:
+        """Release the background thread and staging buffers; `wait=False` on error paths (a peer that died
+        would keep a pending save's barrier waiting)."""
+        try:
+            if wait:
+                self.wait()
+        finally:
+            self._executor.shutdown(wait=wait, cancel_futures=not wait)
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
+
+    # ------------------------------------------------------------------------------------ resuming
+
+    def verify(self, path: Path) -> list[str]:
+        """Problems of `path` against its manifest ([] = intact). Collective: ranks split the files."""
+        try:
+            files = read_manifest(path)
+        except CheckpointError as e:
+            return [str(e)]
+        names = sorted(files)
+        codes = torch.zeros(len(names))  # ENTRY_* per file
+        for i in range(self.env.rank, len(names), self.env.world_size):
+            codes[i] = float(check_entry(path, names[i], files[names[i]]))
+        all_reduce(codes, "max")
+        return [f"{names[i]} {ENTRY_PROBLEMS[int(c)]}" for i, c in enumerate(codes.tolist()) if c]
+
+    def find_resume(self, mode: str, allow_changes: Iterable[str] = ()) -> ResumePoint | None:
+        """The checkpoint to resume from under `checkpoint.resume=mode` (false | true | auto), or None to start
+        afresh. Collective (all ranks reach the same answer). Raises CheckpointError with the reason."""
+        if mode == "false":
+            return None
+        candidates = self._steps()
+        if not candidates:
+            partial = sorted(p.name for p in self.dir.glob("step_*")) if self.dir.is_dir() else []
+            found = f" (only incomplete ones: {', '.join(partial)})" if partial else ""
+            if mode == "true":
+                raise CheckpointError(f"checkpoint.resume=true, but {self.dir} holds no complete checkpoint{found}; "
+                                      "use checkpoint.resume=auto to start afresh when there is none")
+            log.info("checkpoint.resume=auto: no complete checkpoint in %s%s; starting afresh", self.dir, found)
+            return None
+        damaged: list[tuple[Path, list[str]]] = []
+        for step, path in reversed(candidates):
+            problems = self.verify(path)
+            if problems:
+                log.warning("checkpoint %s is damaged: %s; trying the previous one", path, "; ".join(problems))
+                damaged.append((path, problems))
+                continue
+            state = read_json(path / "trainer.json", path)
+            saved_cfg = read_json(path / "config.json", path)
+            diffs = config_differences(saved_cfg, self.config, allow_changes)
+            if diffs:
+                fields = ",".join(d.split(":")[0] for d in diffs)
+                raise CheckpointError(f"checkpoint {path} was written with another configuration; these fields "
+                                      f"differ (saved -> now): {'; '.join(diffs)}. Resume with the saved values, "
+                                      f"or allow the change with --checkpoint.allow_changes={fields}")
+            self._set_aside(damaged)
+            log.info("resuming from checkpoint %s (step %d)%s", path, step,
+                     f"; skipped damaged {', '.join(str(p) for p, _ in damaged)}" if damaged else "")
+            return ResumePoint(path, int(state["step"]), state)
+        raise CheckpointError("every complete checkpoint is damaged: " + " | ".join(
+            f"{p}: {'; '.join(probs)}" for p, probs in damaged))
+
+    def _set_aside(self, damaged: list[tuple[Path, list[str]]]) -> None:
+        """Rename damaged checkpoints to step_N.damaged (kept for inspection, out of every listing)."""
+        if self.env.is_main:
+            for path, _ in damaged:
+                dest, n = path.with_name(path.name + ".damaged"), 1
+                while dest.exists():
+                    dest, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+                path.rename(dest)
+                log.warning("moved damaged checkpoint %s to %s", path, dest)
+        barrier()
+
+    def load(self, point: ResumePoint, root: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Model, optimizer and this rank's RNG from `point`; returns its trainer state."""
         msd, osd = get_state_dict(root, optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, point.path)
         set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng = path / f"rng_rank{self.env.rank}.pt"
+        rng = point.path / f"rng_rank{self.env.rank}.json"
         if rng.exists():  # absent when resuming on a larger world: fresh per-rank streams then
-            _set_rng_state(torch.load(rng, weights_only=False))
-        trainer_state = torch.load(path / "trainer.pt", weights_only=False)
-        log.info("resumed from %s (step %d)", path, trainer_state["step"])
-        return trainer_state
+            try:
+                set_rng_state(read_json(rng, point.path))
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {point.path}: {rng.name} is not a valid RNG state: {e}") from None
+        log.info("resumed from %s (step %d)", point.path, point.step)
+        return point.trainer_state
+
+
+def load_reference(ref_root: nn.Module, path: Path) -> None:
+    """The frozen KL reference saved with a checkpoint (key "ref") into `ref_root`."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    sd = get_model_state_dict(ref_root)
+    state = {"ref": sd}
+    dcp_load(state, path)
+    set_model_state_dict(ref_root, state["ref"])
 
 
 def export_hf(root: nn.Module, hf_model: nn.Module, tokenizer, out_dir: str | Path, env: DistEnv) -> Path | None:

@@ -72,6 +72,10 @@ class DataConfig:
     synthetic_tasks: str = doc("brief_colour,first_shape,flash_count", "comma-separated task mix of the synthetic set")
     batch_size: int = doc(2, "questions per rank per step (B); each expands to K variants x G answers")
     shuffle: bool = doc(True, "reshuffle the records every epoch (seeded, identical on every rank)")
+    video_root: str = doc("", "folder every record's video must lie in, after resolving symlinks; '' = the "
+                              "records file's own folder. Records pointing elsewhere are skipped with file:line")
+    extra_video_roots: str = doc("", "comma-separated further folders videos may lie in (e.g. a shared video "
+                                     "store next to several records files)")
 
     def __post_init__(self):
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -80,6 +84,11 @@ class DataConfig:
         tasks = [t.strip() for t in self.synthetic_tasks.split(",") if t.strip()]
         _require(bool(tasks) and all(t in known for t in tasks), "data.synthetic_tasks",
                  f"{self.synthetic_tasks!r}: give a comma-separated subset of {', '.join(known)}")
+
+    @property
+    def extra_roots(self) -> tuple[str, ...]:
+        """data.extra_video_roots as a tuple of folders."""
+        return tuple(r.strip() for r in self.extra_video_roots.split(",") if r.strip())
 
     @property
     def synthetic_options(self) -> dict:
@@ -337,13 +346,28 @@ class CheckpointConfig:
     """Distributed checkpoints (torch.distributed.checkpoint) and the final HF export."""
 
     every: int = doc(0, "save every N steps (and always at the end); 0 = only at the end")
-    resume: bool = doc(False, "continue from the latest checkpoint in output_dir/checkpoints")
-    keep: int = doc(2, "checkpoints kept on disk (oldest deleted first)")
+    resume: str = doc("false", "false (start afresh; an earlier run's checkpoints and logs in output_dir are moved "
+                               "aside, never deleted) | true (continue from the newest intact checkpoint, or fail "
+                               "with a clear error) | auto (continue if there is a checkpoint, else start afresh; "
+                               "for job schedulers)")
+    allow_changes: str = doc("", "comma-separated config fields (section.field, or section.* ) a resume may change "
+                                 "from the checkpoint's saved config, e.g. optim.lr,run.steps")
+    async_save: bool = doc(True, "write checkpoints on a background thread (the step waits only for a CPU copy "
+                                 "of the state); COMPLETE is written when the files are on disk")
+    keep: int = doc(2, "complete checkpoints kept on disk (oldest deleted first); >= 2 keeps a fallback for a "
+                       "damaged newest one")
     export_hf: bool = doc(True, "write an HF-loadable safetensors folder to output_dir/hf at the end")
 
     def __post_init__(self):
         _require(self.every >= 0, "checkpoint.every", "must be >= 0")
         _require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+        spelled = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
+        self.resume = spelled.get(str(self.resume).lower(), str(self.resume).lower())
+        _choice(self.resume, ("false", "true", "auto"), "checkpoint.resume")
+
+    @property
+    def allowed_changes(self) -> tuple[str, ...]:
+        return tuple(f.strip() for f in self.allow_changes.split(",") if f.strip())
 
 
 @dataclass
@@ -399,6 +423,11 @@ class Config:
         # Cross-section checks.
         _require(self.keyframes.num_frames <= self.video.pool_frames, "keyframes.num_frames",
                  f"F={self.keyframes.num_frames} exceeds the candidate pool video.pool_frames={self.video.pool_frames}")
+        for name in self.checkpoint.allowed_changes:
+            section, _, fld = name.partition(".")
+            ok = section in SECTIONS and (fld == "*" or fld in {f.name for f in dataclasses.fields(SECTIONS[section])})
+            _require(ok, "checkpoint.allow_changes", f"{name!r} is not a config field (write section.field or "
+                                                     f"section.*; sections: {', '.join(SECTIONS)})")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -444,6 +473,8 @@ def _coerce(text: Any, tp: Any, where: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {text!r}") from None
     if tp is str:
+        if isinstance(text, bool):  # TOML `resume = true` for a string choice field
+            return str(text).lower()
         if not isinstance(text, str):
             raise ConfigError(f"{where}: expected a string, got {text!r}")
         return text

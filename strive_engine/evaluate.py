@@ -6,16 +6,28 @@
 
 Records are sharded over ranks; each rank appends one JSON line per record to
 `<eval.output_dir>/predictions.rank<r>.jsonl` as it goes, so an interrupted run continues where it stopped
-(`eval.resume`). Rank 0 merges every rank's lines into `report.json`. Frames: the same decoding and sampling
-as training — `uniform` is the canonical view (evenly spaced keyframes, full frame); `importance` is one
-question-aware view (keyframes.* settings). A video that cannot be decoded is skipped and counted, never fatal.
+(`eval.resume`). Rank 0 merges every rank's lines into `report.json`.
+
+Resuming is keyed by identity, not by record id alone: `identity.json` in the folder holds the model's resolved
+path, the SHA-256 of its config.json, and for every weight file its name, size, modification time and the SHA-256
+of its safetensors header, plus every setting that shapes a prediction (records file, frames, decoding). Every
+prediction line carries the identity's hash and the report counts only lines with the current one. When the
+folder holds predictions of another identity (another model, other weights, other settings), the run starts that
+folder afresh with a warning: the earlier files are moved to `superseded/<N>/`, never deleted or credited
+(`eval.resume=false` moves them there too).
+
+Frames: the same decoding and sampling as training — `uniform` is the canonical view (evenly spaced keyframes,
+full frame); `importance` is one question-aware view (keyframes.* settings). A video that cannot be decoded is skipped and counted, never fatal.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
+import struct
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -46,6 +58,79 @@ def eval_records_path(cfg: Config) -> Path:
     _, test = ensure_synthetic(os.path.expanduser(cfg.data.synthetic_dir), cfg.data.synthetic_size,
                                cfg.data.synthetic_seed, **cfg.data.synthetic_options)
     return test
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_identity(model_cfg) -> dict:
+    """What identifies the evaluated weights: resolved path, config hash, and per weight file its size,
+    modification time and safetensors-header hash (names, dtypes, shapes, offsets; read without loading).
+    The tiny random model is identified by its settings and this process's torch seed (it is random per run
+    unless seeded)."""
+    if not model_cfg.path:
+        return {"tiny_random": dataclasses.asdict(model_cfg), "torch_seed": torch.initial_seed()}
+    folder = Path(model_cfg.path).expanduser().resolve()
+    ident: dict = {"path": str(folder), "files": {}}
+    cfg_file = folder / "config.json"
+    ident["config_sha256"] = _sha256(cfg_file.read_bytes()) if cfg_file.is_file() else None
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        st = f.stat()
+        entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if f.suffix == ".safetensors" and st.st_size >= 8:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                entry["header_sha256"] = _sha256(fh.read(min(n, st.st_size - 8)))
+        ident["files"][f.name] = entry
+    return ident
+
+
+def eval_identity(cfg: Config, records_path: Path) -> tuple[dict, str]:
+    """(identity, short hash): the model plus every setting that shapes a prediction."""
+    ident = {"model": model_identity(cfg.model),
+             "records": str(Path(records_path).expanduser().resolve()),
+             "settings": {"eval": {k: getattr(cfg.eval, k) for k in ("frames", "greedy")},
+                          "keyframes": dataclasses.asdict(cfg.keyframes), "variants": dataclasses.asdict(cfg.variants),
+                          "video.pool_frames": cfg.video.pool_frames, "rollout": dataclasses.asdict(cfg.rollout),
+                          "seed": cfg.run.seed}}
+    return ident, _sha256(json.dumps(ident, sort_keys=True, default=str).encode())[:16]
+
+
+def claim_output(out: Path, ident: dict, key: str, resume: bool) -> None:
+    """Rank 0: make `out` hold only predictions of identity `key`. Earlier files of another identity (or all of
+    them when resume is off) are moved to out/superseded/<N>/ with a warning."""
+    id_file = out / "identity.json"
+    previous = json.loads(id_file.read_text()) if id_file.is_file() else None
+    files = sorted(out.glob("predictions.rank*.jsonl")) + [p for p in (out / "report.json", id_file) if p.exists()]
+    same = previous is not None and previous.get("key") == key
+    if files and not (resume and same):
+        n = 1
+        while (dest := out / "superseded" / str(n)).exists():
+            n += 1
+        dest.mkdir(parents=True)
+        for f in files:
+            shutil.move(str(f), dest / f.name)
+        why = "eval.resume=false" if not resume else (
+            "they were made by another model or other settings" if previous else "they carry no identity")
+        old_model = (previous or {}).get("identity", {}).get("model", {}).get("path", "unknown")
+        log.warning("%s held predictions that are not resumed (%s; earlier model: %s): moved to %s; starting "
+                    "this folder afresh", out, why, old_model, dest)
+    id_file.write_text(json.dumps({"key": key, "identity": ident}, indent=1, default=str))
+
+
+def read_predictions(path: Path, key: str) -> list[dict]:
+    """The prediction lines of identity `key` in `path`; a line cut short by a kill is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            log.warning("%s: skipping an unreadable line (a run killed while writing it)", path)
+            continue
+        if isinstance(r, dict) and r.get("key") == key:
+            rows.append(r)
+    return rows
 
 
 def _requests(decoded, cfg: Config, scorer, seed: int) -> list[RolloutRequest]:
@@ -99,20 +184,21 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"[rank{env.rank}] %(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     out = Path(cfg.eval.output_dir or Path(cfg.run.output_dir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
-
-    # ---- records: this rank's shard, minus what an interrupted run already wrote
-    records, report = load_records(path)
+    ident, key = eval_identity(cfg, path)
     if env.is_main:
-        log.info("%s", report.summary())
+        claim_output(out, ident, key, cfg.eval.resume)
+    barrier()
+
+    # ---- records: this rank's shard, minus what an interrupted run of the same identity already wrote
+    records, report = load_records(path, video_root=cfg.data.video_root or None, extra_roots=cfg.data.extra_roots,
+                                   quiet=not env.is_main)
     if cfg.eval.max_records:
         records = records[: cfg.eval.max_records]
     mine = shard_records(records, env.rank, env.world_size)
     pred_path = out / f"predictions.rank{env.rank}.jsonl"
     done = set()
-    if cfg.eval.resume and pred_path.exists():
-        done = {json.loads(line)["id"] for line in pred_path.read_text().splitlines() if line.strip()}
-    elif pred_path.exists():
-        pred_path.unlink()
+    if pred_path.exists():  # claim_output left only lines of this identity
+        done = {r["id"] for r in read_predictions(pred_path, key)}
     todo = [r for r in mine if r.id not in done]
     log.info("evaluating %d records on this rank (%d already done)", len(todo), len(mine) - len(todo))
 
@@ -131,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             decoded = decode_batch(batch, source, cfg.video.pool_frames)
             for rec, ok in zip(batch, decoded.valid.tolist()):
                 if not ok:
-                    fh.write(json.dumps({"id": rec.id, "category": rec.category, "problem_type": rec.problem_type,
-                                         "error": "undecodable video"}) + "\n")
+                    fh.write(json.dumps({"id": rec.id, "key": key, "category": rec.category,
+                                         "problem_type": rec.problem_type, "error": "undecodable video"}) + "\n")
             keep = [b for b, ok in enumerate(decoded.valid.tolist()) if ok]
             if keep:
                 sub = type(decoded)([batch[b] for b in keep], [decoded.pools[b] for b in keep],
@@ -140,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 reqs = _requests(sub, cfg, scorer, seed=cfg.run.seed + i)
                 rb = generate_rollouts(policy, tokenizer, reqs, rollout_cfg, cfg.run.seed + i)
                 for rec, text in zip(sub.records, rb.texts):
-                    fh.write(json.dumps({"id": rec.id, "category": rec.category, "problem_type": rec.problem_type,
+                    fh.write(json.dumps({"id": rec.id, "key": key, "category": rec.category,
+                                         "problem_type": rec.problem_type,
                                          "answer": rec.answer, "prediction": text,
                                          "accuracy": accuracy_reward(text, rec.answer, rec.problem_type),
                                          "format": format_reward(text)}) + "\n")
@@ -151,13 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     if env.is_main:
         rows = {}
         for p in sorted(out.glob("predictions.rank*.jsonl")):
-            for line in p.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    rows[r["id"]] = r
+            for r in read_predictions(p, key):  # only this identity's predictions are credited
+                rows[r["id"]] = r
         wanted = {r.id for r in records}
         summary = summarise([r for k, r in rows.items() if k in wanted])
-        summary.update({"records": str(path), "model": cfg.model.path or "(tiny random model)",
+        summary.update({"records": str(path), "model": cfg.model.path or "(tiny random model)", "identity": key,
                         "frames": cfg.eval.frames, "num_frames": cfg.keyframes.num_frames, "greedy": cfg.eval.greedy})
         (out / "report.json").write_text(json.dumps(summary, indent=1))
         log.info("accuracy %.4f over %d records (%s skipped) -> %s", summary["accuracy"], summary["num_scored"],

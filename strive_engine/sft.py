@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from strive_engine.data import RecordLoader
 from strive_engine.model import Policy, PolicyInputs
+from strive_engine.parallel import all_reduce
 from strive_engine.pipeline import decode_batch
 from strive_engine.rollout import RolloutRequest, encode_prompts, second_per_grid
 from strive_engine.tokenizer import special_token_ids
@@ -92,7 +93,9 @@ def sft_lr_factor(i: int, s) -> float:
 
 def run_sft(t, records, log_fn=None) -> dict[str, Any]:
     """`t`: the step.Trainer of the run (its root/policy/source/config). Own AdamW (linear warmup, then cosine
-    decay or constant: `sft_lr_factor`); the RL optimizer is untouched. Returns the last step's metrics."""
+    decay or constant: `sft_lr_factor`); the RL optimizer is untouched. A non-finite loss or gradient skips the
+    optimizer step on every rank (counted: `nonfinite_skipped_updates/_total`). Metrics are global over ranks.
+    Returns the last step's metrics."""
     cfg = t.cfg
     s = cfg.sft
     params = t.params
@@ -102,6 +105,7 @@ def run_sft(t, records, log_fn=None) -> dict[str, Any]:
     F_ = cfg.keyframes.num_frames
     device = t.env.device
     last: dict[str, Any] = {}
+    skipped = 0  # optimizer steps skipped for a non-finite loss or gradient
     for step in range(s.steps):
         t0 = time.perf_counter()
         batch = loader.next_batch()
@@ -125,12 +129,20 @@ def run_sft(t, records, log_fn=None) -> dict[str, Any]:
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
         gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-        if torch.isfinite(gn) and torch.isfinite(loss):
+        # Every rank takes the same decision (the grad norm is global; the loss and the skipped-video count are
+        # all-reduced): a rank-local NaN loss must not step some shards and not others.
+        flags = all_reduce(torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0,
+                                         float((~decoded.valid).sum())]))
+        ok = bool(torch.isfinite(gn)) and flags[0].item() == 0
+        if ok:
             opt.step()
+        else:
+            skipped += 1
         opt.zero_grad(set_to_none=True)
         sched.step()
         last = {"phase": "sft", "step": step, "loss": float(loss.detach()), "grad_norm": float(gn),
-                "lr": sched.get_last_lr()[0], "data/skipped_videos": int((~decoded.valid).sum()),
+                "lr": sched.get_last_lr()[0], "data/skipped_videos": int(flags[1].item()),
+                "nonfinite_skipped_updates": 0 if ok else 1, "nonfinite_skipped_total": skipped,
                 "time/step": round(time.perf_counter() - t0, 4)}
         if log_fn is not None:
             log_fn(last)

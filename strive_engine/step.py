@@ -167,7 +167,8 @@ def rl_step(t: Trainer, step: int) -> dict[str, Any]:
     m.update({f"adv/{k}": v for k, v in adv_metrics.items()})
     m.update(upd)
     m.update({"step": step, "phase": "rl", "lr": t.scheduler.get_last_lr()[0],
-              "data/skipped_videos": _sum_counter(decoded.skipped), "data/kept_rows": int(row_keep.sum())})
+              "data/skipped_videos": _sum_counter(decoded.skipped),
+              "data/kept_rows": int(all_reduce(row_keep.sum().float().reshape(1)).item())})  # global, as valid_samples
     m.update(t.timer.reset())
     m["time/step"] = round(time.perf_counter() - t0, 4)
     return m

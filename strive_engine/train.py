@@ -2,11 +2,17 @@
 
     torchrun --nproc_per_node 2 -m strive_engine.train                       # the embedded default (CPU)
     torchrun --nproc_per_node 8 -m strive_engine.train --recipe qwen25vl_7b --model.path=/ckpt --data.path=/d.json
-    torchrun ... -m strive_engine.train --checkpoint.resume=true              # continue exactly
+    torchrun ... -m strive_engine.train --checkpoint.resume=true              # continue exactly, or fail clearly
+    torchrun ... -m strive_engine.train --checkpoint.resume=auto              # continue if there is something
     python -m strive_engine.train --help                                      # every option, documented
 
-Stages: config → distributed → data → model → FSDP2 → optimizer → resume → (SFT warm start) → RL loop →
-HF export + plot. One RL step is `step.rl_step`.
+Stages: config → distributed → resume point (verified, config compared) → output folder → data → model → FSDP2 →
+optimizer → resume → (SFT warm start) → RL loop → HF export + plot. One RL step is `step.rl_step`.
+
+The output folder keeps every run's logs: a fresh start moves an earlier run's `metrics.jsonl`, `config.json` and
+`checkpoints/` aside to `<name>.N` (next free N); a resume keeps the first `config.json`, records its own config
+as `config.resume_step<S>.json` when it differs, and copies `metrics.jsonl` to `metrics.jsonl.N` before dropping
+the rows the killed run logged after its checkpoint.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from strive_engine.checkpoint import Checkpointer, export_hf
+from strive_engine.checkpoint import Checkpointer, CheckpointError, ResumePoint, export_hf, load_reference
 from strive_engine.config import Config, config_from_cli
 from strive_engine.data import RecordLoader, load_records
 from strive_engine.keyframes import build_scorer
@@ -81,9 +87,9 @@ def build_sharded_policy(cfg: Config, env: DistEnv, activation_checkpointing: bo
 
 def build_trainer(cfg: Config, env: DistEnv) -> tuple[Trainer, list]:
     # ---- data: records (bad ones counted and reported), per-rank loader, video decoder
-    records, report = load_records(train_records_path(cfg))
-    if env.is_main:
-        log.info("%s", report.summary())
+    # Every rank parses the same file; only rank 0 reports the bad records (quiet elsewhere).
+    records, report = load_records(train_records_path(cfg), video_root=cfg.data.video_root or None,
+                                   extra_roots=cfg.data.extra_roots, quiet=not env.is_main)
     if not records:
         raise SystemExit(f"no usable records in {report.path}: {report.summary()}")
     loader = RecordLoader(records, cfg.data.batch_size, env.rank, env.world_size, seed=cfg.run.seed,
@@ -108,17 +114,13 @@ def build_trainer(cfg: Config, env: DistEnv) -> tuple[Trainer, list]:
 
 def build_reference(t: Trainer, resumed: Path | None) -> None:
     """A second, frozen, identically sharded copy of the policy. Fresh run: the current (post-SFT) weights.
-    Resumed run: the reference saved with the checkpoint (`ref/` beside it), so KL terms continue exactly."""
+    Resumed run: the reference saved in the checkpoint (key "ref"), so KL terms continue exactly."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     _, _, t.ref_policy, t.ref_root = build_sharded_policy(t.cfg, t.env)
     t.ref_root.requires_grad_(False)
-    if resumed is not None and (resumed / "ref").is_dir():
-        import torch.distributed.checkpoint as dcp
-
-        sd = get_model_state_dict(t.ref_root)
-        dcp.load(sd, checkpoint_id=str(resumed / "ref"))
-        set_model_state_dict(t.ref_root, sd)
+    if resumed is not None:
+        load_reference(t.ref_root, resumed)
     else:
         set_model_state_dict(t.ref_root, get_model_state_dict(t.root))
     log.info("reference policy for the KL term (beta=%g) ready", t.cfg.algorithm.beta)
@@ -130,11 +132,40 @@ def trainer_state(t: Trainer, step: int) -> dict:
     return {"step": step, "scheduler": t.scheduler.state_dict(), "loader": loader, "nonfinite_skips": t.nonfinite_skips}
 
 
-def _trim_metrics(path: Path, start: int) -> None:
-    """On resume, drop RL rows the killed run logged after its last checkpoint (they are recomputed)."""
-    if path.exists():
-        rows = [r for r in read_metrics(path) if r.get("phase") != "rl" or r["step"] < start]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def rotate(path: Path) -> Path:
+    """Move `path` (file or folder) to `<name>.N`, N the next free number; returns the new path."""
+    n = 1
+    while (dest := path.with_name(f"{path.name}.{n}")).exists():
+        n += 1
+    path.rename(dest)
+    return dest
+
+
+def prepare_output(out: Path, cfg: Config, resumed: ResumePoint | None) -> None:
+    """Rank 0: the output folder for a fresh start or a resume; never deletes an earlier run's logs."""
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, config = out / cfg.logging.metrics_file, out / "config.json"
+    text = json.dumps(cfg.to_dict(), indent=1)
+    if resumed is None:
+        earlier = [p for p in (metrics, config) if p.exists()]
+        ckpts = out / "checkpoints"
+        if ckpts.is_dir() and any(ckpts.iterdir()):
+            earlier.append(ckpts)
+        for p in earlier:
+            log.warning("starting afresh in %s: moved the earlier run's %s to %s", out, p.name, rotate(p).name)
+        config.write_text(text)
+        return
+    if not config.exists():
+        config.write_text(text)
+    elif json.loads(config.read_text()) != cfg.to_dict():
+        (out / f"config.resume_step{resumed.step}.json").write_text(text)
+    if metrics.exists():
+        # Rows the killed run logged after its checkpoint are recomputed: keep a copy, then drop them.
+        rows = read_metrics(metrics)
+        keep = [r for r in rows if r.get("phase") != "rl" or r["step"] < resumed.step]
+        if len(keep) < len(rows):
+            log.info("resuming at step %d: the full log is kept as %s", resumed.step, rotate(metrics).name)
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,27 +174,36 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(env, cfg.logging.log_level)
     seed_everything(cfg.run.seed + env.rank)
     out = Path(cfg.run.output_dir)
+    ckpt = Checkpointer(out / "checkpoints", env, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                        config=cfg.to_dict())
+    try:
+        return _run(cfg, env, out, ckpt)
+    except CheckpointError as e:
+        if env.is_main:
+            print(f"checkpoint error: {e}", file=sys.stderr)
+        destroy_distributed(sync=False)
+        return 2
+    finally:
+        ckpt.close(wait=False)  # a normal exit waited already; after an error, do not wait on peers
+
+
+def _run(cfg: Config, env: DistEnv, out: Path, ckpt: Checkpointer) -> int:
+    # ---- resume point first (verified against its manifest, config compared): a bad resume fails in seconds
+    resumed = ckpt.find_resume(cfg.checkpoint.resume, cfg.checkpoint.allowed_changes)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        prepare_output(out, cfg, resumed)
+    barrier()
     t, records = build_trainer(cfg, env)
 
     # ---- resume: model, optimizer, scheduler, data position, RNG
-    ckpt = Checkpointer(out / "checkpoints", env, cfg.checkpoint.keep)
-    start, resumed = 0, None
-    if cfg.checkpoint.resume and (resumed := ckpt.latest()) is not None:
+    start = 0
+    if resumed is not None:
         st = ckpt.load(resumed, t.root, t.optimizer)
         t.scheduler.load_state_dict(st["scheduler"])
         t.loader.load_state_dict(st["loader"])
         t.nonfinite_skips = st["nonfinite_skips"]
         start = st["step"]
     metrics_path = out / cfg.logging.metrics_file
-    if env.is_main:
-        if resumed is not None:
-            _trim_metrics(metrics_path, start)
-        elif metrics_path.exists():
-            metrics_path.unlink()
-    barrier()
 
     # ---- supervised warm start (fresh runs only: a checkpoint already holds the warmed-up weights)
     if cfg.sft.steps and resumed is None:
@@ -174,9 +214,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- frozen reference policy for the k3 KL term (beta > 0): the policy as RL starts (after SFT)
     if cfg.algorithm.beta > 0:
-        build_reference(t, resumed)
+        build_reference(t, resumed.path if resumed is not None else None)
 
-    # ---- RL loop; the next batch's videos decode on a background thread while a step runs
+    # ---- RL loop; the next batch's videos decode on a background thread while a step runs; checkpoints are
+    # written on a background thread too ("time/checkpoint" is the stall: the CPU copy of the state)
     t.prefetcher = Prefetcher(t.loader, functools.partial(decode_batch, source=t.source,
                                                           pool_frames=cfg.video.pool_frames, device=env.device),
                               depth=cfg.video.prefetch_batches)
@@ -192,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         rl_log.log(m)
     rl_log.close()
     t.prefetcher.close()
+    ckpt.wait()  # the last checkpoint is COMPLETE before the export and the exit
 
     # ---- export + plot
     if cfg.checkpoint.export_hf:

@@ -81,3 +81,69 @@ def test_sft_lr_schedule():
     assert [sft_lr_factor(i, const) for i in (9, 50, 99)] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="sft.schedule"):
         SFTConfig(steps=10, schedule="linear")
+
+
+def _other_model(exported, dest):
+    """A second model: the export's files with every weight perturbed (same architecture, other weights)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(exported / "run" / "hf", dest)
+    sd = load_file(dest / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file({k: (v + 0.5 * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v
+               for k, v in sd.items()}, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+@pytest.mark.slow
+def test_evaluate_never_credits_another_models_predictions(exported, tmp_path, caplog):
+    import logging
+
+    from strive_engine.evaluate import main
+
+    other = _other_model(exported, tmp_path / "other")
+    common = [*SMALL, f"--data.synthetic_dir={exported / 'syn'}", "--eval.batch_size=4"]
+    shared = tmp_path / "shared"
+    with caplog.at_level(logging.INFO, logger="strive_engine.evaluate"):
+        assert main([*common, f"--model.path={exported / 'run' / 'hf'}", f"--eval.output_dir={shared}"]) == 0
+        caplog.clear()
+        # Model N into the folder that holds model A's predictions: afresh, with a warning; A's files kept aside.
+        assert main([*common, f"--model.path={other}", f"--eval.output_dir={shared}"]) == 0
+        assert "(0 already done)" in caplog.text and "held predictions that are not resumed" in caplog.text
+        assert main([*common, f"--model.path={other}", f"--eval.output_dir={tmp_path / 'alone'}"]) == 0
+    got = json.loads((shared / "report.json").read_text())
+    alone = json.loads((tmp_path / "alone" / "report.json").read_text())
+    assert got["model"] == str(other) and got["num_scored"] == 4
+    for key in ("accuracy", "format", "per_problem_type", "identity"):
+        assert got[key] == alone[key], key
+    old = json.loads((shared / "superseded" / "1" / "report.json").read_text())
+    assert old["model"] == str(exported / "run" / "hf")
+
+
+def test_model_identity_follows_the_weights(tmp_path):
+    """Same folder, other weights (same size and header, rewritten) -> another identity; untouched -> the same."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from strive_engine.config import ModelConfig
+    from strive_engine.evaluate import model_identity
+
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
+    save_file({"w": torch.zeros(4, 4)}, tmp_path / "model.safetensors")
+    cfg = ModelConfig(path=str(tmp_path))
+    a = model_identity(cfg)
+    assert a == model_identity(cfg) and a["path"] == str(tmp_path.resolve())
+    st = (tmp_path / "model.safetensors").stat()
+    save_file({"w": torch.ones(4, 4)}, tmp_path / "model.safetensors")  # same header and size, new bytes
+    os.utime(tmp_path / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    b = model_identity(cfg)
+    assert b != a and b["files"]["model.safetensors"]["header_sha256"] == a["files"]["model.safetensors"]["header_sha256"]
+    save_file({"w": torch.ones(4, 5)}, tmp_path / "model.safetensors")  # another shape: another header
+    assert model_identity(cfg)["files"]["model.safetensors"]["header_sha256"] != b["files"]["model.safetensors"]["header_sha256"]
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_vl"}')
+    assert model_identity(cfg)["config_sha256"] != a["config_sha256"]

@@ -1,6 +1,9 @@
 """The training loop end to end: real torchrun processes, FSDP2 on gloo, real checkpoints on disk.
 
-- a 2-process run trains, checkpoints, and a SIGKILLed run resumes to the same losses as an uninterrupted one;
+- a 2-process run trains, checkpoints asynchronously, and a run whose every process was SIGKILLed resumes to
+  the same losses as an uninterrupted one; nothing is written after the kill;
+- the same run's metrics are global over ranks, and only rank 0 reports bad records;
+- resume=true without a checkpoint and a changed config fail with clear errors; earlier logs are never deleted;
 - the demo recipe runs single-process for a few steps and writes metrics, a plot and an HF-loadable export;
 - NaN losses never reach the optimizer (skipped and counted); a corrupt video mid-run is skipped and counted.
 """
@@ -42,9 +45,58 @@ def _finish(proc, timeout=600):
     return out.decode()
 
 
-def _rl_rows(run_dir):
+def _rl_rows(run_dir, phase="rl"):
     rows = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {r["step"]: r for r in rows if r.get("phase") == "rl"}
+    return {r["step"]: r for r in rows if r.get("phase") == phase}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (torchrun's workers run in sessions of their own, so killpg of torchrun's
+    group misses them)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])  # field 4, after "(comm)"
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_everything(proc) -> list[int]:
+    """SIGKILL torchrun and every worker (each in its own process group); wait until all are gone."""
+    pids = _descendants(proc.pid)
+    for pid in pids:
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while any(_alive(p) for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+    return pids
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +104,59 @@ def syn_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("syn"))
 
 
+def _records_with_traps(syn_dir: str, folder: Path) -> Path:
+    """The synthetic train split as a records file in `folder` (videos referenced in syn_dir, an extra root),
+    plus two traps: the record rank 1 sees first in SFT points at a corrupt video, and a record points out of
+    the video roots (skipped at load)."""
+    from strive_engine.data import RecordLoader, load_records
+    from strive_engine.synthetic import ensure_synthetic
+
+    train, _ = ensure_synthetic(syn_dir, 24, 0, tasks=("brief_colour", "flash_count"))
+    raw = json.loads(train.read_text())
+    records, _ = load_records(train)
+    first_on_rank1 = RecordLoader(records, 2, rank=1, world_size=2, seed=0 + 7919).next_batch()[0]
+    folder.mkdir(parents=True)
+    (folder / "broken.mp4").write_bytes(b"\x00garbage" * 100)
+    for r in raw:
+        r["path"] = str(train.parent / r["path"])
+        if str(r["problem_id"]) == first_on_rank1.id:
+            r["path"] = "broken.mp4"
+    raw.append({**raw[0], "problem_id": "escape", "path": "../../../../../../etc/passwd"})
+    out = folder / "train.json"
+    out.write_text(json.dumps(raw, indent=1))
+    return out
+
+
 @pytest.mark.slow
-def test_two_process_fsdp_run_killed_and_resumed_matches_uninterrupted(tmp_path, syn_dir):
-    common = [*SMALL, f"--data.synthetic_dir={syn_dir}", "--run.steps=6", "--checkpoint.every=2"]
+def test_two_process_fsdp_run_killed_and_resumed_matches_uninterrupted(tmp_path, syn_dir, capsys, dist_cleanup):
+    data = _records_with_traps(syn_dir, tmp_path / "data")
+    common = [*SMALL, f"--data.path={data}", f"--data.extra_video_roots={syn_dir}", "--run.steps=6",
+              "--checkpoint.every=2"]
     full = tmp_path / "full"
-    _finish(_torchrun([*common, f"--run.output_dir={full}"]))
+    log_full = _finish(_torchrun([*common, f"--run.output_dir={full}"]))
     ref = _rl_rows(full)
     assert sorted(ref) == list(range(6))
     assert (full / "checkpoints" / "step_000006" / "COMPLETE").exists()
+    assert (full / "checkpoints" / "step_000006" / "MANIFEST.json").exists()
     assert (full / "hf" / "model.safetensors").exists()
+    # Metrics are global: the corrupt video sits in rank 1's first SFT batch; kept rows are counted over ranks.
+    assert _rl_rows(full, "sft")[0]["data/skipped_videos"] == 1
+    assert all(r["data/kept_rows"] == r["data/valid_samples"] > 0 for r in ref.values())
+    # Only rank 0 reports the records file's bad record.
+    bad = [line for line in log_full.splitlines() if "video outside the video roots" in line]
+    assert bad and all("[rank0]" in line for line in bad), bad
 
-    # Same run, SIGKILLed (the whole process group: torchrun and both ranks) once a checkpoint is complete.
+    # Same run, SIGKILLed (torchrun and every worker) once a checkpoint is complete.
     cut = tmp_path / "cut"
     proc = _torchrun([*common, f"--run.output_dir={cut}"])
     deadline = time.time() + 600
     while not list((cut / "checkpoints").glob("step_*/COMPLETE")) and time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read().decode()[-4000:]
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_everything(proc)
+    before = _snapshot(cut)
+    time.sleep(3.0)
+    assert _snapshot(cut) == before, "files changed after every process was killed"
     done = sorted(int(p.parent.name.split("_")[1]) for p in (cut / "checkpoints").glob("step_*/COMPLETE"))
     assert done and done[-1] < 6, f"the run was not interrupted before its end: {done}"
 
@@ -80,6 +166,19 @@ def test_two_process_fsdp_run_killed_and_resumed_matches_uninterrupted(tmp_path,
     for step in range(done[-1], 6):
         for key in ("loss", "reward/mean", "reward/accuracy", "rollout/gen_tokens", "grad_norm", "lr"):
             assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert json.loads((cut / "config.json").read_text())["checkpoint"]["resume"] == "false"  # the first one
+
+    # A resume with another model layout or variant count is refused, listing the fields; nothing is touched.
+    from strive_engine.train import main
+
+    capsys.readouterr()
+    metrics = (cut / "metrics.jsonl").read_text()
+    assert main([*common, f"--run.output_dir={cut}", "--checkpoint.resume=true", "--model.tiny_heads=8",
+                 "--variants.num_variants=1"]) == 2
+    err = capsys.readouterr().err
+    assert "model.tiny_heads: 4 -> 8" in err and "variants.num_variants: 2 -> 1" in err
+    assert str(cut / "checkpoints" / "step_000006") in err
+    assert (cut / "metrics.jsonl").read_text() == metrics
 
 
 @pytest.mark.slow
@@ -101,6 +200,50 @@ def test_demo_recipe_single_process_smoke(tmp_path, syn_dir):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "hf", local_files_only=True)
     assert AutoConfig.from_pretrained(out / "hf").model_type == "qwen2_5_vl"
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_resume_true_without_a_checkpoint_fails_clearly_and_keeps_the_logs(tmp_path, capsys, dist_cleanup):
+    from strive_engine.train import main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"phase": "rl", "step": 0}\n')
+    assert main([*SMALL, f"--run.output_dir={out}", "--checkpoint.resume=true", "--run.steps=0", "--sft.steps=0",
+                 "--checkpoint.export_hf=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint.resume=true, but {out / 'checkpoints'} holds no complete checkpoint" in err
+    assert (out / "metrics.jsonl").read_text() == '{"phase": "rl", "step": 0}\n'
+
+
+def test_output_folder_never_loses_earlier_logs(tmp_path):
+    """A fresh start moves an earlier run's metrics, config and checkpoints aside; a resume keeps the first
+    config.json, adds its own when it differs, and keeps the full log before trimming the recomputed rows."""
+    from strive_engine.checkpoint import ResumePoint
+    from strive_engine.config import load_config
+    from strive_engine.train import prepare_output
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_000002").mkdir(parents=True)
+    rows = [{"phase": "sft", "step": 0}, {"phase": "rl", "step": 0}, {"phase": "rl", "step": 1},
+            {"phase": "rl", "step": 2}]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "config.json").write_text('{"old": 1}')
+    cfg = load_config(["--optim.lr=1e-5"])
+    prepare_output(out, cfg, None)
+    assert (out / "metrics.jsonl.1").read_text().count("\n") == 4 and not (out / "metrics.jsonl").exists()
+    assert (out / "config.json.1").read_text() == '{"old": 1}'
+    assert (out / "checkpoints.1" / "step_000002").is_dir() and not (out / "checkpoints").exists()
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 1e-5
+
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = (out / "config.json").read_text()
+    prepare_output(out, load_config(["--optim.lr=1e-5", "--checkpoint.resume=true"]),
+                   ResumePoint(out / "checkpoints" / "step_000001", 1, {}))
+    assert (out / "config.json").read_text() == first  # never overwritten
+    assert json.loads((out / "config.resume_step1.json").read_text())["checkpoint"]["resume"] == "true"
+    assert (out / "metrics.jsonl.2").read_text().count("\n") == 4  # the killed run's full log
+    kept = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kept == rows[:2] and (out / "metrics.jsonl.1").exists()  # RL rows from step 1 on are recomputed
 
 
 def test_cli_errors_are_clear():
@@ -157,6 +300,22 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path, syn_dir, monkeypatch, d
     assert m["nonfinite_skipped_updates"] == 0 and m["nonfinite_skipped_total"] == 1
     steps = {int(st["step"]) for st in t.optimizer.state.values()}
     assert steps == {1}, steps  # exactly one optimizer step: the finite one
+
+
+@pytest.mark.slow
+def test_sft_skips_and_counts_nonfinite_updates(tmp_path, syn_dir, monkeypatch, dist_cleanup):
+    import strive_engine.sft as sft_mod
+
+    t = _trainer(tmp_path, syn_dir)
+    before = {n: p.detach().clone() for n, p in t.root.named_parameters()}
+    real = sft_mod.masked_ce
+    monkeypatch.setattr(sft_mod, "masked_ce", lambda *a, **k: real(*a, **k) * float("nan"))
+    rows = []
+    sft_mod.run_sft(t, t.loader.records, log_fn=rows.append)
+    assert [r["nonfinite_skipped_updates"] for r in rows] == [1, 1]
+    assert rows[-1]["nonfinite_skipped_total"] == 2
+    for n, p in t.root.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
 
 
 @pytest.mark.slow
