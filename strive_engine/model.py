@@ -536,9 +536,10 @@ class Policy(nn.Module):
         merged = torch.cat(tuple(merged), 0) if isinstance(merged, (tuple, list)) else merged
         return merged, deep
 
-    def forward(self, inputs: PolicyInputs, head_fn: Callable[[Tensor, Tensor, Tensor | None], Any]) -> Any:
-        """Hidden states predicting the completion tokens, packed (N, H), passed to
-        head_fn(hidden, lm_head.weight (V, H), lm_head.bias or None); returns what head_fn returns."""
+    def input_embeddings(self, inputs: PolicyInputs) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """The language model's inputs for `inputs`: token embeddings with each row's merged visual tokens in its
+        video slots (M, L, H), mRoPE positions (3, M, L), and the extra keyword arguments of the language model
+        (Qwen3-VL's deepstack features). The vision tower runs once per distinct video."""
         inputs.validate(self.merge_size, self.hf.config.video_token_id)
         ids, mask = inputs.input_ids, inputs.attention_mask                      # (M, L)
         inner = self.hf.model
@@ -549,11 +550,17 @@ class Policy(nn.Module):
         embeds = embeds.masked_scatter(video_mask.unsqueeze(-1), merged[rows].to(embeds.dtype))
         pos = self.position_ids(ids, mask, inputs.video_grid_thw[inputs.video_index],
                                 inputs.second_per_grid_ts[inputs.video_index], video_mask)  # (3, M, L)
-        extra = {}
+        extra: dict[str, Any] = {}
         if deep is not None:
             extra = dict(visual_pos_masks=video_mask, deepstack_visual_embeds=[d[rows] for d in deep])
-        out = inner.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
-                                   **extra)
+        return embeds, pos, extra
+
+    def forward(self, inputs: PolicyInputs, head_fn: Callable[[Tensor, Tensor, Tensor | None], Any]) -> Any:
+        """Hidden states predicting the completion tokens, packed (N, H), passed to
+        head_fn(hidden, lm_head.weight (V, H), lm_head.bias or None); returns what head_fn returns."""
+        embeds, pos, extra = self.input_embeddings(inputs)
+        out = self.hf.model.language_model(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
+                                           position_ids=pos, use_cache=False, **extra)
         hidden = out.last_hidden_state                                           # (M, L, H), final norm applied
         # Position t predicts token t+1: keep the positions whose *next* token is a scored completion token.
         sel = inputs.completion_mask[:, 1:].bool()                               # (M, L-1)

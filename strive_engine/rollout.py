@@ -1,4 +1,4 @@
-"""Rollout (stage 5): G sampled completions for each (question, variant) request, with batched HF generate.
+"""Rollout (stage 5): G sampled completions for each (question, variant) request.
 
     batch = generate_rollouts(policy, tokenizer, requests, cfg.rollout, generator_seed=seed(step, rank))
     # batch.inputs (PolicyInputs) -> Policy.forward for old / new log-probs; batch.texts -> rewards
@@ -6,18 +6,23 @@
 Rows are ordered request-major, then sample: row m = request m // G, sample m % G. Each request carries its own
 video (one variant); its G rows share it, and `batch.inputs` holds each video once (`video_index` = request).
 
-Choices, and why:
-  * G samples by explicit repetition (each request's prompt repeated G times in one generate call) rather than
-    `num_return_sequences`: the row order is ours, `max_batch` chunks cut anywhere, and nothing depends on how a
-    transformers version expands `pixel_values_videos` (a flat (sum n, 1176) tensor, not batch-first). The cost
-    is the same: HF's expansion also repeats the visual input G times during prefill.
-  * A fresh GenerationConfig with every logits processor neutral (no repetition penalty, top-k 0 = off unless
-    asked): a checkpoint's generation_config.json (Qwen2.5-VL ships top_k=1, repetition_penalty=1.05) would
-    otherwise make rollouts off-policy — the loss scores tokens under softmax(logits / temperature) only.
-  * Sampling is seeded by `generator_seed` inside `torch.random.fork_rng`: the caller passes a seed that
-    differs per rank and step, runs repeat exactly, and the global RNG stream outside is untouched.
-  * No collective inside: call it with the policy's parameters already unsharded (the trainer wraps it), so
-    ranks that stop at different lengths never wait on each other.
+Two backends behind one call (`rollout.backend`):
+  * "native" (default): `strive_engine.decode` — each request's video and prompt prefilled once, its K/V shared
+    by its G rows, sampling and stopping on the device, the decode step replayed as a CUDA graph on CUDA.
+  * "hf": HF `generate`, the oracle and fallback. G samples by explicit repetition (each request's prompt
+    repeated G times) rather than `num_return_sequences`: the row order is ours, `max_batch` chunks cut
+    anywhere, and nothing depends on how a transformers version expands `pixel_values_videos`. It prefills
+    every prompt and its video G times. A fresh GenerationConfig with every logits processor neutral (no
+    repetition penalty, top-k 0 = off unless asked): a checkpoint's generation_config.json (Qwen2.5-VL ships
+    top_k=1, repetition_penalty=1.05) would otherwise make rollouts off-policy — the loss scores tokens under
+    softmax(logits / temperature) only. The native engine applies no processor but temperature/top-k/top-p.
+
+Both: sampling is seeded by `generator_seed` inside `torch.random.fork_rng` (the caller passes a seed that
+differs per rank and step, runs repeat exactly, the global RNG stream outside is untouched); no collective
+inside: call it with the policy's parameters already unsharded (the trainer wraps it), so ranks that stop at
+different lengths never wait on each other. `sampling_logprobs` are each token's log-prob under the
+distribution it was sampled from (softmax(logits / T) after top-k / top-p); the native engine always returns
+them, HF only with return_logprobs=True.
 
 second_per_grid_ts. qwen_vl_utils sets it to temporal_patch_size / fps for frames sampled evenly at `fps`.
 Importance-sampled frames are not evenly spaced; we use temporal_patch_size * (mean spacing of the chosen
@@ -36,6 +41,7 @@ from torch import Tensor
 
 from strive_engine import prompts
 from strive_engine.model import Policy, PolicyInputs
+from strive_engine.sampling import SamplingSpec, filter_logits
 from strive_engine.tokenizer import special_token_ids
 
 
@@ -70,9 +76,9 @@ class RolloutBatch:
     completion tokens up to and including eos. completion_ids / completion_mask (M, Lc): the same, completion
     part only (after eos: pad id, mask 0). texts: decoded completions without special tokens. request_index,
     sample_index (M,) int64; truncated (M,) bool: no eos within max_new_tokens. num_gen_tokens: sum of the mask.
-    sampling_logprobs (M, Lc) or None: generate's own log-probs of the sampled tokens under the sampling
-    distribution, only with return_logprobs=True — a diagnostic (rollout/trainer mismatch), never the old
-    log-probs (the trainer computes those with Policy.forward). `inputs` lives on the policy's device, the other
+    sampling_logprobs (M, Lc) or None: the rollout's own log-probs of the sampled tokens under the sampling
+    distribution (native: always; hf: with return_logprobs=True) — a diagnostic (rollout/trainer mismatch),
+    never the old log-probs (the trainer computes those with Policy.forward). `inputs` lives on the policy's device, the other
     tensors on CPU.
     """
 
@@ -164,7 +170,10 @@ def encode_prompts(policy: Policy, tokenizer: Any, requests: Sequence[RolloutReq
 @torch.no_grad()
 def generate_rollouts(policy: Policy, tokenizer: Any, requests: Sequence[RolloutRequest], cfg: Any,
                       generator_seed: int, *, return_logprobs: bool = False) -> RolloutBatch:
-    """`cfg: RolloutConfig` -> RolloutBatch of len(requests) * cfg.num_generations rows (see module docstring)."""
+    """`cfg: RolloutConfig` -> RolloutBatch of len(requests) * cfg.num_generations rows (see module docstring).
+
+    cfg.backend: "native" (strive_engine.decode: each request prefilled once, its G rows decoded against the
+    shared prompt; sampling log-probs always returned) or "hf" (HF generate; log-probs with return_logprobs)."""
     if not requests:
         raise ValueError("generate_rollouts: no requests")
     G = cfg.num_generations
@@ -186,55 +195,111 @@ def generate_rollouts(policy: Policy, tokenizer: Any, requests: Sequence[Rollout
     grids = torch.stack([r.grid() for r in requests])                            # (R, 3)
     spgt = torch.tensor([float(r.second_per_grid_ts) for r in requests], dtype=torch.float32)  # (R,)
     pixels = [r.pixel_values for r in requests]
+    prompts = PolicyInputs(input_ids=prompt_ids, attention_mask=prompt_mask, completion_mask=torch.zeros_like(prompt_ids),
+                           pixel_values_videos=torch.cat(pixels), video_grid_thw=grids, second_per_grid_ts=spgt,
+                           video_index=torch.arange(R))
 
-    # ---- generate, chunk by chunk of rows (row m: request m // G, sample m % G)
+    # ---- G completions per request (row m: request m // G, sample m % G), sampled under a per-call seed
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(generator_seed)
+        if getattr(cfg, "backend", "native") == "native":
+            comp, logprobs = _generate_native(policy, prompts, cfg, eos_ids, pad_id, device)
+        else:
+            comp, logprobs = _generate_hf(policy, prompts, cfg, eos_ids, pad_id, device, return_logprobs)
+    return _assemble(tokenizer, prompts, comp, logprobs, G, eos_ids, pad_id, device)
+
+
+def _chunks(R: int, G: int, max_batch: int) -> list[Tensor]:
+    """Requests per generate call: all, or as many whole requests as fit max_batch rows (at least one)."""
+    per = max(1, max_batch // G) if max_batch else R
+    return list(torch.arange(R).split(per))
+
+
+def _generate_native(policy: Policy, prompts: PolicyInputs, cfg: Any, eos_ids: list[int], pad_id: int,
+                     device: torch.device) -> tuple[Tensor, Tensor]:
+    """-> completions (M, Lc) and their sampling log-probs (M, Lc) on the host, Lc = the longest row."""
+    from strive_engine.decode import DecodeEngine
+
+    engine = DecodeEngine(policy)
+    spec = SamplingSpec.from_config(cfg)
+    G = cfg.num_generations
+    engine.check(prompts.attention_mask.sum(1).tolist(), cfg.max_new_tokens)   # every request, before compute
+    toks, lps = [], []
+    for rr in _chunks(prompts.num_rows, G, cfg.max_batch):
+        sub = prompts.select(rr).to(device)        # trims the columns that are padding in every row of the chunk
+        out = engine.generate(sub, G, spec, cfg.max_new_tokens, eos_ids, pad_id, cuda_graph=cfg.cuda_graph,
+                              check_every=cfg.stop_check_every)
+        toks.append(out.tokens)
+        lps.append(out.logprobs)
+    comp, logprobs = torch.cat(toks), torch.cat(lps)                             # (M, T)
+    # HF generate's width: it stops once every row has an EOS, so Lc = the longest row (its EOS included)
+    ended = torch.isin(comp, torch.tensor(eos_ids))
+    last = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full((comp.shape[0],), comp.shape[1]))
+    Lc = int(last.max())
+    return comp[:, :Lc], logprobs[:, :Lc]
+
+
+def _generate_hf(policy: Policy, prompts: PolicyInputs, cfg: Any, eos_ids: list[int], pad_id: int,
+                 device: torch.device, return_logprobs: bool) -> tuple[Tensor, Tensor | None]:
+    """HF generate over rows repeated G times, chunked by cfg.max_batch rows; the oracle and fallback."""
+    G, R = cfg.num_generations, prompts.num_rows
     req_of_row = torch.arange(R).repeat_interleave(G)                            # (M,)
     M = R * G
     step = cfg.max_batch or M
     fwd = inspect.signature(policy.hf.forward).parameters
     gen_cfg = _generation_config(cfg, eos_ids, pad_id, return_logprobs)
+    spec = SamplingSpec.from_config(cfg)
+    Lp = prompts.input_ids.shape[1]
+    pixel_rows = prompts.video_grid_thw.prod(-1)
+    offs = torch.cumsum(pixel_rows, 0) - pixel_rows
+    pixels = [prompts.pixel_values_videos[int(o):int(o + n)] for o, n in zip(offs, pixel_rows)]
     chunks, chunk_lp = [], []
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(generator_seed)
-        for lo in range(0, M, step):
-            rr = req_of_row[lo:lo + step]
-            x = prompt_ids[rr].to(device)
-            kw: dict[str, Any] = dict(input_ids=x, attention_mask=prompt_mask[rr].to(device),
-                                      pixel_values_videos=torch.cat([pixels[r] for r in rr.tolist()]).to(device),
-                                      video_grid_thw=grids[rr].to(device))
-            if "second_per_grid_ts" in fwd and policy.config.model_type != "qwen3_vl":
-                kw["second_per_grid_ts"] = spgt[rr].to(device)
-            if "mm_token_type_ids" in fwd:
-                kw["mm_token_type_ids"] = policy.mm_token_type_ids(x)
-            out = policy.generate(**kw, generation_config=gen_cfg)
-            chunks.append(out.sequences[:, Lp:].cpu())                          # (m, lc) with lc <= max_new_tokens
-            if return_logprobs:
-                lg = torch.stack(out.logits, 1).float()                          # (m, lc, V) raw logits
-                temp = gen_cfg.temperature if gen_cfg.do_sample else 1.0
-                lp = torch.log_softmax(lg / temp, -1).gather(-1, out.sequences[:, Lp:, None]).squeeze(-1)
-                chunk_lp.append(lp.cpu())
-
-    # ---- completions: right-pad to Lc, mask up to and including the first eos
+    for lo in range(0, M, step):
+        rr = req_of_row[lo:lo + step]
+        x = prompts.input_ids[rr].to(device)
+        kw: dict[str, Any] = dict(input_ids=x, attention_mask=prompts.attention_mask[rr].to(device),
+                                  pixel_values_videos=torch.cat([pixels[r] for r in rr.tolist()]).to(device),
+                                  video_grid_thw=prompts.video_grid_thw[rr].to(device))
+        if "second_per_grid_ts" in fwd and policy.config.model_type != "qwen3_vl":
+            kw["second_per_grid_ts"] = prompts.second_per_grid_ts[rr].to(device)
+        if "mm_token_type_ids" in fwd:
+            kw["mm_token_type_ids"] = policy.mm_token_type_ids(x)
+        out = policy.generate(**kw, generation_config=gen_cfg)
+        chunks.append(out.sequences[:, Lp:].cpu())                              # (m, lc) with lc <= max_new_tokens
+        if return_logprobs:
+            # softmax(logits / T) after top-k / top-p, as the native engine reports it (from the raw logits, so
+            # a caller's own logits processor does not enter)
+            lg = torch.stack(out.logits, 1).float()                              # (m, lc, V) raw logits
+            lp = torch.log_softmax(filter_logits(lg.flatten(0, 1), spec), -1).view_as(lg)
+            chunk_lp.append(lp.gather(-1, out.sequences[:, Lp:, None]).squeeze(-1).cpu())
     Lc = max(c.shape[1] for c in chunks)
-    comp = torch.cat([torch.nn.functional.pad(c, (0, Lc - c.shape[1]), value=pad_id) for c in chunks])  # (M, Lc)
+    comp = torch.cat([torch.nn.functional.pad(c, (0, Lc - c.shape[1]), value=pad_id) for c in chunks])
+    logprobs = torch.cat([torch.nn.functional.pad(c, (0, Lc - c.shape[1])) for c in chunk_lp]) if chunk_lp else None
+    return comp, logprobs
+
+
+def _assemble(tokenizer: Any, prompts: PolicyInputs, comp: Tensor, logprobs: Tensor | None, G: int,
+              eos_ids: list[int], pad_id: int, device: torch.device) -> RolloutBatch:
+    """Completions (M, Lc) -> RolloutBatch: mask up to and including the first EOS, pad after it."""
+    R, Lp = prompts.input_ids.shape
+    M, Lc = comp.shape
+    req_of_row = torch.arange(R).repeat_interleave(G)                            # (M,)
     is_eos = torch.isin(comp, torch.tensor(eos_ids))
     has_eos = is_eos.any(1)                                                      # (M,)
     first = torch.where(has_eos, is_eos.int().argmax(1), torch.full((M,), Lc))   # (M,) index of eos or Lc
     comp_mask = (torch.arange(Lc)[None] <= first[:, None]).long()
-    # A row without eos ran to max_new_tokens, so its chunk is Lc wide: the mask never covers chunk padding.
+    # A row without eos ran to max_new_tokens, so it is Lc wide: the mask never covers padding.
     comp = comp.masked_fill(comp_mask == 0, pad_id)
     texts = tokenizer.batch_decode([c[m.bool()].tolist() for c, m in zip(comp, comp_mask)], skip_special_tokens=True)
-    logprobs = None
-    if return_logprobs:
-        logprobs = torch.cat([torch.nn.functional.pad(c, (0, Lc - c.shape[1])) for c in chunk_lp]) * comp_mask
-
+    if logprobs is not None:
+        logprobs = logprobs * comp_mask
     inputs = PolicyInputs(
-        input_ids=torch.cat([prompt_ids[req_of_row], comp], 1).to(device),      # (M, Lp + Lc)
-        attention_mask=torch.cat([prompt_mask[req_of_row], comp_mask], 1).to(device),
+        input_ids=torch.cat([prompts.input_ids[req_of_row], comp], 1).to(device),      # (M, Lp + Lc)
+        attention_mask=torch.cat([prompts.attention_mask[req_of_row], comp_mask], 1).to(device),
         completion_mask=torch.cat([torch.zeros(M, Lp, dtype=torch.long), comp_mask], 1).to(device),
-        pixel_values_videos=torch.cat(pixels).to(device),
-        video_grid_thw=grids.to(device), second_per_grid_ts=spgt.to(device), video_index=req_of_row.to(device))
+        pixel_values_videos=prompts.pixel_values_videos.to(device), video_grid_thw=prompts.video_grid_thw.to(device),
+        second_per_grid_ts=prompts.second_per_grid_ts.to(device), video_index=req_of_row.to(device))
     return RolloutBatch(inputs=inputs, completion_ids=comp, completion_mask=comp_mask, texts=texts,
                         request_index=req_of_row, sample_index=torch.arange(G).repeat(R), truncated=~has_eos,
                         num_gen_tokens=int(comp_mask.sum()), prompt_length=Lp, sampling_logprobs=logprobs)

@@ -10,6 +10,7 @@ from strive_engine.config import ModelConfig, RolloutConfig
 from strive_engine.model import Policy, build_model
 from strive_engine.rollout import (RolloutRequest, _generation_config, encode_prompts, generate_rollouts,
                                    second_per_grid, shuffle_frames)
+from strive_engine.sampling import SamplingSpec, filter_logits
 from strive_engine.tokenizer import special_token_ids
 
 MCQ = dict(question="What colour is the shape that appears only briefly?",
@@ -127,10 +128,11 @@ def test_rollout_rows_masks_and_policy_consistency(tiny):
     assert len(b.texts) == M and b.texts == tok.batch_decode(
         [c[m.bool()] for c, m in zip(b.completion_ids, b.completion_mask)], skip_special_tokens=True)
     inp.validate(pol.merge_size, pol.config.video_token_id)
-    # the old log-probs the trainer will compute with Policy.forward equal the sampling distribution's
+    # the sampling log-probs are the trainer's logits (Policy.forward) under the same temperature and top-p
     tgt = inp.targets()
+    spec = SamplingSpec.from_config(cfg)
     with torch.no_grad():
-        lp = pol(inp, lambda h, w, bias: torch.log_softmax((h @ w.T) / cfg.temperature, -1).gather(1, tgt[:, None]))
+        lp = pol(inp, lambda h, w, bias: torch.log_softmax(filter_logits(h @ w.T, spec), -1).gather(1, tgt[:, None]))
     torch.testing.assert_close(lp.squeeze(1), b.sampling_logprobs[b.completion_mask.bool()], rtol=1e-4, atol=1e-4)
 
 
@@ -174,7 +176,7 @@ def test_eos_masking_and_truncation(tiny):
             gen = torch.tensor(scripted[:input_ids.shape[0]])
             return types.SimpleNamespace(sequences=torch.cat([input_ids, gen], 1), logits=None)
 
-    cfg = RolloutConfig(num_generations=3, max_new_tokens=8, prompt="short")
+    cfg = RolloutConfig(num_generations=3, max_new_tokens=8, prompt="short", backend="hf")
     b = generate_rollouts(Scripted(pol), tok, requests()[:1], cfg, generator_seed=0)
     assert b.completion_mask.sum(1).tolist() == [7, 8, 1]
     assert b.truncated.tolist() == [False, True, False]
@@ -193,7 +195,7 @@ def test_checkpoint_generation_defaults_do_not_leak(tiny):
     saved = (gc.top_k, gc.repetition_penalty, gc.temperature)
     gc.top_k, gc.repetition_penalty, gc.temperature = 1, 1.5, 0.01
     try:
-        cfg = RolloutConfig(num_generations=4, max_new_tokens=5, prompt="short", temperature=1.3)
+        cfg = RolloutConfig(num_generations=4, max_new_tokens=5, prompt="short", temperature=1.3, backend="hf")
         ids = special_token_ids(tok)
         gen_cfg = _generation_config(cfg, [ids["eos_token_id"]], ids["pad_token_id"], output_logits=True)
         gen_cfg.output_scores = True
@@ -321,7 +323,7 @@ def test_generated_vision_tokens_are_text_like_in_generate(tiny):
             Force.start = input_ids.shape[1]
             return pol.generate(input_ids=input_ids, logits_processor=LogitsProcessorList([Force()]), **kw)
 
-    cfg = RolloutConfig(num_generations=2, max_new_tokens=8, prompt="short")
+    cfg = RolloutConfig(num_generations=2, max_new_tokens=8, prompt="short", backend="hf")
     b = generate_rollouts(Forcing(pol), tok, requests()[:2], cfg, generator_seed=0, return_logprobs=True)
     assert b.completion_ids[0, :6].tolist() == forced and b.completion_mask.sum(1).tolist() == [6] * 4
     tgt = b.inputs.targets()

@@ -1,6 +1,6 @@
 """Pure-torch twins of every kernel: the test oracle and the CPU fallback.
 
-One module per kernel (variant, keyframe, advantage, logprob); the names below are re-exported so
+One module per kernel (variant, keyframe, advantage, logprob, decode_attention, decode_layer); the names below are re-exported so
 `from strive_kernels.reference import keyframe_sample_reference` works.
 """
 import importlib
@@ -11,6 +11,10 @@ _EXPORTS = {
     "group_advantages_reference": "strive_kernels.reference.advantage",
     "fused_logprob_loss_reference": "strive_kernels.reference.logprob",
     "fused_logprobs_reference": "strive_kernels.reference.logprob",
+    "shared_prefix_attention_reference": "strive_kernels.reference.decode_attention",
+    "add_rmsnorm_reference": "strive_kernels.reference.decode_layer",
+    "rope_reference": "strive_kernels.reference.decode_layer",
+    "silu_mul_reference": "strive_kernels.reference.decode_layer",
 }
 
 __all__ = sorted(_EXPORTS)

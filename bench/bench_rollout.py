@@ -1,0 +1,306 @@
+"""Rollout: the native decode engine against HF `generate`, side by side in one run, at the Qwen2.5-VL-3B shape.
+
+    python bench/bench_rollout.py                     # on a GPU: 16 requests x G=8 = 128 rows, ~2,000-token
+                                                      # prompts (1,500 video tokens), 256 new tokens, bf16
+    python bench/bench_rollout.py --tiny              # the same code at toy sizes (CPU smoke test)
+
+Model: the Qwen2.5-VL-3B architecture (36 layers of 2,048, 16 / 2 heads of 128, MLP 11,008, 32-block vision tower,
+151,936-row tied vocabulary) with random weights (`model.arch=qwen2_5_vl_3b`, drawn on the device). Prompts are
+built from token ids (text ids drawn at random, the video block in Qwen's layout), so no tokenizer is involved.
+Sampling: temperature 1, no top-k / top-p, no EOS (every row runs all max_new_tokens: both engines do the same
+work).
+
+Reported for both engines (one JSON object, the last line):
+  * prefill ms: native = vision tower + language model once per request; HF = the first forward of generate,
+    which runs every prompt and its video G times (timed by CUDA events on forward hooks: no added sync);
+  * decode ms per step: native = the graph replays (warm-up step and capture reported apart); HF = the later
+    forwards of generate, including its per-token sampling and stopping work (HF runs --hf-tokens steps, the
+    per-step cost is flat in the length at these sizes);
+  * tokens/s over prefill + decode of max_new_tokens tokens per row;
+  * the bandwidth floor of a decode step: (bytes of the weights a step reads: every decoder block, the final
+    norm and lm_head; + K/V bytes: each request's prompt once, each row's average suffix) / the device-copy
+    bandwidth measured in the same run (bytes read + written); and the fraction of it each engine reaches;
+  * peak memory above the model's weights, per engine;
+  * a correctness check at the same shape: native vs HF logits over the first steps (HF forced along the
+    native tokens), max relative error.
+Targets (issue 13): decode >= 10x HF at the same batch; a decode step <= 1.5x the floor; prefill >= 4x HF.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build(args):
+    from strive_engine.config import ModelConfig
+    from strive_engine.model import Policy, build_model
+
+    if args.tiny:
+        cfg = ModelConfig(tiny_hidden_size=64, tiny_layers=2, tiny_heads=4, tiny_vision_depth=1,
+                          tiny_vision_hidden_size=32, dtype="float32")
+    else:
+        cfg = ModelConfig(arch="qwen2_5_vl_3b", init="device", dtype="bfloat16", liger=False)
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, args.device)
+    return Policy(model)
+
+
+def make_prompts(policy, R: int, text_tokens: int, grid: tuple[int, int, int], seed: int = 0):
+    """R prompts: text | <vision_start> <video_pad> x n <vision_end> | text, lengths varied by +-10% across
+    requests (left-padded), each with its own random video of grid (t, h, w) patches."""
+    from strive_engine.model import PolicyInputs
+
+    c = policy.config
+    g = torch.Generator().manual_seed(seed)
+    n_vid = grid[0] * grid[1] * grid[2] // policy.merge_size ** 2
+    special = {c.video_token_id, c.image_token_id, c.vision_start_token_id, c.vision_end_token_id}
+    vocab = min(c.get_text_config().vocab_size, 50_000)
+    rows = []
+    for r in range(R):
+        n_text = int(text_tokens * (0.9 + 0.2 * r / max(R - 1, 1)))
+        text = torch.randint(10, vocab, (n_text,), generator=g)
+        text = torch.where(torch.isin(text, torch.tensor(sorted(special))), 10, text)
+        half = n_text // 4
+        rows.append(torch.cat([text[:half], torch.tensor([c.vision_start_token_id]),
+                               torch.full((n_vid,), c.video_token_id), torch.tensor([c.vision_end_token_id]),
+                               text[half:]]))
+    L = max(map(len, rows))
+    ids = torch.zeros(R, L, dtype=torch.long)
+    mask = torch.zeros(R, L, dtype=torch.long)
+    for r, x in enumerate(rows):
+        ids[r, L - len(x):], mask[r, L - len(x):] = x, 1
+    d = 3 * 2 * c.vision_config.patch_size ** 2
+    pix = torch.randn(R * grid[0] * grid[1] * grid[2], d, generator=g)
+    return PolicyInputs(input_ids=ids, attention_mask=mask, completion_mask=torch.zeros_like(ids),
+                        pixel_values_videos=pix, video_grid_thw=torch.tensor([grid] * R),
+                        second_per_grid_ts=torch.full((R,), 1.0), video_index=torch.arange(R))
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy, bytes read + written per second (median of 10 after warm-up)."""
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for i in range(13):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        b.synchronize()
+        if i >= 3:
+            times.append(a.elapsed_time(b) / 1e3)
+    del x, y
+    return 2 * (1 << 30) / sorted(times)[len(times) // 2]
+
+
+def step_bytes(policy, prompts, G: int, T: int) -> dict:
+    """Bytes one decode step must read: weights (decoder blocks, final norm, lm_head) and K/V (prompts once per
+    request, each row's suffix averaged over the T steps)."""
+    lm = policy.hf.model.language_model
+    w = sum(p.numel() * p.element_size() for p in lm.layers.parameters())
+    w += sum(p.numel() * p.element_size() for p in lm.norm.parameters())
+    w += policy.hf.lm_head.weight.numel() * policy.hf.lm_head.weight.element_size()
+    c = policy.config.get_text_config()
+    D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * D * policy.hf.lm_head.weight.element_size()
+    prefix = int(prompts.attention_mask.sum()) * per_token
+    suffix = prompts.num_rows * G * (T + 1) / 2 * per_token
+    return {"weights": w, "kv_prefix": prefix, "kv_suffix_mean": suffix, "total": w + prefix + suffix}
+
+
+class ForwardClock:
+    """CUDA events at the end of every forward of `module` (no sync): prefill = first, decode = the rest."""
+
+    def __init__(self, module, cuda: bool):
+        self.cuda, self.marks = cuda, []
+        self.handle = module.register_forward_hook(lambda *a: self.marks.append(self._now()))
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def start(self):
+        self.marks = [self._now()]
+
+    def ms(self, a, b):
+        return a.elapsed_time(b) if self.cuda else 1e3 * (b - a)
+
+
+def run_hf(policy, prompts, G: int, n_tokens: int, device) -> dict:
+    from transformers import GenerationConfig
+
+    rows = torch.arange(prompts.num_rows).repeat_interleave(G)
+    x = prompts.input_ids[rows].to(device)
+    per = prompts.video_grid_thw.prod(-1)
+    offs = torch.cumsum(per, 0) - per
+    pix = torch.cat([prompts.pixel_values_videos[int(offs[r]):int(offs[r] + per[r])] for r in rows.tolist()])
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=n_tokens,
+                           min_new_tokens=n_tokens, eos_token_id=None, pad_token_id=0, bos_token_id=None,
+                           use_cache=True, return_dict_in_generate=True)
+    kw = dict(input_ids=x, attention_mask=prompts.attention_mask[rows].to(device),
+              pixel_values_videos=pix.to(device, policy.hf.dtype), video_grid_thw=prompts.video_grid_thw[rows].to(device),
+              second_per_grid_ts=prompts.second_per_grid_ts[rows].to(device),
+              mm_token_type_ids=policy.mm_token_type_ids(x))
+    clock = ForwardClock(policy.hf, device.type == "cuda")
+    sync()
+    base = mem()
+    reset_peak()
+    clock.start()
+    with torch.no_grad():
+        policy.hf.generate(**kw, generation_config=gen)
+    sync()
+    clock.handle.remove()
+    m = clock.marks
+    prefill = clock.ms(m[0], m[1])
+    steps = [clock.ms(a, b) for a, b in zip(m[1:], m[2:])]
+    return {"rows": len(rows), "prefill_ms": prefill, "decode_ms_per_step": sorted(steps)[len(steps) // 2],
+            "decode_steps_timed": len(steps), "peak_extra_GiB": (peak() - base) / 2**30}
+
+
+def run_native(policy, prompts, G: int, T: int, device, reps: int = 2) -> dict:
+    from strive_engine.decode import DecodeEngine
+    from strive_engine.sampling import SamplingSpec
+
+    engine = DecodeEngine(policy)
+    p = prompts.to(device)
+    p.pixel_values_videos = p.pixel_values_videos.to(policy.hf.dtype)
+    res = None
+    for _ in range(reps):  # the first call compiles the Triton kernels; report the last
+        sync()
+        base = mem()
+        reset_peak()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = engine.generate(p, G, SamplingSpec(), T, [], 0)
+        wall = time.perf_counter() - t0
+        tm = out.timings_ms
+        replays = max(out.steps - 1, 1)
+        res = {"rows": prompts.num_rows * G, "prefill_ms": tm["prefill"], "first_token_ms": tm["first_token"],
+               "warmup_step_ms": tm.get("warmup_step", float("nan")), "capture_ms": tm.get("capture", float("nan")),
+               "decode_ms_per_step": tm["decode"] / replays if "capture" in tm else tm["decode"] / max(out.steps, 1),
+               "decode_steps": out.steps, "wall_s": wall, "peak_extra_GiB": (peak() - base) / 2**30}
+    return res
+
+
+def check_logits(policy, prompts, G: int, T: int, device) -> dict:
+    """Native vs HF logits at this shape over T steps (HF forced along the native tokens), a few requests."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from strive_engine.decode import DecodeEngine
+    from strive_engine.sampling import SamplingSpec
+    from test_decode import _hf_generate
+
+    p = prompts.to(device)
+    p.pixel_values_videos = p.pixel_values_videos.to(policy.hf.dtype)
+    with torch.no_grad():
+        out = DecodeEngine(policy).generate(p, G, SamplingSpec(), T, [], 0, keep_logits=True)
+        _, hf = _hf_generate(policy, p, G, T, [], 0, forced=out.tokens.to(device))
+    n = hf.shape[1]
+    a, b = out.logits[:, :n].double(), hf.double().cpu()
+    rel = [float((a[:, i] - b[:, i]).norm() / b[:, i].norm()) for i in range(n)]
+    top1 = float((a.argmax(-1) == b.argmax(-1)).double().mean())
+    return {"steps": n, "max_rel_err": max(rel), "rel_err_per_step": rel, "argmax_agree": top1}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def mem():
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+def peak():
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def reset_peak():
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU smoke test)")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--G", type=int, default=8)
+    ap.add_argument("--text-tokens", type=int, default=500)
+    ap.add_argument("--grid", default="8,30,25", help="video grid t,h,w in patches (8x30x25: 1,500 tokens)")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--hf-tokens", type=int, default=24, help="steps HF generate runs (its per-step time is flat)")
+    ap.add_argument("--check-steps", type=int, default=8)
+    ap.add_argument("--check-requests", type=int, default=2)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", default="", help="also write the JSON record to this file")
+    args = ap.parse_args(argv)
+    args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tiny:
+        args.requests, args.G, args.text_tokens, args.grid = min(args.requests, 3), min(args.G, 2), 20, "2,4,4"
+        args.new_tokens, args.hf_tokens, args.check_steps = min(args.new_tokens, 8), min(args.hf_tokens, 4), 3
+    grid = tuple(int(v) for v in args.grid.split(","))
+    t0 = time.perf_counter()
+    policy = build(args)
+    build_s = time.perf_counter() - t0
+    prompts = make_prompts(policy, args.requests, args.text_tokens, grid)
+    bw = copy_bandwidth(args.device)
+    nb = step_bytes(policy, prompts, args.G, args.new_tokens)
+    floor_ms = 1e3 * nb["total"] / bw if bw == bw else float("nan")
+    native = run_native(policy, prompts, args.G, args.new_tokens, args.device)
+    hf = None if args.skip_hf else run_hf(policy, prompts, args.G, args.hf_tokens, args.device)
+    check = check_logits(policy, make_prompts(policy, args.check_requests, args.text_tokens, grid, seed=1), args.G,
+                         args.check_steps, args.device)
+    M, T = args.requests * args.G, args.new_tokens
+
+    def tok_s(r, steps_ms):
+        return M * T / ((r["prefill_ms"] + steps_ms * (T - 1)) / 1e3)
+
+    rec = {"bench": "rollout", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+           "shape": {"requests": args.requests, "G": args.G, "rows": M, "prompt_tokens_mean":
+                     float(prompts.attention_mask.sum(1).float().mean()), "video_tokens": grid[0] * grid[1] * grid[2] // 4,
+                     "new_tokens": T, "params_B": sum(p.numel() for p in policy.parameters()) / 1e9},
+           "build_s": build_s, "copy_GBps": bw / 1e9, "step_bytes_GB": {k: v / 1e9 for k, v in nb.items()},
+           "floor_ms_per_step": floor_ms, "native": native, "hf": hf, "logits_check": check}
+    native["tokens_per_s"] = tok_s(native, native["decode_ms_per_step"])
+    native["fraction_of_floor"] = floor_ms / native["decode_ms_per_step"]
+    if hf is not None:
+        hf["tokens_per_s"] = tok_s(hf, hf["decode_ms_per_step"])
+        hf["fraction_of_floor"] = floor_ms / hf["decode_ms_per_step"]
+        rec["speedup"] = {"decode_step": hf["decode_ms_per_step"] / native["decode_ms_per_step"],
+                          "prefill": hf["prefill_ms"] / native["prefill_ms"],
+                          "tokens_per_s": native["tokens_per_s"] / hf["tokens_per_s"]}
+        rec["targets"] = {"decode_10x_hf": rec["speedup"]["decode_step"] >= 10,
+                          "step_within_1.5x_floor": native["decode_ms_per_step"] <= 1.5 * floor_ms,
+                          "prefill_4x_hf": rec["speedup"]["prefill"] >= 4}
+    print(f"{'':22s}{'native':>12s}{'HF generate':>14s}")
+    for key, label in (("prefill_ms", "prefill ms"), ("decode_ms_per_step", "decode ms/step"),
+                       ("tokens_per_s", "tokens/s"), ("fraction_of_floor", "of floor"),
+                       ("peak_extra_GiB", "peak extra GiB")):
+        h = f"{hf[key]:14.3f}" if hf else f"{'-':>14s}"
+        print(f"{label:22s}{native[key]:12.3f}{h}")
+    print(f"floor {floor_ms:.3f} ms/step ({nb['total'] / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s); native capture "
+          f"{native['capture_ms']:.1f} ms; logits max rel err {check['max_rel_err']:.2e} over {check['steps']} steps")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rec, indent=1))
+    print(json.dumps(rec))
+    return rec
+
+
+if __name__ == "__main__":
+    main()

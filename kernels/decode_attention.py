@@ -1,0 +1,235 @@
+"""Decode attention for G rows that share a prompt: `strive_kernels.shared_prefix_attention` (Triton).
+
+Contract: `strive_kernels.reference.decode_attention` (the pure-torch twin, oracle and CPU fallback).
+
+Why a kernel: at the Qwen2.5-VL-3B rollout shape (16 requests x G=8, 2,000-token prompts, 2 K/V heads of 128)
+the prompts' K/V are 33 MB per layer, about a sixth of what a decode step must read; the twin reads them once
+too but writes and re-reads fp32 scores of the same size, and reads all T suffix slots every step. Here each
+byte of K/V is read once, and only the suffix slots written so far.
+
+Two launches, flash-decoding style:
+
+    _prefix_kernel   grid (R * Hkv, S): program (r, h, s) takes the G * n_rep queries of request r and K/V head
+                     h (one (QB, D) tile: the prefix is read once for all G rows) against prefix columns
+                     [s * SPLIT, (s + 1) * SPLIT), online softmax, and writes a partial (m, l, acc) in fp32.
+                     S splits keep every SM streaming when R * Hkv is small.
+    _suffix_kernel   grid (R * G * Hkv,): program (r, g, h) takes row (r, g)'s n_rep queries against its own
+                     suffix slots [0, suffix_len) (the length is read on the device: a CUDA graph replays the
+                     step unchanged), merges the S prefix partials of those queries and writes the output.
+
+Partials: S x (R * Hkv * QB) x (D + 2) fp32, a few MB, written once and read once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from strive_kernels._backend import resolve_auto
+from strive_kernels.reference.decode_attention import (
+    DecodeAttentionInputError,
+    check_decode_attention_inputs,
+    shared_prefix_attention_reference,
+)
+
+__all__ = ["shared_prefix_attention", "DecodeAttentionInputError"]
+
+_NEG = -1.0e30  # finite "minus infinity": exp(_NEG - m) == 0 without inf - inf = nan
+
+
+@triton.jit
+def _prefix_kernel(q_ptr, k_ptr, v_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
+                   Lp, HKV, GN, SPLIT, scale,
+                   sq_r, sq_g, sq_h, sk_r, sk_h, sk_n, sv_r, sv_h, sv_n,
+                   N_REP: tl.constexpr, QB: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   IEEE: tl.constexpr):
+    rh = tl.program_id(0)
+    s = tl.program_id(1)
+    num_s = tl.num_programs(1)
+    r = rh // HKV
+    h = rh % HKV
+    rows = tl.arange(0, QB)                                    # query row i = g * N_REP + j
+    row_ok = rows < GN
+    g = rows // N_REP
+    j = rows % N_REP
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + r * sq_r + g[:, None] * sq_g + (h * N_REP + j)[:, None] * sq_h + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    start = tl.load(start_ptr + r).to(tl.int32)
+    lo = tl.maximum(s * SPLIT, start)
+    hi = tl.minimum((s + 1) * SPLIT, Lp)
+    m_i = tl.full((QB,), _NEG, tl.float32)
+    l_i = tl.zeros((QB,), tl.float32)
+    acc = tl.zeros((QB, D), tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ok = cols < hi
+        k = tl.load(k_ptr + r * sk_r + h * sk_h + cols[:, None] * sk_n + d[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            sc = tl.dot(q, tl.trans(k))
+        sc = tl.where(ok[None, :], sc * scale, _NEG)           # (QB, BLOCK_N); every block has a valid column
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + r * sv_r + h * sv_h + cols[:, None] * sv_n + d[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    part = (rh * num_s + s) * QB + rows                        # (QB,) partial row index
+    tl.store(m_ptr + part, m_i)
+    tl.store(l_ptr + part, l_i)
+    tl.store(acc_ptr + part[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
+def _suffix_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+                   G, HKV, S, scale,
+                   sq_r, sq_g, sq_h, sk_r, sk_g, sk_h, sk_t, sv_r, sv_g, sv_h, sv_t, so_r, so_g, so_h,
+                   N_REP: tl.constexpr, QS: tl.constexpr, QB: tl.constexpr, D: tl.constexpr,
+                   BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    h = pid % HKV
+    rg = pid // HKV
+    g = rg % G
+    r = rg // G
+    j = tl.arange(0, QS)
+    row_ok = j < N_REP
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + r * sq_r + g * sq_g + (h * N_REP + j)[:, None] * sq_h + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    n = tl.load(len_ptr).to(tl.int32)
+    m_i = tl.full((QS,), _NEG, tl.float32)
+    l_i = tl.zeros((QS,), tl.float32)
+    acc = tl.zeros((QS, D), tl.float32)
+    kb = k_ptr + r * sk_r + g * sk_g + h * sk_h
+    vb = v_ptr + r * sv_r + g * sv_g + h * sv_h
+    for t0 in range(0, n, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        ok = ts < n
+        k = tl.load(kb + ts[:, None] * sk_t + d[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            sc = tl.dot(q, tl.trans(k))
+        sc = tl.where(ok[None, :], sc * scale, _NEG)
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(sc - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vb + ts[:, None] * sv_t + d[None, :], mask=ok[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    # merge the prefix partials of these queries (rows g * N_REP + j of program (r, h) of the prefix kernel)
+    prow = g * N_REP + j
+    for s in range(0, S):
+        part = ((r * HKV + h) * S + s) * QB + prow
+        mp = tl.load(m_ptr + part, mask=row_ok, other=_NEG)
+        lp = tl.load(l_ptr + part, mask=row_ok, other=0.0)
+        ap = tl.load(acc_ptr + part[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_i, mp)
+        a = tl.exp(m_i - m_new)
+        b = tl.exp(mp - m_new)
+        l_i = l_i * a + lp * b
+        acc = acc * a[:, None] + ap * b[:, None]
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + r * so_r + g * so_g + (h * N_REP + j)[:, None] * so_h + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a couple of splits, enough to exercise the merge
+
+
+def plan_splits(R: int, Hkv: int, Lp: int, block_n: int, num_sms: int) -> tuple[int, int]:
+    """(S, SPLIT): enough prefix programs to give every SM about two, each at least 4 blocks of columns."""
+    want = max(1, -(-2 * num_sms // max(R * Hkv, 1)))
+    most = max(1, -(-Lp // (4 * block_n)))
+    S = min(want, most)
+    split = -(-Lp // S)
+    split = -(-split // block_n) * block_n
+    return -(-Lp // split) if Lp else 1, split
+
+
+def _triton_supported(q: Tensor, D: int, n_rep: int) -> bool:
+    return (D >= 16 and D & (D - 1) == 0 and D <= 256 and n_rep <= 64
+            and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
+
+
+def shared_prefix_attention_triton(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_start: Tensor,
+                                   k_suffix: Tensor, v_suffix: Tensor, suffix_len: Tensor,
+                                   scale: float | None = None) -> Tensor:
+    R, G, Hq, Hkv, D, Lp, T = check_decode_attention_inputs(q, k_prefix, v_prefix, prefix_start, k_suffix,
+                                                            v_suffix, suffix_len)
+    n_rep = Hq // Hkv
+    scale = D ** -0.5 if scale is None else float(scale)
+    for name, t in (("q", q), ("k_prefix", k_prefix), ("v_prefix", v_prefix), ("k_suffix", k_suffix),
+                    ("v_suffix", v_suffix)):
+        if t.stride(-1) != 1:
+            raise DecodeAttentionInputError(f"{name} must have a unit stride in D, got strides {t.stride()}")
+    BLOCK_N, BLOCK_T = 64, 32
+    QB = max(16, triton.next_power_of_2(G * n_rep))
+    QS = max(16, triton.next_power_of_2(n_rep))
+    S, split = plan_splits(R, Hkv, Lp, BLOCK_N, _num_sms(q.device))
+    m = torch.empty(R * Hkv * S * QB, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(R * Hkv * S * QB, D, device=q.device, dtype=torch.float32)
+    out = torch.empty(R, G, Hq, D, device=q.device, dtype=q.dtype)
+    ieee = q.dtype == torch.float32
+    warps = 8 if QB * D >= 64 * 128 else 4
+    _prefix_kernel[(R * Hkv, S)](
+        q, k_prefix, v_prefix, prefix_start, m, l, acc, Lp, Hkv, G * n_rep, split, scale,
+        q.stride(0), q.stride(1), q.stride(2), *k_prefix.stride()[:3], *v_prefix.stride()[:3],
+        N_REP=n_rep, QB=QB, D=D, BLOCK_N=BLOCK_N, IEEE=ieee, num_warps=warps)
+    _suffix_kernel[(R * G * Hkv,)](
+        q, k_suffix, v_suffix, suffix_len, m, l, acc, out, G, Hkv, S, scale,
+        q.stride(0), q.stride(1), q.stride(2), *k_suffix.stride()[:4], *v_suffix.stride()[:4],
+        out.stride(0), out.stride(1), out.stride(2),
+        N_REP=n_rep, QS=QS, QB=QB, D=D, BLOCK_T=BLOCK_T, IEEE=ieee, num_warps=4)
+    return out
+
+
+@torch.library.custom_op("strive::shared_prefix_attention", mutates_args=())
+def _shared_prefix_attention_op(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_start: Tensor,
+                                k_suffix: Tensor, v_suffix: Tensor, suffix_len: Tensor, scale: float) -> Tensor:
+    return shared_prefix_attention_triton(q, k_prefix, v_prefix, prefix_start, k_suffix, v_suffix, suffix_len,
+                                          scale)
+
+
+@_shared_prefix_attention_op.register_fake
+def _(q, k_prefix, v_prefix, prefix_start, k_suffix, v_suffix, suffix_len, scale):
+    return torch.empty_like(q)
+
+
+def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_start: Tensor,
+                            k_suffix: Tensor, v_suffix: Tensor, suffix_len: Tensor, scale: float | None = None,
+                            *, backend: str = "auto") -> Tensor:
+    """Decode attention of G rows over their shared prompt and their own suffixes (contract:
+    `strive_kernels.reference.decode_attention`). backend: auto (Triton on CUDA when the head size is a power of
+    two in [16, 256], else the twin) | triton | reference. No host sync on either path."""
+    backend = resolve_auto(backend)
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"shared_prefix_attention: backend must be auto|triton|reference, got {backend!r}")
+    D = q.shape[-1]
+    n_rep = q.shape[2] // max(k_prefix.shape[1], 1)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _triton_supported(q, D, n_rep) else "reference"
+    scale = D ** -0.5 if scale is None else float(scale)
+    if backend == "reference":
+        return shared_prefix_attention_reference(q, k_prefix, v_prefix, prefix_start, k_suffix, v_suffix,
+                                                 suffix_len, scale)
+    if not _triton_supported(q, D, n_rep):
+        raise DecodeAttentionInputError(f"shared_prefix_attention(backend='triton'): head size {D} must be a power "
+                                        f"of two in [16, 256], n_rep {n_rep} <= 64, dtype fp16/bf16/fp32")
+    return _shared_prefix_attention_op(q, k_prefix, v_prefix, prefix_start, k_suffix, v_suffix, suffix_len, scale)

@@ -1,0 +1,356 @@
+"""The native decode engine (rollout.backend = "native"): each prompt prefilled once, G answers decoded against it.
+
+    engine = DecodeEngine(policy)                      # reads the policy's (unsharded) parameters in place
+    out = engine.generate(prompts, G, spec, max_new_tokens, eos_ids, pad_id)   # prompts: PolicyInputs, one row
+    out.tokens, out.logprobs, out.finished              # per request: (R*G, T) int64, (R*G, T) fp32, (R*G,) bool
+
+Why not HF `generate`: for G answers per (question, variant) it prefills every prompt and its video G times,
+and it is bound by launches and host syncs (it syncs on every token to sample and to test for stopping).
+Measured on an H200: ~28 ms per decode step for a 0.17 B model whose weights are read in ~0.1 ms. Here:
+
+1. Prefill once per request. The vision tower runs once per video and the language model runs once over each
+   prompt (HF's own forward, so every family's attention, mRoPE and Qwen3-VL deepstack are HF's); its K/V is
+   kept once per request as the prefix (R, Hkv, Lp, D), left-padded, and the first-token logits are broadcast
+   to the request's G rows.
+2. Decode. Our own step runs HF's decoder blocks from their parameters (read in place each step) on the
+   M = R*G new tokens, with HF's arithmetic and rounding points: GEMMs by cuBLAS, the elementwise work in three
+   fused kernels (`strive_kernels.decode_layer`: residual add + RMSNorm, rotary + K/V cache write, SiLU * up;
+   torch twins on the CPU). Attention is `strive_kernels.shared_prefix_attention`: one exact softmax over the
+   shared prefix (read once per step for all G rows) and each row's suffix, a static cache of max_new_tokens
+   slots. GQA is handled there.
+3. Positions. The prompt's mRoPE positions come from the model's get_rope_index (every family's own rules, with
+   Qwen3-VL's timestamps and interleaving). A generated token is text: its three mRoPE axes are equal, to
+   max(prompt position) + 1 + t, so its rotary angles are the plain 1-D ones at that position for every family
+   (the per-axis sections and Qwen3-VL's interleaving select among equal values).
+4. Sampling on the device (strive_engine.sampling): no sync, graph-capturable; each sampled token's log-prob
+   under the sampling distribution is recorded.
+5. Stopping on the device: a row is finished once it has produced any EOS id; later tokens are pad with
+   log-prob 0. "All rows finished" is read every `check_every` tokens through a pinned buffer and an event one
+   window behind, so the device always has a window of work queued and the host never waits per token.
+6. On CUDA the step is captured as a CUDA graph once per `generate` call (after one eager warm-up step) and
+   replayed. The graph reads the parameters where FSDP2's unshard put them, without a copy; it is captured
+   and freed inside the call, during which the caller keeps the parameters unsharded, so it can never replay
+   against moved or freed memory (the parameter addresses are also checked before every window). The
+   capture costs a few ms against a rollout of seconds.
+7. Memory: the prefix and suffix caches are allocated per call from the batch's sizes and freed on return.
+
+On the CPU the same step runs eagerly (and compiles with torch.compile(fullgraph=True): no host sync inside).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from strive_engine.model import Policy, PolicyInputs
+from strive_engine.sampling import SamplingSpec, sample_next
+from strive_kernels import shared_prefix_attention
+from strive_kernels.decode_layer import add_rmsnorm, rope_cache, silu_mul
+
+log = logging.getLogger(__name__)
+
+
+class DecodeError(ValueError):
+    """A request the engine cannot serve (too long for the model's context, bad sizes); the message names it."""
+
+
+@dataclass
+class Prefix:
+    """The prompts of R requests after prefill: K/V per layer (R, Hkv, Lp, D), left-padded (columns < start[r]
+    are padding), start (R,) int32, next_pos (R,) int64 = max prompt position + 1, logits (R, V) of the first
+    new token."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    start: Tensor
+    next_pos: Tensor
+    logits: Tensor
+
+
+@dataclass
+class DecodeState:
+    """The static buffers one decode step reads and updates in place (M = R*G rows, T = max_new_tokens)."""
+
+    prefix: Prefix
+    k_suffix: list[Tensor]     # per layer (R, G, Hkv, T, D)
+    v_suffix: list[Tensor]
+    token: Tensor              # (M,) int64: the token fed to the next step
+    t: Tensor                  # (1,) int64: its index in the completion (= suffix slot)
+    base_pos: Tensor           # (M,) int64: position of completion token 0
+    done: Tensor               # (M,) bool: the row has produced an EOS
+    tokens: Tensor             # (M, T) int64 output (pad after EOS)
+    logprobs: Tensor           # (M, T) fp32 output (0 after EOS)
+    eos: Tensor                # (E,) int64 stop ids
+    pad_id: int
+    spec: SamplingSpec
+    logits: Tensor | None = None  # (M, T, V) fp32, only when asked for (tests)
+
+
+@dataclass
+class Generation:
+    """Rows request-major (row m: request m // G). tokens/logprobs (M, T) on the host: pad / 0 after the row's
+    EOS and after the last step run; finished (M,): an EOS was produced; logits (M, T, V) only if asked."""
+
+    tokens: Tensor
+    logprobs: Tensor
+    finished: Tensor
+    steps: int
+    logits: Tensor | None = None
+    timings_ms: dict[str, float] | None = None   # prefill, first_token, [warmup_step, capture,] decode
+
+
+def _now(cuda: bool) -> Any:
+    if cuda:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+    import time
+
+    return time.perf_counter()
+
+
+class DecodeEngine:
+    """Decode for a Qwen2-VL / Qwen2.5-VL / Qwen3-VL `Policy` (see the module docstring). Holds references to the
+    model's modules, never copies of its weights."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        hf = policy.hf
+        lm = hf.model.language_model
+        self.lm, self.layers, self.lm_head = lm, list(lm.layers), hf.lm_head
+        cfg = hf.config.get_text_config()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_positions = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"} or getattr(cfg, "use_sliding_window", False):
+            raise DecodeError(f"the native decode engine supports full attention only, this model has layer types "
+                              f"{sorted(kinds)} (use_sliding_window={getattr(cfg, 'use_sliding_window', False)}); "
+                              f"use --rollout.backend=hf")
+        rotary = lm.rotary_emb
+        rope_type = getattr(rotary, "rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise DecodeError(f"rope_type {rope_type!r} changes its frequencies with the length; the native decode "
+                              f"engine supports static ones (default, linear, yarn, llama3): use --rollout.backend=hf")
+        self.inv_freq = rotary.inv_freq
+        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+        self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
+        self.eps = float(cfg.rms_norm_eps)
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise DecodeError(f"the native decode engine's MLP is SwiGLU (silu); this model has hidden_act="
+                              f"{cfg.hidden_act!r}: use --rollout.backend=hf")
+
+    # ------------------------------------------------------------------------------------------ checks
+
+    def check(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
+        """Before any compute: every request fits the model's context with max_new_tokens more tokens."""
+        if max_new_tokens < 1:
+            raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not self.max_positions:
+            return
+        for i, n in enumerate(prompt_lengths):
+            if n > self.max_positions:
+                raise DecodeError(f"request {i}: its prompt has {n} tokens, longer than the model's context of "
+                                  f"{self.max_positions} (max_position_embeddings)")
+            if n + max_new_tokens > self.max_positions:
+                raise DecodeError(f"request {i}: prompt of {n} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                                  f"model's context of {self.max_positions} (max_position_embeddings); lower "
+                                  f"rollout.max_new_tokens or the frames/pixels per video")
+
+    # ------------------------------------------------------------------------------------------ prefill
+
+    def prefill(self, prompts: PolicyInputs) -> Prefix:
+        """Vision tower + language model over R left-padded prompts (one row per request), K/V kept."""
+        embeds, pos, extra = self.policy.input_embeddings(prompts)               # (R, Lp, H), (3, R, Lp)
+        mask = prompts.attention_mask
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
+        keys, values = _cache_tensors(out.past_key_values, len(self.layers))
+        logits = self.lm_head(out.last_hidden_state[:, -1])                      # (R, V): left-padded prompts
+        valid = mask.bool()
+        next_pos = pos.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1        # (R,)
+        start = (mask.shape[1] - valid.sum(1)).to(torch.int32)                    # (R,)
+        return Prefix(keys, values, start, next_pos.long(), logits)
+
+    # ------------------------------------------------------------------------------------------ one step
+
+    def _layer(self, i: int, x: Tensor, delta: Tensor | None, st: DecodeState) -> tuple[Tensor, Tensor]:
+        """Decoder block i on the residual stream x (M, H), with the previous block's output `delta` still to be
+        added (fused into this block's first norm). Returns (stream, this block's MLP output)."""
+        layer = self.layers[i]
+        attn, mlp = layer.self_attn, layer.mlp
+        M = x.shape[0]
+        R, G = st.prefix.start.shape[0], M // st.prefix.start.shape[0]
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        x, h = add_rmsnorm(x, delta, layer.input_layernorm.weight, self.eps)            # (M, H)
+        q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(M, Hq, D)
+        k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(M, Hkv, D)
+        v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(M, Hkv, D)
+        ks, vs = st.k_suffix[i], st.v_suffix[i]                                          # (R, G, Hkv, T, D)
+        T = ks.shape[3]
+        q = rope_cache(q, k, v, st.base_pos, st.t, self.inv_freq, self.rope_scaling, ks.view(M, Hkv, T, D),
+                       vs.view(M, Hkv, T, D), attn.q_norm.weight if self.qk_norm else None,
+                       attn.k_norm.weight if self.qk_norm else None, self.eps)           # k, v -> slot t
+        o = shared_prefix_attention(q.view(R, G, Hq, D), st.prefix.keys[i], st.prefix.values[i], st.prefix.start,
+                                    ks, vs, st.t + 1, attn.scaling)                      # (R, G, Hq, D)
+        x, h = add_rmsnorm(x, F.linear(o.reshape(M, Hq * D), attn.o_proj.weight, attn.o_proj.bias),
+                           layer.post_attention_layernorm.weight, self.eps)
+        up = silu_mul(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight))
+        return x, F.linear(up, mlp.down_proj.weight)
+
+    def step(self, st: DecodeState) -> None:
+        """Feed st.token (completion token t) for every row, sample token t + 1, update the state in place.
+        No host sync, no data-dependent shape: capturable as a CUDA graph, compilable with fullgraph=True."""
+        x, delta = self.lm.embed_tokens(st.token), None                           # (M, H)
+        for i in range(len(self.layers)):
+            x, delta = self._layer(i, x, delta, st)
+        _, h = add_rmsnorm(x, delta, self.lm.norm.weight, self.eps)
+        logits = F.linear(h, self.lm_head.weight, self.lm_head.bias)              # (M, V)
+        self._emit(st, logits, st.t + 1)
+
+    @staticmethod
+    def _emit(st: DecodeState, logits: Tensor, col: Tensor) -> None:
+        """Sample from logits (M, V) into column `col` of the outputs; finished rows get pad / 0."""
+        token, logp = sample_next(logits, st.spec)
+        token = torch.where(st.done, st.pad_id, token)
+        logp = logp.masked_fill(st.done, 0.0)
+        st.tokens.index_copy_(1, col, token[:, None])
+        st.logprobs.index_copy_(1, col, logp[:, None])
+        if st.logits is not None:
+            st.logits.index_copy_(1, col, logits.float()[:, None])
+        st.done |= (token[:, None] == st.eos[None]).any(-1)
+        st.token.copy_(token)
+        st.t += 1
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    def new_state(self, prefix: Prefix, G: int, max_new_tokens: int, spec: SamplingSpec, eos_ids: list[int],
+                  pad_id: int, keep_logits: bool = False) -> DecodeState:
+        """Allocate the suffix caches and outputs and sample completion token 0 from the prefill logits."""
+        R = prefix.start.shape[0]
+        M, T, dev = R * G, max_new_tokens, prefix.logits.device
+        dtype = prefix.keys[0].dtype
+        shape = (R, G, self.num_kv_heads, T, self.head_dim)
+        st = DecodeState(
+            prefix=prefix, k_suffix=[torch.zeros(shape, device=dev, dtype=dtype) for _ in self.layers],
+            v_suffix=[torch.zeros(shape, device=dev, dtype=dtype) for _ in self.layers],
+            token=torch.zeros(M, dtype=torch.long, device=dev), t=torch.full((1,), -1, dtype=torch.long, device=dev),
+            base_pos=prefix.next_pos.repeat_interleave(G), done=torch.zeros(M, dtype=torch.bool, device=dev),
+            tokens=torch.full((M, T), pad_id, dtype=torch.long, device=dev),
+            logprobs=torch.zeros(M, T, dtype=torch.float32, device=dev),
+            eos=torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=dev), pad_id=pad_id, spec=spec,
+            logits=torch.zeros(M, T, prefix.logits.shape[-1], device=dev) if keep_logits else None)
+        # completion token 0 from the prompt's logits, broadcast to the G rows (t: -1 -> 0)
+        self._emit(st, prefix.logits.repeat_interleave(G, 0), torch.zeros(1, dtype=torch.long, device=dev))
+        return st
+
+    def generate(self, prompts: PolicyInputs, G: int, spec: SamplingSpec, max_new_tokens: int,
+                 eos_ids: list[int], pad_id: int, *, cuda_graph: bool = True, check_every: int = 16,
+                 keep_logits: bool = False) -> Generation:
+        """R prompts (PolicyInputs with one row per request, no completion) -> G completions each.
+
+        Sampling noise comes from the default generator of the device: seed it first (rollout does, inside
+        torch.random.fork_rng). Call with the policy's parameters in place (unsharded under FSDP2)."""
+        if prompts.num_rows != prompts.num_videos or not torch.equal(
+                prompts.video_index.cpu(), torch.arange(prompts.num_rows)):
+            raise DecodeError("generate: prompts must hold one row per request, row r using video r")
+        self.check(prompts.attention_mask.sum(1).tolist(), max_new_tokens)
+        cuda = self._cuda = prompts.input_ids.is_cuda
+        self._marks = [("start", _now(cuda))]
+        prefix = self.prefill(prompts)
+        self._mark("prefill")
+        st = self.new_state(prefix, G, max_new_tokens, spec, eos_ids, pad_id, keep_logits)
+        self._mark("first_token")
+        steps = self._run(st, max_new_tokens - 1, cuda_graph and cuda, check_every)
+        self._mark("decode")
+        out = Generation(tokens=st.tokens.cpu(), logprobs=st.logprobs.cpu(), finished=st.done.cpu(), steps=steps,
+                         logits=st.logits.cpu() if st.logits is not None else None, timings_ms=self._timings())
+        return out
+
+    def _mark(self, name: str) -> None:
+        self._marks.append((name, _now(self._cuda)))
+
+    def _timings(self) -> dict[str, float]:
+        """Milliseconds between consecutive marks (CUDA events or host clocks; read after the final copy)."""
+        out = {}
+        for (_, a), (name, b) in zip(self._marks, self._marks[1:]):
+            out[name] = a.elapsed_time(b) if isinstance(a, torch.cuda.Event) else 1e3 * (b - a)
+        return out
+
+    def _run(self, st: DecodeState, steps: int, graph: bool, check_every: int) -> int:
+        """Run up to `steps` decode steps, stopping early once every row is finished. Returns the steps run."""
+        if steps <= 0:
+            return 0
+        if not graph:
+            for i in range(steps):
+                self.step(st)
+                if (i + 1) % check_every == 0 and bool(st.done.all()):
+                    return i + 1
+            return steps
+        return self._run_graph(st, steps, check_every)
+
+    def _param_addresses(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in self.policy.hf.parameters())
+
+    def _run_graph(self, st: DecodeState, steps: int, check_every: int) -> int:
+        # Warm-up (Triton JIT, cuBLAS workspaces, allocator) as the first real step, on a side stream as
+        # torch.cuda.graphs asks; then capture (records, runs nothing) and replay for the rest.
+        cur = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            self.step(st)
+        cur.wait_stream(side)
+        self._mark("warmup_step")
+        if steps == 1:
+            return 1
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step(st)
+        self._mark("capture")
+        addresses = self._param_addresses()
+        flags = [torch.zeros(1, dtype=torch.bool, pin_memory=True) for _ in range(2)]
+        events: list[torch.cuda.Event | None] = [None, None]
+        done_steps, window = 1, 0
+        try:
+            while done_steps < steps:
+                n = min(check_every, steps - done_steps)
+                if self._param_addresses() != addresses:
+                    raise RuntimeError("decode: the policy's parameters moved during generate (were they resharded?); "
+                                       "keep them unsharded for the whole call")
+                for _ in range(n):
+                    graph.replay()
+                done_steps += n
+                slot = window % 2
+                flags[slot].copy_(st.done.all().view(1), non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                events[slot] = ev
+                # Read the flag of the window before this one: the device still has this window queued.
+                prev = events[1 - slot]
+                if prev is not None:
+                    prev.synchronize()
+                    if bool(flags[1 - slot][0]):
+                        break
+                window += 1
+        finally:
+            torch.cuda.current_stream().synchronize()
+            del graph
+        return done_steps
+
+
+def _cache_tensors(cache: Any, num_layers: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Per-layer (R, Hkv, L, D) keys and values of an HF cache (transformers 5.x layers API, or the older
+    key_cache / value_cache lists)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        keys, values = [lay.keys for lay in layers], [lay.values for lay in layers]
+    else:
+        keys, values = list(cache.key_cache), list(cache.value_cache)
+    if len(keys) != num_layers:
+        raise RuntimeError(f"prefill cache has {len(keys)} layers, the model {num_layers}")
+    return keys, values

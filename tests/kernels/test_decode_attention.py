@@ -1,0 +1,81 @@
+"""shared_prefix_attention: the twin against plain attention over the prefix copied G times (fp64), and the
+Triton kernel (interpreter on CPU, compiled on CUDA) against fp64 with an error bound relative to torch's own."""
+import pytest
+import torch
+
+from strive_kernels import shared_prefix_attention
+from strive_kernels.reference.decode_attention import DecodeAttentionInputError, shared_prefix_attention_reference
+
+
+def make(R, G, Hq, Hkv, D, Lp, T, n, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    start = torch.randint(0, Lp, (R,), generator=g).to(device)
+    return dict(q=r(R, G, Hq, D), k_prefix=r(R, Hkv, Lp, D), v_prefix=r(R, Hkv, Lp, D), prefix_start=start,
+                k_suffix=r(R, G, Hkv, T, D), v_suffix=r(R, G, Hkv, T, D),
+                suffix_len=torch.tensor([n], device=device))
+
+
+def expanded(x):
+    """Plain attention, fp64: each row's prefix copied out (left padding dropped) and concatenated with its
+    suffix, then SDPA with GQA repeat — the computation a non-sharing engine would do."""
+    q, kp, vp, st = x["q"].double(), x["k_prefix"].double(), x["v_prefix"].double(), x["prefix_start"]
+    ks, vs, n = x["k_suffix"].double(), x["v_suffix"].double(), int(x["suffix_len"])
+    R, G, Hq, D = q.shape
+    rep = Hq // kp.shape[1]
+    out = torch.empty_like(q)
+    for r in range(R):
+        s = int(st[r])
+        for g in range(G):
+            k = torch.cat([kp[r, :, s:], ks[r, g, :, :n]], 1).repeat_interleave(rep, 0)  # (Hq, L, D)
+            v = torch.cat([vp[r, :, s:], vs[r, g, :, :n]], 1).repeat_interleave(rep, 0)
+            out[r, g] = torch.nn.functional.scaled_dot_product_attention(q[r, g][:, None], k, v)[:, 0]
+    return out
+
+
+@pytest.mark.parametrize("R,G,Hq,Hkv,D,Lp,T,n", [(2, 3, 4, 2, 16, 37, 9, 1), (3, 2, 6, 3, 32, 70, 11, 11),
+                                                 (1, 5, 2, 1, 16, 5, 4, 3), (2, 1, 8, 2, 64, 129, 7, 5)])
+def test_twin_equals_attention_over_copied_prefix(R, G, Hq, Hkv, D, Lp, T, n):
+    x = make(R, G, Hq, Hkv, D, Lp, T, n, dtype=torch.float64, seed=R * 7 + n)
+    torch.testing.assert_close(shared_prefix_attention_reference(**x), expanded(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("R,G,Hq,Hkv,D,Lp,T,n", [(2, 3, 4, 2, 16, 37, 9, 1), (1, 2, 8, 2, 32, 200, 40, 33)])
+def test_triton_matches_fp64_within_torch_error(R, G, Hq, Hkv, D, Lp, T, n, device):
+    dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
+    for dtype in dtypes:
+        x = make(R, G, Hq, Hkv, D, Lp, T, n, dtype=dtype, device=device, seed=n)
+        want = expanded({k: v.cpu() for k, v in x.items()})
+        got = shared_prefix_attention(**x, backend="triton").double().cpu()
+        ours = (got - want).norm() / want.norm()
+        # torch's own error at this dtype: SDPA on the dtype's inputs, expanded the same way
+        plain = expanded({k: (v.to(dtype).double() if v.is_floating_point() else v).cpu() for k, v in x.items()})
+        twin = shared_prefix_attention_reference(**x).double().cpu()
+        torch_err = max(float((twin - want).norm() / want.norm()), float((plain - want).norm() / want.norm()),
+                        1e-7 if dtype == torch.float32 else 1e-3)
+        assert ours <= 4 * torch_err, (dtype, ours, torch_err)
+
+
+def test_all_padding_but_one_column_and_long_suffix(device):
+    """A prompt of one token at the end of a wide padded prefix; a suffix longer than one block."""
+    x = make(2, 2, 4, 2, 16, 150, 70, 70, device=device, seed=3)
+    x["prefix_start"] = torch.tensor([149, 0], device=device)
+    want = expanded({k: v.cpu() for k, v in x.items()})
+    torch.testing.assert_close(shared_prefix_attention(**x, backend="triton").double().cpu(), want,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shared_prefix_attention(**x, backend="reference").double().cpu(), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_named():
+    x = make(2, 2, 4, 2, 16, 8, 4, 2)
+    with pytest.raises(DecodeAttentionInputError, match="multiple of the K/V heads"):
+        shared_prefix_attention(**{**x, "q": torch.randn(2, 2, 3, 16)})
+    with pytest.raises(DecodeAttentionInputError, match="k_suffix must be"):
+        shared_prefix_attention(**{**x, "k_suffix": torch.randn(2, 3, 2, 4, 16)})
+    with pytest.raises(DecodeAttentionInputError, match="share one dtype"):
+        shared_prefix_attention(**{**x, "v_prefix": x["v_prefix"].double()})
+    with pytest.raises(DecodeAttentionInputError, match="suffix_len must be one integer"):
+        shared_prefix_attention(**{**x, "suffix_len": torch.tensor([1.0])})
+    with pytest.raises(ValueError, match="backend must be"):
+        shared_prefix_attention(**x, backend="cuda")
