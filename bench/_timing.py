@@ -40,6 +40,24 @@ def cuda_time_us(fn, quick: bool) -> dict:
     return {"median_us": 1e3 * ms[0], "p20_us": 1e3 * ms[1], "p80_us": 1e3 * ms[2]}
 
 
+def host_time_us(fn, reps: int = 200, rounds: int = 5) -> dict:
+    """Wall time per call of fn() issued back to back, one synchronize after each round of `reps` calls
+    (median, p20, p80 over rounds, in µs): the larger of the host launch path and the device time, i.e.
+    what a caller that does nothing else between calls pays. A sync inside fn() shows up here in full."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / reps)
+    return summarise(times, "us")
+
+
 def graph_time_us(calls, rounds: int = 4, reps: int = 30) -> dict:
     """Device time per call of µs-scale GPU work, free of host launch overhead (median, p20, p80 in µs).
 

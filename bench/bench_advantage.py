@@ -1,17 +1,21 @@
 """Benchmark of strive_kernels.group_advantages on 1M rewards (target <= 20 us on an H100/H200).
 
     python bench/bench_advantage.py [--quick] [--sweep] [--n N]
+    python bench/bench_advantage.py --engine-sizes    # only the public call vs the kernels at the engine's sizes
 
 Two layouts: the engine's dense (B, K, G) = (65536, 4, 4) flattened, and a ragged batch of question groups
 of 1..64 answers with 1..4 variants. For each: the kernels alone (`group_advantages_forward`, layout not
 re-validated: two launches, three for batch_std) as device time from CUDA-graph replays over --sets input
 sets (4 x 20 MB: more than the L2; no host launch overhead; the target is judged on it), the same eager call,
-the public call with layout validation (one host sync) and the pure-torch reference on the same GPU
-(torch.compile-free) with triton.testing.do_bench (median, p20, p80 in us; an eager call of a few tens of
+the public call without and with layout validation (one host sync) and the pure-torch reference on the same
+GPU (torch.compile-free) with triton.testing.do_bench (median, p20, p80 in us; an eager call of a few tens of
 us can time the Python launch path rather than the GPU), achieved GB/s on the bytes moved (rewards fp32 +
 two int64 id arrays read, fp32 advantages written) against a device copy measured in the same run, peak
 extra memory, and the max |difference| to the reference. --sweep times other (block, halo, warps, finalize)
-tilings (graph device time). CPU: a small batch through the Triton interpreter and the reference, only to
+tilings (graph device time). At the engine's sizes (a few thousand rewards per step) the public call with
+its default checks (none that read device data) is timed next to the kernels' graph device time, with
+events around it (do_bench) and as back-to-back host wall time; issue 14's target is public call <= 2x the
+kernels' device time. CPU: a small batch through the Triton interpreter and the reference, only to
 show the path runs. Last stdout line: one JSON object.
 """
 from __future__ import annotations
@@ -32,7 +36,7 @@ import triton  # noqa: E402
 from strive_kernels.advantage import group_advantages, group_advantages_forward  # noqa: E402
 from strive_kernels.reference.advantage import group_advantages_reference  # noqa: E402
 
-from _timing import cuda_time_us, graph_time_us, peak_extra_mb, sweep_point, timeit  # noqa: E402
+from _timing import cuda_time_us, graph_time_us, host_time_us, peak_extra_mb, sweep_point, timeit  # noqa: E402
 
 MODES = ("joint", "per_variant", "batch_std")
 # (block, halo, warps, finalize_block, finalize_warps). Offline sm_90 compiles (bench/TUNING.md): the
@@ -41,6 +45,10 @@ MODES = ("joint", "per_variant", "batch_std")
 SWEEP = ((768, 128, 8, 1024, 8), (768, 128, 8, 512, 4), (384, 64, 4, 1024, 8), (384, 64, 2, 1024, 8),
          (192, 32, 1, 1024, 8), (192, 32, 1, 2048, 8), (128, 64, 1, 2048, 8), (96, 16, 1, 2048, 8),
          (448, 32, 2, 2048, 8))
+
+
+# (B, K, G) of the engine's dense layout: 128 rewards (gpu_small / gpu_3b: 4 questions x 4 x 8) to 8,192
+ENGINE_SIZES = ((4, 4, 8), (16, 4, 8), (64, 4, 8), (128, 4, 16))
 
 
 def make_layout(n: int, ragged: bool, device: str, seed: int = 0):
@@ -86,8 +94,9 @@ def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", sets: int
                 "kernel_device_graph": dict(t, GBps=moved / (t["median_us"] * 1e-6) / 1e9,
                                             peak_extra_MB=peak_extra_mb(kern)),
                 "kernel_eager_do_bench": cuda_time_us(kern, quick),
-                "public_call_validated": cuda_time_us(
-                    lambda: group_advantages(r, g, v, mode=mode, backend="triton"), quick),
+                "public_call": cuda_time_us(lambda: group_advantages(r, g, v, mode=mode, backend="triton"), quick),
+                "public_call_validated": cuda_time_us(  # the layout check reads the ids: one host sync
+                    lambda: group_advantages(r, g, v, mode=mode, backend="triton", validate=True), quick),
                 "reference": dict(cuda_time_us(ref, True), peak_extra_MB=peak_extra_mb(ref)),
                 "max_abs_diff_vs_fp64": (a.double() - ra).abs().max().item(),
                 "meets_target_20us": t["median_us"] <= 20.0,
@@ -101,6 +110,36 @@ def bench_cuda(n: int, quick: bool, sweep: bool, device: str = "cuda", sets: int
                 for b, h, w, fb, fw in SWEEP}
         out[layout] = res
     return out
+
+
+def engine_sizes(quick: bool, device: str = "cuda", sizes=ENGINE_SIZES, mode: str = "joint") -> list[dict]:
+    """Public call vs the kernels alone on the dense (B, K, G) layout, per size."""
+    rows = []
+    for B, K, G in sizes:
+        n = B * K * G
+        sets = [make_layout(n, False, device, seed=i) for i in range(2)]
+        gid = torch.arange(n, device=device) // (K * G)
+        vid = (torch.arange(n, device=device) // G) % K
+        sets = [(r, gid, vid) for r, _, _ in sets]
+
+        def public(x=sets[0]):
+            return group_advantages(*x, mode=mode)
+        k = graph_time_us([lambda x=x: group_advantages_forward(*x, mode, 1e-6) for x in sets], 2 if quick else 4)
+        pub = cuda_time_us(public, quick)
+        host = host_time_us(public, 50 if quick else 200)
+        rows.append({"B": B, "K": K, "G": G, "n": n, "kernel_device_graph_us": k["median_us"],
+                     "public_call_events_us": pub["median_us"], "public_call_host_us": host["median_us"],
+                     "ratio_events": pub["median_us"] / k["median_us"], "ratio_host": host["median_us"] / k["median_us"],
+                     "meets_2x": pub["median_us"] <= 2 * k["median_us"]})
+    return rows
+
+
+def print_engine_sizes(rows: list[dict]) -> None:
+    print(f"{'n':>6} {'kernels us':>11} {'public (events)':>16} {'public (host)':>14} {'<=2x':>5}")
+    for r in rows:
+        print(f"{r['n']:>6} {r['kernel_device_graph_us']:>11.1f} {r['public_call_events_us']:>10.1f}"
+              f" ({r['ratio_events']:.1f}x) {r['public_call_host_us']:>8.1f} ({r['ratio_host']:.1f}x)"
+              f" {'yes' if r['meets_2x'] else 'NO':>5}")
 
 
 def bench_cpu(quick: bool) -> dict:
@@ -126,12 +165,19 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time other tilings of the main kernel")
     ap.add_argument("--n", type=int, default=1 << 20, help="number of rewards (GPU)")
     ap.add_argument("--sets", type=int, default=4, help="input sets the device-time graph rotates over (GPU)")
+    ap.add_argument("--engine-sizes", action="store_true", help="only the public call vs kernels at engine sizes")
     args = ap.parse_args()
     report = {"bench": "group_advantages", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "triton": triton.__version__, "python": platform.python_version(), "target_us": 20.0}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and args.engine_sizes:
+        report["device"] = torch.cuda.get_device_name()
+        report["engine_sizes"] = engine_sizes(args.quick)
+        print_engine_sizes(report["engine_sizes"])
+    elif torch.cuda.is_available():
         report["device"] = torch.cuda.get_device_name()
         report.update(bench_cuda(args.n, args.quick, args.sweep, sets=args.sets))
+        report["engine_sizes"] = engine_sizes(args.quick)
+        print_engine_sizes(report["engine_sizes"])
         for layout in ("dense_BKG", "ragged"):
             print(layout, {m: round(report[layout][m]["kernel_device_graph"]["median_us"], 1) for m in MODES},
                   "us (kernels, device);",

@@ -2,6 +2,7 @@
 variants x F=16 frames, in one Triton launch.
 
     python bench/bench_keyframe.py [--quick] [--sweep]
+    python bench/bench_keyframe.py --engine-sizes     # only the public call vs the kernel at the engine's sizes
 
 CUDA: the kernel alone (validated inputs, `keyframe_sample_forward`; target <= 25 us on an H100/H200) as
 device time from CUDA-graph replays over --sets input sets (4 x 38 MB: more than the L2, so every call reads
@@ -12,7 +13,10 @@ launch path rather than the GPU: the stop-9 run saw 34-84 us for one configurati
 achieved GB/s on the 38 MB of embeddings against a device-to-device copy of the same tensor measured in the
 same run (copy GB/s counts read + write); peak extra memory; whether the indices equal the reference's.
 The target is judged on the graph device time. --sweep times other (rows per program, warps) settings the
-same way. CPU (no CUDA): a small shape through the Triton interpreter and the reference, only to show the
+same way. At the engine's sizes (4-64 videos of 32-256 candidate frames) the public call is timed next to
+the kernel's graph device time in two ways: events around it (do_bench: what it adds on the GPU's
+timeline, syncs included) and back-to-back host wall time (the launch path, when it exceeds the device
+time); issue 14's target is public call <= 2x kernel device time. CPU (no CUDA): a small shape through the Triton interpreter and the reference, only to show the
 path runs (interpreter times mean nothing).
 Last stdout line: one JSON object.
 """
@@ -33,7 +37,7 @@ import triton  # noqa: E402
 
 from strive_kernels.keyframe import keyframe_sample, keyframe_sample_forward  # noqa: E402
 
-from _timing import cuda_time_us, graph_time_us, peak_extra_mb, sweep_point, timeit  # noqa: E402
+from _timing import cuda_time_us, graph_time_us, host_time_us, peak_extra_mb, sweep_point, timeit  # noqa: E402
 from strive_kernels.reference.keyframe import keyframe_sample_reference  # noqa: E402
 
 K, F, TAU, LAM, SEED = 4, 16, 0.1, 0.3, 1234
@@ -42,6 +46,7 @@ K, F, TAU, LAM, SEED = 4, 16, 0.1, 0.3, 1234
 # scores); one warp needs none there, at 255 registers for 16 rows (32 and 64 rows spill at one warp; 64 rows
 # spill at two).
 SWEEP = ((16, 1), (16, 2), (32, 2), (16, 4), (32, 4), (64, 4), (16, 8), (32, 8), (64, 8), (128, 8))
+ENGINE_SIZES = ((4, 32), (4, 256), (16, 64), (16, 256), (64, 32), (64, 256))  # (videos B, candidate frames P)
 
 
 def make_inputs(B: int, P: int, D: int, device: str, dtype=torch.bfloat16, seed: int = 0):
@@ -96,6 +101,35 @@ def bench_cuda(quick: bool, sweep: bool, B: int = 64, P: int = 256, D: int = 115
     return out
 
 
+def engine_sizes(quick: bool, D: int = 1152, device: str = "cuda", sizes=ENGINE_SIZES) -> list[dict]:
+    """Public call (host offsets, default checks: no sync on CUDA) vs the kernel alone, per (B, P)."""
+    rows = []
+    for B, P in sizes:
+        sets = [make_inputs(B, P, D, device, seed=i) for i in range(2)]
+        off = sets[0][2]  # host offsets, as strive_engine passes them
+        off_dev = off.to(device)
+
+        def public(f=sets[0][0], q=sets[0][1]):
+            return keyframe_sample(f, q, off, K, F, TAU, LAM, SEED)
+        k = graph_time_us([lambda f=f, q=q: keyframe_sample_forward(f, q, off_dev, [P] * B, K, F, TAU, LAM, SEED,
+                                                                       True) for f, q, _ in sets], 2 if quick else 4)
+        pub = cuda_time_us(public, quick)
+        host = host_time_us(public, 50 if quick else 200)
+        rows.append({"B": B, "P": P, "kernel_device_graph_us": k["median_us"], "public_call_events_us": pub["median_us"],
+                     "public_call_host_us": host["median_us"], "ratio_events": pub["median_us"] / k["median_us"],
+                     "ratio_host": host["median_us"] / k["median_us"],
+                     "meets_2x": pub["median_us"] <= 2 * k["median_us"]})
+    return rows
+
+
+def print_engine_sizes(rows: list[dict]) -> None:
+    print(f"{'B':>3} {'P':>4} {'kernel us':>10} {'public (events)':>16} {'public (host)':>14} {'<=2x':>5}")
+    for r in rows:
+        print(f"{r['B']:>3} {r['P']:>4} {r['kernel_device_graph_us']:>10.1f} {r['public_call_events_us']:>10.1f}"
+              f" ({r['ratio_events']:.1f}x) {r['public_call_host_us']:>8.1f} ({r['ratio_host']:.1f}x)"
+              f" {'yes' if r['meets_2x'] else 'NO':>5}")
+
+
 def bench_cpu(quick: bool) -> dict:
     B, P, D = 4, 32, 64
     fe, qe, off = make_inputs(B, P, D, "cpu", torch.float32)
@@ -113,12 +147,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a short GPU run)")
     ap.add_argument("--sweep", action="store_true", help="also time other rows-per-program / warps settings")
     ap.add_argument("--sets", type=int, default=4, help="input sets the device-time graph rotates over (GPU)")
+    ap.add_argument("--engine-sizes", action="store_true", help="only the public call vs kernel at engine sizes")
     args = ap.parse_args()
     report = {"bench": "keyframe_sample", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "triton": triton.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and args.engine_sizes:
+        report["device"] = torch.cuda.get_device_name()
+        report["engine_sizes"] = engine_sizes(args.quick)
+        print_engine_sizes(report["engine_sizes"])
+    elif torch.cuda.is_available():
         report["device"] = torch.cuda.get_device_name()
         report.update(bench_cuda(args.quick, args.sweep, sets=args.sets))
+        report["engine_sizes"] = engine_sizes(args.quick)
+        print_engine_sizes(report["engine_sizes"])
         k = report["kernel_device_graph"]
         print(f"kernel {k['median_us']:.1f} us device ({k['GBps']:.0f} GB/s, "
               f"{100 * k['fraction_of_copy_bandwidth']:.0f}% of copy), eager "

@@ -1,7 +1,8 @@
 """Segmented (ragged-group) advantage normalisation in Triton: `strive_kernels.group_advantages`.
 
 Contract, modes and conventions: `strive_kernels.reference.advantage` (the pure-torch twin, used as oracle
-and CPU fallback). This file is the fast path: two launches (three for `batch_std`), no memset, no host sync.
+and CPU fallback). This file is the fast path: two launches (three for `batch_std`), no memset, no host
+sync (the public function checks the ids' ordering only on host data or in debug mode).
 
 Algorithm (rewards r, question ids g, variant ids v; N < 2^31):
 
@@ -42,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from strive_kernels._backend import resolve_auto
+from strive_kernels._backend import check_values, resolve_auto
 
 from strive_kernels.reference.advantage import (
     ADVANTAGE_MODES,
@@ -464,16 +465,21 @@ def _triton_runs_on(t: Tensor) -> bool:
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, variant_ids: Tensor, mode: str = "joint",
-                     eps: float = 1e-6, backend: str = "auto", validate: bool = True) -> tuple[Tensor, GroupStats]:
+                     eps: float = 1e-6, backend: str = "auto", validate: bool | None = None
+                     ) -> tuple[Tensor, GroupStats]:
     """Advantages (N,) float32 and GroupStats of ragged question/variant groups.
 
     rewards float (N,); group_ids int64 (N,) non-decreasing; variant_ids int64 (N,) non-decreasing inside a
     question; mode in joint | per_variant | mean_only | batch_std; population std; NaN/inf -> advantage 0,
     excluded and counted (full contract: strive_kernels.reference.advantage).
     backend: auto (Triton on CUDA tensors, the reference otherwise) | triton | reference.
-    validate: check the ordering contract (one host sync); pass False on a hot path whose layout is known.
+    validate: check the ordering contract of the ids (reads them: one host sync on CUDA). None (default):
+    on host tensors always, on CUDA only with STRIVE_KERNELS_DEBUG=1 (strive_kernels._backend); unchecked
+    unsorted ids give unspecified advantages. Shapes, dtypes, devices, mode and eps are always checked
+    (no sync).
     """
     backend = resolve_auto(backend)
+    validate = check_values(validate, rewards.is_cuda if isinstance(rewards, Tensor) else False)
     if backend not in ("auto", "triton", "reference"):
         raise AdvantageInputError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
     if backend == "reference" or (backend == "auto" and not rewards.is_cuda):

@@ -15,9 +15,11 @@ barrier, acq_rel atomic; the loser programs exit) then runs the per-pool tail on
         raw index x = #{i : W_i * F <= j*T + (U_k*T >> 24)}, nearest free frame (earlier on a tie)
     scatter the used frames in order: indices (B, K, F) sorted
 
-When a pool fits one program (S == 1) the ticket is compiled out. On the stream: one memset (the B zeroed
-tickets, skipped when S == 1) and the one Triton kernel; no host sync (the public function's validation
-reads the offsets on the host, and its NaN check syncs once after the launch).
+When a pool fits one program (S == 1) the ticket is compiled out. On the stream: the (B+1) offsets copied
+from pinned host memory (when the caller's are on the host), one memset (the B zeroed tickets, skipped when
+S == 1) and the one Triton kernel; no host sync. The public function validates the offsets on the host copy
+the caller passes; the NaN check of the scores reads device data, so on CUDA it runs only when asked
+(`check_finite=True` or STRIVE_KERNELS_DEBUG=1, see strive_kernels._backend).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from strive_kernels._backend import resolve_auto
+from strive_kernels._backend import check_values, resolve_auto
 
 from strive_kernels.reference.keyframe import (
     COS_EPS,
@@ -157,7 +159,7 @@ def keyframe_sample_forward(frame_emb: Tensor, question_emb: Tensor, offsets: Te
     S = triton.cdiv(pmax, rows)
     fe = frame_emb if frame_emb.stride(1) == 1 else frame_emb.contiguous()
     qe = question_emb if question_emb.stride(1) == 1 else question_emb.contiguous()
-    off = offsets.to(device=dev, dtype=torch.int64)
+    off = _device_offsets(offsets, dev)
     scores = torch.empty(total, dtype=torch.float32, device=dev)
     imp = torch.empty(total, dtype=torch.float32, device=dev)
     idx = torch.empty(B, K, F, dtype=torch.int64, device=dev)
@@ -170,18 +172,34 @@ def keyframe_sample_forward(frame_emb: Tensor, question_emb: Tensor, offsets: Te
     return idx, scores, imp
 
 
+def _device_offsets(offsets: Tensor, device: torch.device) -> Tensor:
+    """(B+1,) int64 offsets on `device` without a host sync: a host tensor goes through pinned memory with a
+    non-blocking copy (a copy from pageable memory makes the CPU wait for the whole stream)."""
+    if offsets.device == device:
+        return offsets.to(torch.int64)
+    if device.type != "cuda":
+        return offsets.to(device=device, dtype=torch.int64)
+    staged = torch.empty(offsets.shape, dtype=torch.int64, pin_memory=True)
+    staged.copy_(offsets)
+    return staged.to(device, non_blocking=True)  # the pinned block is not reused before the copy ran
+
+
 def keyframe_sample(frame_emb: Tensor, question_emb: Tensor, offsets: Tensor, num_variants: int, num_frames: int,
                     temperature: float = 0.1, uniform_mix: float = 0.3, seed: int = 0, canonical_first: bool = True,
-                    backend: str = "auto", check_finite: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+                    backend: str = "auto", check_finite: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """K sets of F sorted unique keyframes per pool; returns (indices int64 (B, K, F), scores fp32 (sum P,),
     importance fp32 (sum P,)).
 
     frame_emb float (sum P_b, D) (fp32/bf16/fp16); question_emb (B, D); offsets int64 (B+1,), pool b =
-    rows offsets[b]:offsets[b+1] (host or device; read once on the host for validation).
+    rows offsets[b]:offsets[b+1]. Pass them on the host (as strive_engine does): they are validated there
+    and copied without a sync. Offsets on the device are read on the host once (one sync).
     temperature tau, uniform_mix lambda, seed (Philox key), canonical_first (variant 0 evenly spread).
     backend: auto (Triton on CUDA tensors, reference otherwise) | triton | reference. The Triton path takes
     P_b <= 8192 and K <= 64 (its per-pool tail keeps (K, P) tiles in registers).
-    check_finite: raise on NaN/inf embeddings (checked on the scores after the launch: one sync).
+    check_finite: raise on NaN/inf embeddings (checked on the scores after the launch: one sync on CUDA).
+        None (default): on host tensors always, on CUDA only with STRIVE_KERNELS_DEBUG=1. Unchecked
+        non-finite embeddings give NaN scores and importance and unspecified (still sorted, unique,
+        in-range) indices for their pool.
     Full contract: strive_kernels.reference.keyframe.
     """
     backend = resolve_auto(backend)
@@ -197,9 +215,10 @@ def keyframe_sample(frame_emb: Tensor, question_emb: Tensor, offsets: Tensor, nu
     if max(sizes) > MAX_POOL or num_variants > MAX_VARIANTS:  # the per-pool tail holds (K, P) tiles in registers
         raise KeyframeInputError(f"the Triton path takes pools of at most {MAX_POOL} frames and at most {MAX_VARIANTS} "
                                  f"variants, got P_max={max(sizes)}, K={num_variants}; use backend='reference'")
-    idx, scores, imp = keyframe_sample_forward(frame_emb, question_emb, offsets, sizes, num_variants, num_frames,
-                                               temperature, uniform_mix, seed, canonical_first)
-    if check_finite and not bool(torch.isfinite(scores).all()):
+    idx, scores, imp = keyframe_sample_forward(frame_emb, question_emb, _device_offsets(offsets, frame_emb.device),
+                                               sizes, num_variants, num_frames, temperature, uniform_mix, seed,
+                                               canonical_first)
+    if check_values(check_finite, frame_emb.is_cuda) and not bool(torch.isfinite(scores).all()):
         check_finite_embeddings(frame_emb, question_emb, sizes)  # names the pool
         raise KeyframeInputError("non-finite cosine scores from finite embeddings (|values| too large for fp32?)")
     return idx, scores, imp

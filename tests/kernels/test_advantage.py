@@ -142,6 +142,28 @@ def test_public_function_routes_and_validates(device):
         group_advantages(r, g, torch.tensor([0, 1, 1, 0, 2]), backend="triton")
 
 
+def test_layout_check_runs_on_host_data_and_in_debug_mode(device, monkeypatch):
+    """The ordering check reads the ids (a sync on CUDA): by default it runs on host tensors only; with
+    STRIVE_KERNELS_DEBUG=1 also on the device; validate=True/False overrides both."""
+    r, _, v = _batch(sizes=[2, 3])
+    g = torch.tensor([0, 0, 7, 0, 7])
+    monkeypatch.delenv("STRIVE_KERNELS_DEBUG", raising=False)
+    args = [t.to(device) for t in (r, g, v)]
+    if device == "cpu":
+        with pytest.raises(AdvantageInputError, match=r"group_ids\[2\]=7 > group_ids\[3\]=0"):
+            group_advantages(*args, backend="triton")
+    else:
+        adv, _ = group_advantages(*args)  # no sync, no check: unspecified values
+        assert adv.shape == r.shape
+    group_advantages(*args, backend="triton", validate=False)
+    monkeypatch.setenv("STRIVE_KERNELS_DEBUG", "1")
+    for backend in ("triton", "reference"):
+        with pytest.raises(AdvantageInputError, match=r"group_ids\[2\]=7 > group_ids\[3\]=0"):
+            group_advantages(*args, backend=backend)
+    with pytest.raises(TypeError, match="True, False or None"):
+        group_advantages(*args, validate=1)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ADVANTAGE_MODES)
 def test_cuda_matches_reference_large_ragged(mode):

@@ -104,16 +104,44 @@ def test_public_function_backends_agree_and_check_inputs(device):
     bad[12, 3] = float("nan")  # pool 1, frame 3
     for backend in ("triton", "reference"):
         with pytest.raises(KeyframeInputError, match="pool 1, frame 3"):
-            keyframe_sample(bad.to(device), qe.to(device), off, 3, 4, backend=backend)
+            keyframe_sample(bad.to(device), qe.to(device), off, 3, 4, backend=backend, check_finite=True)
     badq = qe.clone()
     badq[0, 0] = float("inf")
     with pytest.raises(KeyframeInputError, match="question embedding of pool 0"):
-        keyframe_sample(fe.to(device), badq.to(device), off, 3, 4, backend="triton")
+        keyframe_sample(fe.to(device), badq.to(device), off, 3, 4, backend="triton", check_finite=True)
     with pytest.raises(KeyframeInputError, match="backend"):
         keyframe_sample(fe, qe, off, 3, 4, backend="gpu")
     with pytest.raises(KeyframeInputError, match="at most 64 variants, got P_max=14, K=65"):
         keyframe_sample(fe.to(device), qe.to(device), off, 65, 4, backend="triton")
     assert keyframe_sample(fe, qe, off, 65, 4, backend="reference")[0].shape == (2, 65, 4)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_value_check_runs_on_host_data_and_in_debug_mode(device, monkeypatch):
+    """The NaN check reads device data (a sync), so on CUDA it is off unless STRIVE_KERNELS_DEBUG is set; on
+    host tensors it is free and on by default. Unchecked, a NaN pool still gets sorted unique in-range
+    indices and NaN scores."""
+    fe, qe, off = _pools([9, 14], 8)
+    bad = fe.clone()
+    bad[12, 3] = float("nan")  # pool 1, frame 3
+    monkeypatch.delenv("STRIVE_KERNELS_DEBUG", raising=False)
+    if device == "cpu":
+        with pytest.raises(KeyframeInputError, match="pool 1, frame 3"):
+            keyframe_sample(bad, qe, off, 3, 4, backend="triton")
+    else:
+        _, sc, _ = keyframe_sample(bad.to(device), qe.to(device), off, 3, 4)
+        assert torch.isnan(sc[12]).item()
+    monkeypatch.setenv("STRIVE_KERNELS_DEBUG", "1")
+    with pytest.raises(KeyframeInputError, match="pool 1, frame 3"):
+        keyframe_sample(bad.to(device), qe.to(device), off, 3, 4, backend="triton")
+    idx, sc, _ = keyframe_sample(bad.to(device), qe.to(device), off, 3, 4, backend="triton", check_finite=False)
+    assert torch.isnan(sc[12]).item()
+    for b, p in enumerate((9, 14)):
+        for k in range(3):
+            row = idx[b, k].cpu()
+            assert row.min().item() >= 0 and row.max().item() < p and bool((row[1:] > row[:-1]).all())
+    with pytest.raises(TypeError, match="True, False or None"):
+        keyframe_sample(fe.to(device), qe.to(device), off, 3, 4, backend="triton", check_finite="yes")
 
 
 @pytest.mark.parametrize("change, match", [

@@ -1,0 +1,42 @@
+"""Wiring of the kernel benches' engine-size tables (bench_keyframe.py, bench_advantage.py --engine-sizes) on
+the CPU: the CUDA timers are stand-ins (test_bench._bench_module), the calls are the real public functions."""
+import torch
+
+from test_bench import _bench_module
+
+
+def _with_host_timer(mod, monkeypatch):
+    calls = []
+
+    def host_time_us(fn, reps=200, rounds=5):
+        calls.append(fn())
+        return {"median_us": 3.0, "p20_us": 3.0, "p80_us": 3.0, "reps": rounds}
+    monkeypatch.setattr(mod, "host_time_us", host_time_us)
+    return calls
+
+
+def test_keyframe_engine_sizes_table(monkeypatch):
+    mod, seen = _bench_module("bench_keyframe", monkeypatch)
+    public = _with_host_timer(mod, monkeypatch)
+    rows = mod.engine_sizes(quick=True, D=24, device="cpu", sizes=((2, 20), (3, 16)))
+    assert [(r["B"], r["P"]) for r in rows] == [(2, 20), (3, 16)]
+    for r, (idx, scores, _) in zip(rows, public):  # the public call ran on that size
+        assert idx.shape == (r["B"], mod.K, mod.F) and scores.shape == (r["B"] * r["P"],)
+        assert r["ratio_events"] == 2.0 and r["ratio_host"] == 3.0 and r["meets_2x"]
+    assert [len(s) for s in seen["graph_sets"]] == [2, 2]  # the kernel alone over two input sets per size
+    mod.print_engine_sizes(rows)
+
+
+def test_advantage_engine_sizes_table(monkeypatch):
+    mod, seen = _bench_module("bench_advantage", monkeypatch)
+    public = _with_host_timer(mod, monkeypatch)
+    fwd = mod.group_advantages_forward
+    monkeypatch.setattr(mod, "group_advantages_forward",  # interpreter-sized tiles (the defaults are for GPUs)
+                        lambda *a, **kw: fwd(*a, **{"block": 96, "halo": 16, "num_warps": 1, **kw}))
+    rows = mod.engine_sizes(quick=True, device="cpu", sizes=((2, 4, 8), (5, 3, 4)))
+    assert [r["n"] for r in rows] == [64, 60]
+    for r, (adv, _) in zip(rows, public):
+        assert adv.shape == (r["n"],) and r["meets_2x"]
+    for (kern_a, _), (adv, _) in zip((s[0] for s in seen["graph_sets"]), public):  # same rewards, same answer
+        torch.testing.assert_close(kern_a, adv, rtol=0, atol=1e-6)
+    mod.print_engine_sizes(rows)
