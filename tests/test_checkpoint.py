@@ -304,3 +304,53 @@ def test_resume_modes(env, tmp_path, caplog):
         assert ck.find_resume("auto") is None
     assert "checkpoint.resume=auto: no complete checkpoint" in caplog.text
     ck.close()
+
+
+_CRASH_SCRIPT = r'''
+import sys, time, torch
+import torch.distributed.checkpoint as dcp
+from strive_engine.checkpoint import Checkpointer
+from strive_engine.parallel import init_distributed
+root = sys.argv[1]
+env = init_distributed("gloo")
+m = torch.nn.Linear(8, 8)
+opt = torch.optim.AdamW(m.parameters())
+m(torch.randn(2, 8)).sum().backward()
+opt.step()
+ck = Checkpointer(root, env, async_save=True, config={"run": {"seed": 0}})
+ck.save(1, m, opt, {"step": 1})
+ck.wait()
+real = dcp.FileSystemWriter.write_data
+def stuck(self, plan, planner):  # half of the shards on disk, then the process dies here
+    fut = real(self, plan, planner)
+    print("WRITING", flush=True)
+    time.sleep(600)
+    return fut
+dcp.FileSystemWriter.write_data = stuck
+ck.save(2, m, opt, {"step": 2})
+time.sleep(600)
+'''
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_in_use(env, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        for line in proc.stdout:
+            if b"WRITING" in line:
+                break
+        assert (tmp_path / "step_000002").is_dir() and any((tmp_path / "step_000002").glob("*.distcp"))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "step_000002" / "COMPLETE").exists()
+    ck = Checkpointer(tmp_path, env, config={"run": {"seed": 0}})
+    point = ck.find_resume("true")
+    assert point.step == 1 and point.path == tmp_path / "step_000001"
+    m2 = torch.nn.Linear(8, 8)
+    ck.load(point, m2, torch.optim.AdamW(m2.parameters()))
+    ck.close()
