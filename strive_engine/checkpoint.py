@@ -147,7 +147,8 @@ class Checkpointer:
         if self.env.is_main:
             small["trainer.json"] = trainer_state
             small["config.json"] = self.config
-        json.dumps(small, allow_nan=False)  # fail here, in the step, if something is not JSON
+        # A JSON copy taken now: fails here, in the step, if something is not JSON, and later steps cannot change it.
+        small = json.loads(json.dumps(small, allow_nan=False))
         writer = dcp.FileSystemWriter(str(path))
         try:
             if self.async_save:
@@ -253,7 +254,8 @@ class Checkpointer:
         for step, path in reversed(candidates):
             problems = self.verify(path)
             if problems:
-                log.warning("checkpoint %s is damaged: %s; trying the previous one", path, "; ".join(problems))
+                if self.env.is_main:  # every rank reached the same verdict; one says it
+                    log.warning("checkpoint %s is damaged: %s; trying the previous one", path, "; ".join(problems))
                 damaged.append((path, problems))
                 continue
             state = read_json(path / "trainer.json", path)
