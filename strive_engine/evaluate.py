@@ -17,7 +17,8 @@ folder afresh with a warning: the earlier files are moved to `superseded/<N>/`, 
 (`eval.resume=false` moves them there too).
 
 Frames: the same decoding and sampling as training — `uniform` is the canonical view (evenly spaced keyframes,
-full frame); `importance` is one question-aware view (keyframes.* settings). A video that cannot be decoded is skipped and counted, never fatal.
+full frame); `importance` is one question-aware view (keyframes.* settings). A video that cannot be decoded is
+skipped and counted, never fatal.
 """
 from __future__ import annotations
 
