@@ -35,7 +35,7 @@ from strive_kernels.reference.decode_attention import (
 
 __all__ = ["shared_prefix_attention", "DecodeAttentionInputError"]
 
-_NEG = -1.0e30  # finite "minus infinity": exp(_NEG - m) == 0 without inf - inf = nan
+_NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp(_NEG - m) == 0 without inf - inf = nan
 
 
 @triton.jit
