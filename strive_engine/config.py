@@ -100,7 +100,8 @@ class DataConfig:
 class VideoConfig:
     """Decoding of the candidate pool (stage 2)."""
 
-    backend: str = doc("auto", "auto | dali | pyav; auto uses DALI where it can decode the codec on this device")
+    backend: str = doc("auto", "auto | dali | pyav; auto: NVDEC via FFmpeg on CUDA (PyAV-exact frames), DALI's "
+                               "CPU decoder for VP8/VP9/MJPEG on a CPU, PyAV for the rest; dali: DALI where it can")
     pool_frames: int = doc(32, "P: candidate frames decoded per video, spread evenly over its duration")
     prefetch_batches: int = doc(2, "decoded batches queued ahead of the training step (bounds host memory)")
     decode_threads: int = doc(2, "CPU threads per decoder (PyAV threads / DALI CPU threads)")

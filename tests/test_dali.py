@@ -24,11 +24,13 @@ from strive_engine.video import (EmptyVideo, FrameIndexError, FrameSizeChanged, 
                                  VideoNotFound, build_source, sample_indices)
 from strive_engine.video import scan as scan_mod  # noqa: E402
 from strive_engine.video.dali import DALIDisabled, DALISource, scan_stream  # noqa: E402
+import videoclips  # noqa: E402
 from videoclips import BLOCK, CODECS, read_code, stamp_code, write_clip  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
 N, W, H, FPS = 37, 96, 48, 10
+GPU_W, GPU_H = 256, 160  # GPU clips: above NVDEC's minimum frame size for H.264, HEVC and VP9
 BARS = np.array([(230, 20, 30), (20, 220, 40), (30, 40, 230), (240, 230, 20), (200, 30, 210)], np.uint8)
 # DALI's CPU conversion (frames_decoder_cpu.cc): swscale with these flags, default (BT.601) matrix.
 DALI_FLAGS = Interpolation.BILINEAR | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND
@@ -45,27 +47,9 @@ def write(path, codec="vp9", n=N, w=W, h=H, colorspace=None):
     return write_clip(path, codec, coded_frame, n, w, h, FPS, colorspace=colorspace)
 
 
-def write_size_change(path, codec, first=10, then=10, sizes=((96, 48), (64, 32)), fmt=None):
+def write_size_change(path, codec, sizes=((96, 48), (64, 32)), fmt=None):
     """One stream whose packets come from two encoders of different frame sizes (as spliced footage)."""
-    encoder, cfmt, _, pix, opts = CODECS[codec]
-    packets = []
-    for k, (n, (w, h)) in enumerate(zip((first, then), sizes)):
-        cc = av.CodecContext.create(encoder, "w")
-        cc.width, cc.height, cc.pix_fmt = w, h, pix
-        cc.time_base, cc.framerate, cc.thread_count = Fraction(1, FPS), Fraction(FPS), 1
-        cc.options = dict(opts, **({"bf": "0"} if codec == "h264" else {}))
-        for i in range(n):
-            frame = av.VideoFrame.from_ndarray(coded_frame(k * first + i, w, h), format="rgb24")
-            frame.pts = i
-            packets += cc.encode(frame)
-        packets += cc.encode(None)
-    with av.open(str(path), "w", format=fmt or cfmt) as out:
-        s = out.add_stream(encoder, rate=Fraction(FPS))
-        s.width, s.height, s.pix_fmt = *sizes[0], pix
-        for j, p in enumerate(packets):
-            p.stream, p.time_base, p.pts, p.dts = s, Fraction(1, FPS), j, j
-            out.mux(p)
-    return str(path)
+    return videoclips.write_size_change(path, codec, coded_frame, FPS, sizes=sizes, fmt=fmt)
 
 
 def pyav_frames(path, indices, flags=None):
@@ -205,11 +189,34 @@ def test_outputs_stay_valid_after_later_runs(src, clips):
 
 
 def test_read_batch_chunks_and_keeps_order(clips):
-    src = DALISource("cpu", threads=2, batch_size=2)
+    src = DALISource("cpu", threads=2, batch_size=2, max_batch_size=2)  # cannot grow: chunks of 2
     req = [(clips["vp9"], [i], None) for i in (4, 8)] + [(clips["mjpeg"], [i, i + 1], None) for i in (0, 20, 35)]
     out = src.read_batch(req)
     assert [[read_code(f) for f in v.frames.numpy()] for v in out] == [[4], [8], [0, 1], [20, 21], [35, 36]]
     assert src.stats["dali_runs"] == 3 and src.stats["dali_videos"] == 5
+
+
+def test_a_steps_videos_are_one_dali_batch(tmp_path, clips):
+    """Concurrent decoding: a step's B videos, each with its own frame list, go through one pipeline run (DALI
+    decodes a batch's samples in parallel, one per thread), not one run per video or per chunk of the initial
+    batch size. The same path decodes with NVDEC on CUDA (test_dali_mixed_decodes_a_step_in_one_batch)."""
+    from strive_engine.data import VideoQA
+    from strive_engine.pipeline import decode_batch
+
+    short = write(tmp_path / "short.webm", n=23)  # another length: another sample_indices list
+    paths = [clips["vp9"], short, clips["mjpeg"], short, clips["vp9"], clips["h264"]]
+    recs = [VideoQA(id=str(i), path=p, question="q?", options=(), answer="1", solution="", problem_type="numerical",
+                    data_type="video", source=f"r:{i}") for i, p in enumerate(paths)]
+    source = build_source(VideoConfig(backend="auto"), "cpu")
+    source.primary.batch_size = 2  # a small initial pipeline: the step must grow it, not run in chunks
+    source.primary._pipe = source.primary._new_pipeline()
+    out = decode_batch(recs, source, pool_frames=12, log_errors=False)
+    assert out.valid.all()
+    for p, pool in zip(paths, out.pools):
+        assert [read_code(f) for f in pool.frames.numpy()] == sample_indices(23 if p == short else N, 12), p
+    assert source.primary.stats["dali_runs"] == 1 and source.primary.stats["dali_videos"] == 5  # H.264: PyAV
+    assert source.primary.batch_size == 5 and source.counts == {"dali": 5, "pyav": 1}
+    assert source.primary.pipeline_threads == source.primary.threads  # on the CPU: as configured
 
 
 def test_dali_source_arguments():
@@ -227,7 +234,7 @@ def test_dali_source_arguments():
 
 def test_auto_routes_h264_to_pyav_and_logs_once_per_codec(clips, caplog):
     src = build_source(VideoConfig(backend="auto"), "cpu")
-    assert isinstance(src, RoutingSource) and isinstance(src.dali, DALISource)
+    assert isinstance(src, RoutingSource) and isinstance(src.primary, DALISource)
     req = [(clips[c], None, 8) for c in ("h264", "vp9", "mjpeg", "h264")]
     with caplog.at_level(logging.INFO, logger="strive_engine.video"):
         out = src.read_batch(req)
@@ -237,7 +244,7 @@ def test_auto_routes_h264_to_pyav_and_logs_once_per_codec(clips, caplog):
     for v in out:
         assert [read_code(f) for f in v.frames.numpy()] == sample_indices(N, 8)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("video decoding:")]
-    assert sorted(lines) == sorted(["video decoding: h264 files -> PyAV (DALI cannot decode h264 on the CPU)",
+    assert sorted(lines) == sorted(["video decoding: h264 files -> PyAV (DALI cpu on cpu cannot decode h264)",
                                     "video decoding: vp9 files -> DALI (DALI cpu on cpu)",
                                     "video decoding: mjpeg files -> DALI (DALI cpu on cpu)"])
 
@@ -285,8 +292,8 @@ def test_every_bad_input_is_typed_named_and_skipped(clips, bad, mode):
         assert res.path == bad[k] and str(res).startswith(bad[k]), (k, str(res))
     assert type(out[-3]) is FrameIndexError and "out of range" in str(out[-3])
     assert type(out[-2]) is NotEnoughFrames
-    assert src.dali.failures == 0 and not src.dali.disabled  # bad files never count against DALI
-    assert src.dali.stats["bad_file_failures"] == 1  # the bit-rotted file reached DALI and was blamed
+    assert src.primary.failures == 0 and not src.primary.disabled  # bad files never count against DALI
+    assert src.primary.stats["bad_file_failures"] == 1  # the bit-rotted file reached DALI and was blamed
 
 
 def test_size_change_only_matters_past_the_change(src, bad):
@@ -359,7 +366,7 @@ def _fail_next_runs(monkeypatch, src, n):
 
 def test_pipeline_failure_rebuilds_once_then_hands_over_to_pyav(clips, monkeypatch, caplog):
     src = build_source(VideoConfig(backend="dali"), "cpu")
-    dali = src.dali
+    dali = src.primary
     req = [(clips["vp9"], None, 8), (clips["mjpeg"], [2, 36], None)]
     want = [sample_indices(N, 8), [2, 36]]
     calls = _fail_next_runs(monkeypatch, dali, 1)
@@ -381,7 +388,7 @@ def test_pipeline_failure_rebuilds_once_then_hands_over_to_pyav(clips, monkeypat
             dali.read_batch(req)
         out = src.read_batch(req + [(clips["h264"], None, 8)])  # forced mode too: PyAV takes over everything
     assert [[read_code(f) for f in v.frames.numpy()] for v in out] == want + [sample_indices(N, 8)]
-    assert "vp9 files -> PyAV (DALI was disabled after pipeline failures)" in caplog.text
+    assert "vp9 files -> PyAV (DALI was disabled after repeated failures)" in caplog.text
     assert dali.stats["dali_runs"] == 1 and dali.stats["pyav_failed_run"] == 4
 
 
@@ -434,14 +441,75 @@ def test_vp9_superframe_and_show_existing_headers(clips):
 # ------------------------------------------------------------------------------------------ GPU
 
 
+@pytest.fixture(scope="module")
+def gpu_clips(tmp_path_factory):
+    """Colour-bar clips above NVDEC's minimum frame size (HEVC 144x144, VP9 128x128): smaller ones go to PyAV."""
+    d = tmp_path_factory.mktemp("dali_gpu")
+    return {c: write_clip(d / f"g_{c}.{s}", c, coded_frame, N, GPU_W, GPU_H, FPS)
+            for c, s in (("h264", "mp4"), ("hevc", "mp4"), ("vp9", "webm"))}
+
+
 @pytest.mark.gpu
-def test_nvdec_frames_match_pyav(clips):
+def test_dali_mixed_colour_is_its_kernel(gpu_clips):
+    """The diagnosis of the H200 run (mean 5.97 levels from PyAV on H.264), checked on the card: DALI's NVDEC
+    RGB is the model of its CUDA kernel (BT.601 limited, chroma bilinear at centre siting) applied to the
+    stream's own YCbCr, so the difference to PyAV is the chroma upsampling (PyAV replicates). Away from
+    saturated edges DALI is within the issue's bound; at the edges it is not (the NVDEC source is: test_nvdec)."""
+    from colour_models import agreement, dali_cuda_rgb, frame_planes
+
     src = DALISource("cuda", threads=2)
-    for codec in ("h264", "vp9"):
-        got = src.read(clips[codec], num_frames=16)
-        ref = PyAVSource().read(clips[codec], num_frames=16)
-        assert got.frames.is_cuda and torch.equal(got.indices, ref.indices)
-        assert torch.equal(got.timestamps, ref.timestamps)
-        assert [read_code(f) for f in got.frames.cpu().numpy()] == sample_indices(N, 16)
-        d = (got.frames.cpu().int() - ref.frames.int()).abs().float()
-        assert d.mean() < 4.0, (codec, d.mean())  # DALI's CUDA conversion: bilinear chroma, BT.601
+    for codec, path in gpu_clips.items():
+        got = src.read(path, num_frames=16)
+        assert got.frames.is_cuda and [read_code(f) for f in got.frames.cpu().numpy()] == sample_indices(N, 16)
+        with av.open(path) as c:
+            frames = list(c.decode(video=0))
+        wanted = [frames[i] for i in sample_indices(N, 16)]
+        ref = torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in wanted]))
+        models = {t: torch.from_numpy(np.stack([dali_cuda_rgb(*frame_planes(f), truncate=t) for f in wanted]))
+                  for t in (False, True)}
+        fit = {t: agreement(got.frames, m) for t, m in models.items()}
+        vs_pyav = agreement(got.frames, ref)
+        print(f"DALI NVDEC {codec}: vs kernel model {fit}; vs PyAV {vs_pyav}")
+        t = min(fit, key=lambda k: fit[k]["mean"])
+        close = ((got.frames.cpu().int() - models[t].int()).abs() <= 2).float().mean().item()
+        assert fit[t]["mean"] <= 0.5 and close >= 0.999, (codec, fit, close)  # the model is DALI's conversion
+        assert vs_pyav["p99_flat"] <= 6, (codec, vs_pyav)
+
+
+@pytest.mark.gpu
+def test_dali_mixed_bad_input(tmp_path, gpu_clips):
+    """Every bad file of the CPU tests, at NVDEC's sizes, through video.backend=dali on CUDA: the error type
+    PyAV gives, in its slot, naming the file; skipped and counted by decode_batch; DALI stays on."""
+    from strive_engine.data import VideoQA
+    from strive_engine.pipeline import decode_batch
+
+    src = build_source(VideoConfig(backend="dali"), "cuda")
+    bad = videoclips.bad_files(tmp_path, coded_frame, GPU_W, GPU_H, small=(192, 144))
+    names = list(videoclips.BAD_TYPES)
+    req = [(gpu_clips["h264"], None, 8)] + [(bad[k], None, 20) for k in names] + [(gpu_clips["vp9"], None, 8)]
+    out = src.read_batch(req, device="cuda")
+    ref = PyAVSource().read_batch(req)
+    for k, got, want in zip(names, out[1:-1], ref[1:-1]):
+        assert type(got).__name__ == videoclips.BAD_TYPES[k] and type(got) is type(want), (k, got, want)
+        assert got.path == bad[k] and str(got).startswith(bad[k]), (k, str(got))
+    for got in (out[0], out[-1]):
+        assert got.frames.is_cuda and [read_code(f) for f in got.frames.cpu().numpy()] == sample_indices(N, 8)
+    assert src.primary.failures == 0 and not src.primary.disabled, src.primary.stats
+    recs = [VideoQA(id=k, path=p, question="q?", options=(), answer="1", solution="", problem_type="numerical",
+                    data_type="video", source=k) for k, p in [("good", gpu_clips["hevc"])] + list(bad.items())]
+    batch = decode_batch(recs, src, pool_frames=20, device="cuda", log_errors=False)
+    assert batch.valid.tolist() == [True] + [False] * len(bad)
+    assert sum(batch.skipped.values()) == len(bad) and set(batch.skipped) == set(videoclips.BAD_TYPES.values())
+    print(f"DALI NVDEC bad-input stats: {dict(src.primary.stats)}")
+
+
+@pytest.mark.gpu
+def test_dali_mixed_decodes_a_step_in_one_batch(gpu_clips):
+    """A step's 8 videos (own frame lists) in one DALI run with a thread (an NVDEC session) per video."""
+    src = DALISource("cuda", threads=2, batch_size=2)
+    paths = list(gpu_clips.values()) * 3
+    req = [(p, None, 4 + k) for k, p in enumerate(paths[:8])]
+    out = src.read_batch(req)
+    assert src.stats["dali_runs"] == 1 and src.batch_size == 8 and src.pipeline_threads == 8
+    for (p, _, n), v in zip(req, out):
+        assert v.frames.is_cuda and [read_code(f) for f in v.frames.cpu().numpy()] == sample_indices(N, n)

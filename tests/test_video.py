@@ -253,12 +253,12 @@ def test_read_batch_to_cuda(clips):
 def test_build_source_follows_the_config():
     from strive_engine.config import VideoConfig
     from strive_engine.video import VideoSource, build_source
-    from strive_engine.video import _dali_source_class
+    from strive_engine.video import _dali_module
 
     src = build_source(VideoConfig(backend="pyav", decode_threads=3))
     assert isinstance(src, PyAVSource) and src.threads == 3
     assert isinstance(build_source(VideoConfig(backend="auto")), VideoSource)
-    if _dali_source_class() is None:
+    if _dali_module()[0] is None:
         assert type(build_source(VideoConfig(backend="auto"))) is PyAVSource
         with pytest.raises(ImportError, match="backend='dali'"):
             build_source(VideoConfig(backend="dali"))

@@ -21,12 +21,22 @@ file of the chunk too, the failure was that file's (its slot holds the typed err
 otherwise it is DALI's own: the first is absorbed by the rebuild, the next (`max_rebuilds=1`) disables DALI
 for the run with a warning and `read_batch` raises `DALIDisabled`, so `RoutingSource` hands over to PyAV.
 
-Colour. DALI converts with BT.601 (CPU: swscale `BILINEAR|FULL_CHR_H_INT|ACCURATE_RND`, range from the pixel
-format; CUDA: its own kernel); PyAV honours the matrix tag, with swscale's default flags. BT.709/FCC/240M/
-BT.2020-tagged streams are mapped to their matrix after decoding (one 3x3 product: within +-1 of PyAV with
-the same flags away from clipped values). On the CPU, DALI's RGB equals PyAV's decode converted with DALI's
-flags bit for bit; against `PyAVSource` it differs by rounding (a few levels) away from edges and by up to
-~110 levels on the 1-2 pixels of a sharp saturated edge (chroma interpolated vs replicated); see test_dali.
+Colour. DALI converts with BT.601: on the CPU with swscale `BILINEAR|FULL_CHR_H_INT|ACCURATE_RND` (range from
+the pixel format), on CUDA with its own kernel (`VideoColorSpaceConversionKernel`: luma nearest, chroma
+*bilinearly interpolated* at centre siting, BT.601 limited or JPEG full range from the stream's range flag;
+no option returns YUV). PyAV honours the matrix tag and *replicates* chroma (swscale's default path). BT.709/
+FCC/240M/BT.2020-tagged streams are mapped to their matrix after decoding (one 3x3 product: within +-1 of
+PyAV with the same flags away from clipped values). So DALI's RGB equals PyAV's on flat colour (rounding: a
+few levels) but not on sharp chroma edges (up to ~110 levels, mean 5.7 on the colour-bar test clip; the H200
+run measured 5.97 for NVDEC): the chroma upsampling, not the matrix or the range (tests/test_dali.py checks
+this diagnosis against an emulation of DALI's kernel on the GPU). Where PyAV-exact frames matter on CUDA,
+`video.backend=auto` uses `strive_engine.video.nvdec` (NV12 from FFmpeg's NVDEC, converted like PyAV).
+
+Concurrency. One `read_batch` runs its videos as one DALI batch (the pipeline grows to the request, up to
+`max_batch_size`); DALI decodes the samples of a batch in parallel, one per thread: on CUDA the pipeline gets
+a thread per video (up to 16), so the videos of a step use the card's several NVDEC engines at once.
+NVDEC refuses frames below its minimum size (HEVC 144x144, VP9/AV1 128x128, ...), which would fail the whole
+batch: such files go to PyAV.
 """
 from __future__ import annotations
 
@@ -59,6 +69,9 @@ __all__ = ["DALISource", "DALIDisabled", "StreamScan", "scan_stream", "CPU_CODEC
 # MPEG-4 part 2 (mixed only) get no parameter-change check here, so they stay with PyAV.
 CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 MIXED_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg"})
+# NVDEC's smallest decodable frame per codec (width, height; NVIDIA Video Codec SDK decoder capabilities).
+NVDEC_MIN_SIZE = {"h264": (48, 16), "hevc": (144, 144), "vp8": (48, 16), "vp9": (128, 128), "mjpeg": (64, 64)}
+MIXED_PARALLEL = 16  # most videos one mixed-backend run decodes at once (one DALI thread, one NVDEC session each)
 _SCAN_CACHE_SIZE = 1024
 
 
@@ -104,14 +117,17 @@ class DALISource(VideoSource):
     """Batched decoding with one DALI pipeline. device: "cpu" (FFmpeg in DALI's CPU threads; VP8/VP9/MJPEG)
     or a CUDA device ("mixed": NVDEC; H.264/HEVC/VP8/VP9/MJPEG). threads: DALI CPU threads (each decodes
     one video of a batch at a time). batch_size: videos per pipeline run (a longer request list runs in
-    chunks). max_rebuilds: DALI failures absorbed by rebuilding the pipeline before DALI is disabled.
+    chunks). threads: DALI CPU threads (each decodes one video of a batch at a time; on CUDA the pipeline
+    gets at least one per video of a batch, up to MIXED_PARALLEL). batch_size: videos per pipeline run at
+    first; a longer request grows the pipeline up to max_batch_size (longer still: chunks of that size).
+    max_rebuilds: DALI failures absorbed by rebuilding the pipeline before DALI is disabled.
     fallback: the PyAVSource that probes files and decodes what DALI must not (shared probe cache)."""
 
     name = "dali"
     Disabled = DALIDisabled  # so callers can catch it without importing this optional module
 
     def __init__(self, device="cpu", threads: int = 2, batch_size: int = 8, max_rebuilds: int = 1,
-                 fallback: PyAVSource | None = None, workers: int = 1):
+                 fallback: PyAVSource | None = None, workers: int = 1, max_batch_size: int = 64):
         self.device = torch.device(device)
         if self.device.type == "cuda":
             if not torch.cuda.is_available():
@@ -123,10 +139,12 @@ class DALISource(VideoSource):
             self.decoder, self.codecs = "cpu", CPU_CODECS
         else:
             raise ValueError(f"DALISource: device must be 'cpu' or a CUDA device, got {device!r}")
-        for key, v, lo in (("threads", threads, 1), ("batch_size", batch_size, 1), ("max_rebuilds", max_rebuilds, 0)):
+        for key, v, lo in (("threads", threads, 1), ("batch_size", batch_size, 1), ("max_rebuilds", max_rebuilds, 0),
+                           ("max_batch_size", max_batch_size, batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"DALISource: {key} must be an integer >= {lo}, got {v!r}")
         self.threads, self.batch_size, self.max_rebuilds = threads, batch_size, max_rebuilds
+        self.max_batch_size = max_batch_size
         self.fallback = fallback or PyAVSource(threads=threads, workers=workers)
         self.failures, self.disabled = 0, False
         # dali_videos / dali_runs: decoded by DALI; pyav_unsafe: streams DALI must not decode; pyav_failed_run:
@@ -143,6 +161,15 @@ class DALISource(VideoSource):
         """From a VideoConfig: decode_threads DALI CPU threads (and PyAV threads for the fallback)."""
         return cls(device, threads=cfg.decode_threads, workers=cfg.decode_workers)
 
+    @property
+    def label(self) -> str:
+        return f"DALI {self.decoder} on {self.device}"
+
+    @property
+    def pipeline_threads(self) -> int:
+        """DALI threads of the pipeline: `threads`, or on CUDA one per video of a batch (up to MIXED_PARALLEL)."""
+        return self.threads if self.decoder == "cpu" else max(self.threads, min(self.batch_size, MIXED_PARALLEL))
+
     def can_decode(self, codec: str) -> bool:
         """Whether this source's DALI decoder handles `codec` (an FFmpeg codec or decoder name)."""
         return canonical_codec(codec) in self.codecs
@@ -150,7 +177,7 @@ class DALISource(VideoSource):
     # -------------------------------------------------------------------------------- pipeline
 
     def _new_pipeline(self):
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads,
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.pipeline_threads,
                       device_id=self.device.index if self.decoder == "mixed" else None,
                       exec_dynamic=True, prefetch_queue_depth=1)
         def video_pipeline():
@@ -224,6 +251,10 @@ class DALISource(VideoSource):
                                          f"{', '.join(sorted(self.codecs))} there (video.backend=auto lets PyAV "
                                          f"decode the others)")
         scan = self.scan(path)
+        low = NVDEC_MIN_SIZE.get(codec, (0, 0)) if self.decoder == "mixed" else (0, 0)
+        if scan.unsafe is None and (info.width < low[0] or info.height < low[1]):
+            scan = dataclasses.replace(scan, unsafe=f"{info.width}x{info.height} is below NVDEC's {codec} minimum "
+                                                    f"{low[0]}x{low[1]}")
         if scan.size_change is not None and max(wanted) >= scan.size_change[0]:
             k, (w0, h0), (w1, h1) = scan.size_change
             raise FrameSizeChanged(path, f"frame {k} is coded at {w1}x{h1} but the frames before it are {w0}x{h0}")
@@ -258,6 +289,7 @@ class DALISource(VideoSource):
                 job.scan = dataclasses.replace(job.scan, unsafe="the scan and the probe count different frames")
             (unsafe if job.scan.unsafe else jobs).append(job)
         with self._lock:
+            self._grow(len(jobs))
             for i in range(0, len(jobs), self.batch_size):
                 if self.disabled:  # switched off by an earlier chunk of this call: nothing is lost
                     self._decode_with_pyav(jobs[i:i + self.batch_size], out)
@@ -268,6 +300,20 @@ class DALISource(VideoSource):
             self._decode_with_pyav(unsafe, out)
             self.stats["pyav_unsafe"] += len(unsafe)
         return [r if isinstance(r, VideoError) else _to_device(r, device) for r in out]
+
+    def _grow(self, n: int) -> None:
+        """Rebuild the pipeline for batches of min(n, max_batch_size) videos if it is smaller (one run per step)."""
+        n = min(n, self.max_batch_size)
+        if n <= self.batch_size or self.disabled:
+            return
+        old = self.batch_size
+        self.batch_size = n
+        try:
+            self._pipe = self._new_pipeline()
+            log.debug("DALI pipeline grown from %d to %d videos per run (%d threads)", old, n, self.pipeline_threads)
+        except Exception as e:  # noqa: BLE001 - keep the old pipeline: smaller runs still work
+            self.batch_size = old
+            log.warning("DALI pipeline could not grow to %d videos per run (%s); keeping %d", n, _short(e), old)
 
     def _decode_with_pyav(self, jobs: list[_Job], out: list) -> list:
         results = self.fallback.read_batch([(j.info.path, j.wanted, None) for j in jobs])
@@ -316,5 +362,5 @@ class DALISource(VideoSource):
                                          info=info)
 
     def __repr__(self) -> str:
-        return (f"DALISource(device={str(self.device)!r}, decoder={self.decoder!r}, threads={self.threads}, "
+        return (f"DALISource(device={str(self.device)!r}, decoder={self.decoder!r}, threads={self.pipeline_threads}, "
                 f"batch_size={self.batch_size}, disabled={self.disabled})")

@@ -26,7 +26,7 @@ import collections
 import dataclasses
 import os
 import threading
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import av
 import av.error
@@ -55,9 +55,9 @@ def _check_file(path) -> str:
     return path
 
 
-def _open(path: str):
+def _open(path: str, hwaccel=None):
     try:
-        return av.open(path, mode="r", metadata_errors="ignore")
+        return av.open(path, mode="r", metadata_errors="ignore", hwaccel=hwaccel)
     except av.error.FileNotFoundError:
         raise VideoNotFound(path, "no such file") from None
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
@@ -182,45 +182,8 @@ class PyAVSource(VideoSource):
 
     def read(self, path, indices: Sequence[int] | None = None, num_frames: int | None = None) -> DecodedVideo:
         info = self.probe(path)
-        path = info.path
-        wanted = resolve_indices(path, info, indices, num_frames)
-        targets = set(wanted)
-        last = max(targets)
-        got: dict[int, tuple[np.ndarray, float]] = {}
-        size = None
-        idx = -1
-        with _open(path) as container:
-            stream = _video_stream(container, path)
-            ctx = stream.codec_context
-            ctx.thread_type = "AUTO"
-            ctx.thread_count = self.threads
-            tb = stream.time_base
-            start = stream.start_time
-            try:
-                for frame in container.decode(stream):
-                    idx += 1
-                    if size is None:
-                        size = (frame.width, frame.height)
-                    elif (frame.width, frame.height) != size:
-                        raise FrameSizeChanged(path, f"frame {idx} decodes to {frame.width}x{frame.height} but "
-                                                     f"the frames before it are {size[0]}x{size[1]}")
-                    if idx in targets:
-                        if frame.pts is not None and tb is not None:
-                            t = float((frame.pts - (start or 0)) * tb)
-                        else:
-                            t = idx / info.fps
-                        got[idx] = (frame.to_ndarray(format="rgb24"), t)
-                    if idx >= last:
-                        break
-            except av.error.DecoderNotFoundError as e:
-                raise UnsupportedCodec(path, f"no decoder for codec {info.codec!r}: {e}") from None
-            except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
-                raise VideoCorrupt(path, f"decoding failed after {idx + 1} of {info.num_frames} frames: {e}") from None
-        if idx < last:
-            if idx < 0:
-                raise EmptyVideo(path, f"the decoder produced no frame (the container lists {info.num_frames})")
-            raise VideoCorrupt(path, f"the decoder produced only {idx + 1} frames but the container holds "
-                                     f"{info.num_frames}; frame {last} was requested")
+        wanted = resolve_indices(info.path, info, indices, num_frames)
+        got, size = decode_frames(info, wanted, lambda frame: frame.to_ndarray(format="rgb24"), self.threads)
         if size != (info.width, info.height):
             # The header's size disagrees with what the bitstream decodes to: trust the pixels.
             info = dataclasses.replace(info, width=size[0], height=size[1])
@@ -234,3 +197,55 @@ class PyAVSource(VideoSource):
 
     def __repr__(self) -> str:
         return f"PyAVSource(threads={self.threads}, workers={self.workers})"
+
+
+def decode_frames(info: VideoInfo, wanted: Sequence[int], take: Callable, threads: int = 1,
+                  hwaccel=None) -> tuple[dict[int, tuple[Any, float]], tuple[int, int]]:
+    """Decode `info.path` from its first frame up to the last of `wanted` (frame numbers already checked by
+    `resolve_indices`), calling `take(frame)` once for each distinct wanted frame, in decoding order.
+
+    Returns ({frame number: (take's result, timestamp in s)}, (width, height) the frames decode to). Raises
+    FrameSizeChanged, VideoCorrupt, EmptyVideo, UnsupportedCodec naming the file. Shared by PyAVSource
+    (take = RGB conversion) and the NVDEC source (hwaccel = a PyAV HWAccel; take = NV12 planes to the GPU),
+    so that both number, time and reject frames identically.
+    """
+    path, targets = info.path, set(wanted)
+    last = max(targets)
+    got: dict[int, tuple[Any, float]] = {}
+    size = None
+    idx = -1
+    with _open(path, hwaccel) as container:
+        stream = _video_stream(container, path)
+        ctx = stream.codec_context
+        # FFmpeg's frame threads; with a hardware decoder one thread parses (the card decodes) and a step's
+        # many concurrent files must not each start a thread per core.
+        ctx.thread_type = "AUTO" if hwaccel is None else "SLICE"
+        ctx.thread_count = threads if hwaccel is None else 1
+        tb = stream.time_base
+        start = stream.start_time
+        try:
+            for frame in container.decode(stream):
+                idx += 1
+                if size is None:
+                    size = (frame.width, frame.height)
+                elif (frame.width, frame.height) != size:
+                    raise FrameSizeChanged(path, f"frame {idx} decodes to {frame.width}x{frame.height} but "
+                                                 f"the frames before it are {size[0]}x{size[1]}")
+                if idx in targets:
+                    if frame.pts is not None and tb is not None:
+                        t = float((frame.pts - (start or 0)) * tb)
+                    else:
+                        t = idx / info.fps
+                    got[idx] = (take(frame), t)
+                if idx >= last:
+                    break
+        except av.error.DecoderNotFoundError as e:
+            raise UnsupportedCodec(path, f"no decoder for codec {info.codec!r}: {e}") from None
+        except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:
+            raise VideoCorrupt(path, f"decoding failed after {idx + 1} of {info.num_frames} frames: {e}") from None
+    if idx < last:
+        if idx < 0:
+            raise EmptyVideo(path, f"the decoder produced no frame (the container lists {info.num_frames})")
+        raise VideoCorrupt(path, f"the decoder produced only {idx + 1} frames but the container holds "
+                                 f"{info.num_frames}; frame {last} was requested")
+    return got, size
