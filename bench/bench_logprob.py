@@ -3,6 +3,8 @@
     python bench/bench_logprob.py            # CUDA: T=8192, H=3584, V=152064 bf16 (Qwen2.5-VL-7B head)
     python bench/bench_logprob.py --quick    # fewer repetitions and operating points (GPU check)
     python bench/bench_logprob.py --shape 1024,256,16384   # any T,H,V (CPU default: 1024,256,16384 fp32)
+    python bench/bench_logprob.py --engine   # issue 14: fast path vs torch twin at gpu_small's and the 7B head's
+                                             # shapes, micro-batches of varying size, memory trace (~1 min, H200)
 
 Cases (each only where its package is installed; a failing case is recorded, not fatal): plain PyTorch
 (logits -> fp32 log_softmax -> gather), TRL-style row-wise selective_log_softmax, liger
@@ -230,7 +232,7 @@ def chunk_matmuls(x, c, warmup, reps, dev):
 # ------------------------------------------------------------------------------------------ memory trace
 
 
-def memory_trace(x, path: str, min_mib: float = 64.0) -> dict:
+def memory_trace(x, path: str, min_mib: float = 64.0, **kw) -> dict:
     """CUDA: one fwd+bwd of this kernel under the allocator's history recorder. Writes the snapshot (open it at
     pytorch.org/memory_viz) and returns the allocations of >= min_mib alive at the step's peak, each with the
     innermost Python frames that made it — to find where the extra gradient-sized buffer of the H200 run
@@ -239,7 +241,7 @@ def memory_trace(x, path: str, min_mib: float = 64.0) -> dict:
     torch.cuda.synchronize()
     torch.cuda.memory._record_memory_history(max_entries=200_000)
     try:
-        step_ours(x)
+        step_ours(x, **kw)
         torch.cuda.synchronize()
         snap = torch.cuda.memory._snapshot()
     finally:
@@ -273,6 +275,113 @@ def memory_trace(x, path: str, min_mib: float = 64.0) -> dict:
             "live_at_peak": [{"MiB": round(int(e["size"]) / 2**20, 1), "where": where(e)} for e in big]}
 
 
+# ------------------------------------------------------------------------------------------ engine shapes
+
+
+# (T, H, V, sequences): gpu_small's update micro-batch (32 rollouts x 64 tokens, 1,028-token vocabulary) and
+# the Qwen2.5-VL-7B head of ../shared/anchors. CPU: the same vocabularies at toy T and H (wiring only).
+ENGINE_SHAPES = {"gpu_small": ((2048, 1024, 1028, 32), (256, 64, 1028, 8)),
+                 "head_7b": ((8192, 3584, 152064, 8), (256, 64, 8192, 8))}
+# micro-batches the engine hands the op in one step: (tokens, sequences), ragged as rollouts are
+RAGGED = ((1900, 32), (2048, 32), (1377, 21), (64, 1), (2011, 31), (1024, 16), (1999, 32), (512, 7))
+
+
+def compiled_variants() -> dict:
+    """CUDA: compiled Triton variants of each log-prob kernel so far (one per constexpr configuration)."""
+    from strive_kernels import logprob_triton as lt
+    dev = torch.cuda.current_device()
+    return {name: len(getattr(lt, name).device_caches[dev][0])
+            for name in ("_lse_partials_kernel", "_loss_grad_kernel", "_logprob_kernel")}
+
+
+def ragged_calls(x: "Inputs", dev: str, backend: str) -> dict:
+    """One fwd+bwd and one no-grad call per micro-batch of RAGGED (scaled to x.T), each timed alone: a Triton
+    compile for a new token count would show as a call of 100s of ms."""
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    loss_ms, lp_ms = [], []
+    for n, s in RAGGED:
+        n, s = max(1, n * x.T // 2048), max(1, min(s, n * x.T // 2048))
+        h = x.h.detach()[:n].clone().requires_grad_()
+        seq = torch.arange(n, device=dev) * s // n  # s sequences of ~n/s tokens, sorted
+        args = (h, x.w, x.ids[:n], x.old[:n], torch.randn(s, device=dev), x.mask[:n])
+        sync()
+        t0 = time.perf_counter()
+        sk.fused_logprob_loss(*args, seq_ids=seq, normaliser=float(s), return_entropy=True,
+                              backend=backend).loss.backward()
+        sync()
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            sk.fused_logprobs(h.detach(), x.w.detach(), x.ids[:n], backend=backend)
+        sync()
+        loss_ms.append(round((t1 - t0) * 1e3, 3))
+        lp_ms.append(round((time.perf_counter() - t1) * 1e3, 3))
+        x.zero()
+    return {"fwd_bwd_ms": loss_ms, "no_grad_ms": lp_ms}
+
+
+def engine_shapes(dev: str, quick: bool, trace_dir: str = "") -> dict:
+    """Issue 14: at each engine shape, the fast path (backend auto) against the torch twin that
+    `bench/throughput.py --compare` runs (backend reference) and plain PyTorch, fwd+bwd and no-grad; at
+    gpu_small also micro-batches of varying size after a warm call (compiled variants before and after);
+    at the 7B head both chunk operating points and, with trace_dir, the memory trace at 1,024-token chunks."""
+    warmup, reps = (1, 3) if quick else (2, 7)
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    out = {}
+    for name, (gpu_shape, cpu_shape) in ENGINE_SHAPES.items():
+        t, h, v, seqs = gpu_shape if dev == "cuda" else cpu_shape
+        x = Inputs(t, h, v, dtype, dev, seqs=seqs)
+        flops = 6 * t * h * v
+        res = out[name] = {"T": t, "H": h, "V": v, "fwd_bwd": {}, "no_grad": {}}
+        fb, ng = res["fwd_bwd"], res["no_grad"]
+        guarded(fb, "fast", lambda: fwd_bwd_case(x, lambda: step_ours(x), warmup, reps, dev, flops, 0))
+        if name == "head_7b":
+            guarded(fb, "fast_chunk1024", lambda: fwd_bwd_case(
+                x, lambda: step_ours(x, max_chunk_bytes=1024 * v * x.h.element_size()), warmup, reps, dev, flops, 0))
+        guarded(fb, "reference_twin", lambda: fwd_bwd_case(x, lambda: step_ours(x, backend="reference"), 1,
+                                                           reps if name == "gpu_small" else 2, dev, flops, 0))
+        guarded(fb, "plain_pytorch", lambda: fwd_bwd_case(x, lambda: step_plain(x), warmup, reps, dev, flops, 0))
+        for case, be in (("fast", "auto"), ("reference_twin", "reference")):
+            def nograd(be=be):
+                with torch.no_grad():
+                    sk.fused_logprobs(x.h, x.w, x.ids, backend=be)
+            guarded(ng, case, lambda: timed(nograd, warmup, reps, dev))
+        if name == "gpu_small":
+            before = compiled_variants() if dev == "cuda" else None
+            guarded(res, "ragged_fast", lambda: ragged_calls(x, dev, "auto"))
+            guarded(res, "ragged_reference_twin", lambda: ragged_calls(x, dev, "reference"))
+            if dev == "cuda":
+                res["compiled_variants_before_after"] = [before, compiled_variants()]
+        if name == "head_7b" and trace_dir and dev == "cuda":
+            guarded(res, "memory_trace_chunk1024", lambda: memory_trace(
+                x, f"{trace_dir}/logprob_memory_chunk1024.pickle", max_chunk_bytes=1024 * v * x.h.element_size()))
+        for k, r in fb.items():
+            if "ms" in r and "ms" in fb.get("reference_twin", {}):
+                r["ratio_to_reference_twin"] = round(r["ms"] / fb["reference_twin"]["ms"], 3)
+        del x
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def print_engine(res: dict) -> None:
+    print(f"\n{'shape':<10} {'case':<16} {'fwd+bwd ms':>11} {'GiB':>7} {'no-grad ms':>11} {'ragged calls ms (max)':>22}")
+    for name, r in res.items():
+        for case in ("fast", "fast_chunk1024", "reference_twin", "plain_pytorch"):
+            f, g = r["fwd_bwd"].get(case, {}), r["no_grad"].get(case, {})
+            if not f and not g:
+                continue
+            rag = r.get("ragged_" + case, {}).get("fwd_bwd_ms")
+            print(f"{name:<10} {case:<16} {f.get('ms', float('nan')):>11.3f} {f.get('peak_extra_GiB', '-'):>7} "
+                  f"{g.get('ms', float('nan')):>11.3f} {max(rag) if rag else '':>22}")
+        if "compiled_variants_before_after" in r:
+            print(f"{name:<10} compiled Triton variants before / after the ragged calls: "
+                  f"{r['compiled_variants_before_after']}")
+        for a in r.get("memory_trace_chunk1024", {}).get("live_at_peak", []):
+            print(f"{name:<10} alive at the backward peak: {a['MiB']:>9.1f} MiB  " + " <- ".join(a["where"][:3]))
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -283,8 +392,17 @@ def main(argv=None):
     ap.add_argument("--no-peers", action="store_true", help="skip the peer implementations")
     ap.add_argument("--memory-trace", default="", metavar="PICKLE",
                     help="CUDA: only trace one fwd+bwd of this kernel's allocations; write the snapshot there")
+    ap.add_argument("--engine", action="store_true", help="issue 14: fast path vs torch twin at the engine's shapes")
+    ap.add_argument("--trace-dir", default="", help="--engine: also write the 7B-head memory trace there (CUDA)")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.engine:
+        res = {"bench": "logprob_engine_shapes", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+               **engine_shapes(dev, args.quick, args.trace_dir)}
+        print_engine({k: v for k, v in res.items() if isinstance(v, dict)})
+        print(json.dumps(res))
+        return
     t, h, v = (int(s) for s in args.shape.split(",")) if args.shape else \
         ((8192, 3584, 152064) if dev == "cuda" else (1024, 256, 16384))
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32

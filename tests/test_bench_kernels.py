@@ -2,7 +2,7 @@
 the CPU: the CUDA timers are stand-ins (test_bench._bench_module), the calls are the real public functions."""
 import torch
 
-from test_bench import _bench_module
+from test_bench import ROOT, _bench_module
 
 
 def _with_host_timer(mod, monkeypatch):
@@ -40,3 +40,25 @@ def test_advantage_engine_sizes_table(monkeypatch):
     for (kern_a, _), (adv, _) in zip((s[0] for s in seen["graph_sets"]), public):  # same rewards, same answer
         torch.testing.assert_close(kern_a, adv, rtol=0, atol=1e-6)
     mod.print_engine_sizes(rows)
+
+
+def test_logprob_engine_shapes_on_cpu(monkeypatch, capsys):
+    """bench_logprob.py --engine on the CPU at toy sizes: every case of both shapes has a time, the ragged
+    micro-batches all ran on both paths, and the last stdout line is the JSON record."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+    mod = importlib.import_module("bench_logprob")
+    monkeypatch.setattr(mod, "ENGINE_SHAPES", {"gpu_small": ((0,) * 4, (64, 16, 1028, 4)),
+                                               "head_7b": ((0,) * 4, (32, 16, 3000, 2))})
+    monkeypatch.setattr(mod, "RAGGED", ((2048, 4), (1000, 3), (64, 1)))
+    mod.main(["--engine", "--quick"])
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for name in ("gpu_small", "head_7b"):
+        fb = rec[name]["fwd_bwd"]
+        cases = {"fast", "reference_twin", "plain_pytorch"} | ({"fast_chunk1024"} if name == "head_7b" else set())
+        assert set(fb) == cases and all(fb[c]["ms"] > 0 for c in cases)
+        assert set(rec[name]["no_grad"]) == {"fast", "reference_twin"}
+    for path in ("ragged_fast", "ragged_reference_twin"):
+        assert len(rec["gpu_small"][path]["fwd_bwd_ms"]) == 3 and len(rec["gpu_small"][path]["no_grad_ms"]) == 3

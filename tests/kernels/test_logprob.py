@@ -360,7 +360,8 @@ def test_one_compile_whatever_the_token_count(small_tiles, monkeypatch):
         pad[1:] = case["targets"]
         case["targets"] = pad[1:]
         run(case, torch.float32, "triton", with_ref=False, max_chunk_bytes=BIG if rows is None else rows * v * 4)
-        sk.fused_logprobs(case["hidden"].float(), case["weight"].float(), case["targets"], backend="triton",
+        c = on(case, "triton")
+        sk.fused_logprobs(c["hidden"].float(), c["weight"].float(), c["targets"], backend="triton",
                           return_entropy=True, max_chunk_bytes=BIG if rows is None else rows * v * 4)
     for name, r in rec.items():
         assert len(r.calls) >= 5, name
