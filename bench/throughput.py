@@ -1,39 +1,104 @@
-"""End-to-end training throughput of one STRIVE step, with the per-stage breakdown.
+"""End-to-end training throughput of one STRIVE step: every stage's seconds, what bounds it and how close it runs.
 
     python bench/throughput.py                          # the embedded default (debug_cpu) on this machine
     python bench/throughput.py --compare                # also every fast path -> its pure-torch twin; ratio
-    python bench/throughput.py --recipe gpu_small --steps 5 --compare      # bigger random-weight model (GPU)
+    python bench/throughput.py --recipe gpu_small --steps 8 --compare      # 0.17 B random-weight model (GPU)
+    python bench/throughput.py --recipe gpu_3b --steps 2 --skip-checkpoint  # Qwen2.5-VL-3B shapes (one H200)
+    python bench/throughput.py --profile                # + a torch.profiler trace of one more step
+    python bench/throughput.py --save                   # + append the record to bench/results/throughput.jsonl
     python bench/throughput.py --rollout.num_generations=8 ...             # any config override
 
-Runs in one process (a world of one, FSDP2 on gloo/NCCL as in training), warms up, then times `--steps` RL
-steps with CUDA synchronised at stage boundaries (StageTimer(sync=True)), and one checkpoint save. Reported:
-questions/s, rollouts/s, generated tokens/s, trained (completion) tokens/s, all tokens forwarded by the update
-(prompt + video + completion) per second, and seconds per stage (decode, keyframes, variants, rollout, reward,
-advantage, old_logp, ref_logp (β>0 only), update, optimizer, checkpoint). `--compare` runs the same steps again
-in a child process with STRIVE_KERNELS_BACKEND=reference (same seed, same data) and prints the ratio per
-stage. A table goes to stdout, one JSON object is the last line, and the record is appended to
-bench/results/throughput.jsonl with machine, versions, git SHA and date.
+Runs in one process (a world of one, FSDP2 on gloo/NCCL as in training), with the next batch's videos decoded
+in the background as in training (so "decode" is the time a step waited for them), warms up, then times
+`--steps` RL steps with CUDA synchronised at stage boundaries, and one checkpoint save (unless
+--skip-checkpoint). First it measures the ceilings of this device in this run: bf16 matmul FLOP/s (8192^3) and
+device copy bytes/s on CUDA; on CPU the same in the model's dtype (fp32) at CPU sizes.
+
+Per stage (median over the timed steps): seconds, spread ((max - min) / median over the steps), share of the
+step, what bounds it (FLOPs or bytes by the models below; or the host), the achieved TFLOP/s or GB/s, the
+fraction of the ceiling (floor time at the ceilings / measured time), and the peak device memory inside the
+stage. Also: the update's MFU as 6 x parameters x tokens forwarded /
+time / matmul ceiling and old log-probs' as 2 x ..., the same from the FLOP model, the rollout backend that
+ran (printed), questions/s, rollouts/s, generated and trained tokens/s. The rollout's spread says whether the
+steps were enough: its median should repeat within 10% (printed as ok / noisy).
+
+`--compare` runs the same steps again in a child process with STRIVE_KERNELS_BACKEND=reference (same seed,
+same data) and prints the ratio per stage. A table goes to stdout and one JSON object is the last line. The
+record is appended to runs/bench/throughput.jsonl (or --out DIR); only --save also appends it to the tracked
+bench/results/throughput.jsonl. The run's own files (checkpoints) go to a temporary folder.
+
+FLOP and byte models (bench/flops.py).
+
+Matmul FLOPs only (2 per multiply-add), as torch.utils.flop_counter counts them; norms, activations, rotary
+and softmax are left out (a few % at these widths). Symbols: P_lm = weights of the decoder's Linear layers
+(36 x 77.1 M for Qwen2.5-VL-3B), P_head = V x H (the lm_head), P_vis = weights of the vision blocks' Linear
+layers, A = attention width (heads x head_dim), L = decoder layers, D = vision width.
+
+  language model, one sequence of s tokens:  2 P_lm s  +  2 L A s^2          (causal: half of the 4 L A s^2
+                                                                              that a full score matrix costs)
+  loss head / log-probs, n scored tokens:    2 P_head n                      (logits only where scored)
+  vision tower, one video of t x h x w patches (N = t h w):
+      2 (P_patch_embed + P_vis) N  +  2 P_merger N / 4
+      + window blocks: sum over windows of 4 n_w^2 D   (windows of 4 x 4 merged tokens = 64 patches)
+      + full blocks:   t x 4 (h w)^2 D                  (Qwen2.5-VL attends within each temporal patch)
+  old / reference log-probs: the language model + head forward on every row (no padding counted), the vision
+      tower as it ran (forward hooks; nothing when visual tokens are reused)
+  keyframes: the vision tower as the policy scorer ran it
+  update (forward + backward) = 3 x forward of the language model and head; the vision tower 3 x when it
+      is trained, 1 x when frozen. Activation checkpointing recomputes one more forward: not counted (model
+      FLOPs, not hardware FLOPs).
+  MFU as issue 14 defines it: 6 x all parameters x tokens forwarded (update), 2 x ... (old log-probs).
+
+  rollout: prefill (each (question, variant) prompt once, its video once: the least work any engine can do)
+      FLOPs = sum over requests of [language model on its prompt + vision tower on its video]
+      decode bytes, per decode step of one generate call (steps = its longest completion):
+          the decoder's and lm_head's weights once (2 bytes each in bf16) + the K/V cache read: each
+          request's prompt once (shared by its G rows) + every row's own completion so far;
+          K/V bytes per token = 2 x L x kv_heads x head_dim x element size (36.9 KB for Qwen2.5-VL-3B)
+      floor = prefill FLOPs / matmul ceiling + decode bytes / copy ceiling
+  optimizer (AdamW, fp32 states): per trained parameter read p, g, m, v, write p, m, v, plus the gradient
+      norm's read of g = 32 bytes
+  variants: the pixel_values written (lower bound of the traffic: the frames read are left out)
+
+Every stage is reported against its floor, floor_s = FLOPs / matmul ceiling + bytes / copy ceiling, measured in
+the same run (`measure_ceilings`): bound = the larger term, achieved rate = that quantity / measured seconds,
+fraction = floor_s / measured seconds. Stages without a device model (decode, reward, advantage, checkpoint)
+are bound by the host (video decoder, Python, launch latency, disk) and get seconds and share only.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import inspect
 import json
 import os
 import platform
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
-from strive_engine.metrics import STAGES
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from flops import (CallRecord, measure_ceilings, model_shape, policy_call_flops, rollout_work,  # noqa: E402
+                   vision_flops)
+from strive_engine.metrics import STAGES, StageTimer  # noqa: E402
+
+HOST_BOUND = {"decode": "host: video decoder", "reward": "host: Python", "advantage": "launch latency",
+              "checkpoint": "disk"}
+STABLE = 0.10  # the rollout's (max - min) / median over the timed steps that counts as repeatable
+GiB = 2 ** 30
 
 
 def _versions() -> dict:
-    import torch
     import transformers
     import triton
 
@@ -48,68 +113,303 @@ def _versions() -> dict:
     return out
 
 
-def measure(argv: list[str], steps: int, warmup: int) -> dict:
-    """Build the trainer from the config in argv and time `steps` RL steps after `warmup` ones."""
-    from strive_engine.checkpoint import Checkpointer
-    from strive_engine.config import load_config
-    from strive_engine.metrics import StageTimer
-    from strive_engine.parallel import destroy_distributed, init_distributed, seed_everything
+# -------------------------------------------------------------------------------------- instrumentation
+
+
+class BenchTimer(StageTimer):
+    """StageTimer that also knows the current stage (for the work hooks), keeps each stage's peak CUDA memory,
+    and names each stage in a profiler trace (record_function)."""
+
+    def __init__(self, sync: bool):
+        super().__init__(sync=sync)
+        self.stack: list[str] = []
+        self.peak_bytes: dict[str, int] = defaultdict(int)
+        self.cuda = torch.cuda.is_available()
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else "other"
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        self.stack.append(stage)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            with torch.profiler.record_function(f"stage/{stage}"), super().__call__(stage):
+                yield
+        finally:
+            if self.cuda:
+                self.peak_bytes[stage] = max(self.peak_bytes[stage], torch.cuda.max_memory_allocated())
+            self.stack.pop()
+
+
+class WorkRecorder:
+    """Forward pre-hooks on the Policy and its vision tower: the shapes each stage ran, for the FLOP models.
+    Tensors are kept by reference and read on the host after the step (no sync inside a timed stage)."""
+
+    def __init__(self, policies: list[torch.nn.Module], timer: BenchTimer):
+        self.timer = timer
+        self._policy: list = []
+        self._vision: list = []
+        for policy in policies:  # the trained policy, and the frozen reference when beta > 0
+            policy.register_forward_pre_hook(self._on_policy, with_kwargs=True)
+            visual = getattr(getattr(policy.hf, "model", policy.hf), "visual", None)
+            if visual is not None:
+                visual.register_forward_pre_hook(self._on_vision, with_kwargs=True)
+
+    def _on_policy(self, module, args, kwargs):
+        inputs = args[0] if args else kwargs["inputs"]
+        self._policy.append((self.timer.current, inputs))
+
+    def _on_vision(self, module, args, kwargs):
+        grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
+        self._vision.append((self.timer.current, grid))
+
+    def collect(self) -> tuple[list[CallRecord], list[tuple[str, tuple[int, int, int]]]]:
+        calls = []
+        for stage, x in self._policy:
+            pix = x.pixel_values_videos
+            calls.append(CallRecord(stage, x.attention_mask.sum(1).tolist(), x.completion_mask.sum(1).tolist(),
+                                    x.video_index.tolist(), [tuple(g) for g in x.video_grid_thw.tolist()],
+                                    pixel_bytes=pix.shape[1] * pix.element_size()))
+        vision = [(stage, tuple(g)) for stage, grid in self._vision if grid is not None for g in grid.tolist()]
+        self._policy, self._vision = [], []
+        return calls, vision
+
+
+def step_work(shape, calls: list[CallRecord], vision, cfg, elem: int) -> dict[str, dict[str, float]]:
+    """FLOPs and bytes of each stage of one step (bench/flops.py's models on the shapes the hooks saw)."""
+    work: dict[str, dict[str, float]] = defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "tokens": 0.0})
+    vis_by_stage: dict[str, float] = defaultdict(float)
+    for stage, grid in vision:
+        vis_by_stage[stage] += sum(vision_flops(shape, grid))
+    for rec in calls:
+        mult = 3.0 if rec.stage == "update" else 1.0
+        work[rec.stage]["flops"] += mult * policy_call_flops(shape, rec)
+        work[rec.stage]["tokens"] += sum(rec.seq_lens)
+    for stage, f in vis_by_stage.items():
+        if stage != "rollout":  # the rollout's floor counts each video once, below
+            work[stage]["flops"] += f * (3.0 if stage == "update" and shape.vision_trained else 1.0)
+    rows = [c for c in calls if c.stage == "old_logp"] or [c for c in calls if c.stage == "update"]
+    if rows:
+        ro = rollout_work(shape, rows, cfg.rollout.max_batch, elem)
+        work["rollout"].update(flops=ro["flops"], bytes=ro["bytes"], decode_steps=ro["decode_steps"],
+                               requests=ro["requests"], prompt_tokens_mean=ro["prompt_tokens_mean"],
+                               executed_vision_flops=vis_by_stage.get("rollout", 0.0))
+        patches = sum(t * h * w for rec in rows for (t, h, w) in rec.grids)
+        work["variants"]["bytes"] = patches * rows[0].pixel_bytes
+    updates = cfg.algorithm.ppo_epochs * cfg.algorithm.minibatches
+    work["optimizer"]["bytes"] = 32.0 * shape.trainable * updates
+    return work
+
+
+# ---------------------------------------------------------------------------------------------- measure
+
+
+def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path | None):
+    """Warm-up steps, timed steps (one row and one work record each), then optionally one profiled step."""
     from strive_engine.step import rl_step
-    from strive_engine.train import build_reference, build_trainer, trainer_state
+
+    rec = WorkRecorder([p for p in (t.policy, t.ref_policy) if p is not None], t.timer)
+    for step in range(warmup):
+        rl_step(t, step)
+        rec.collect()
+    rows, works = [], []
+    t0 = time.perf_counter()
+    for step in range(warmup, warmup + steps):
+        rows.append(rl_step(t, step))
+        works.append(rec.collect())
+    wall = time.perf_counter() - t0
+    if profile_path is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts, record_shapes=True) as prof:
+            rl_step(t, warmup + steps)
+        rec.collect()
+        profile_path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(profile_path))
+    return rows, works, wall
+
+
+def _checkpoint_seconds(t, cfg, env, step: int) -> dict:
+    from strive_engine.checkpoint import Checkpointer
+    from strive_engine.train import trainer_state
+
+    params = inspect.signature(Checkpointer).parameters
+    kw = {"async_save": cfg.checkpoint.async_save} if "async_save" in params and hasattr(cfg.checkpoint,
+                                                                                         "async_save") else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ck = Checkpointer(tmp, env, keep=1, **kw)
+        t0 = time.perf_counter()
+        with t.timer("checkpoint"):
+            ck.save(step, t.root, t.optimizer, trainer_state(t, step))
+        blocking = time.perf_counter() - t0
+        if hasattr(ck, "close"):
+            ck.close()
+        total = time.perf_counter() - t0
+    t.timer.reset()
+    return {"blocking_s": blocking, "on_disk_s": total}
+
+
+def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = False,
+            profile_path: Path | None = None) -> dict:
+    """Build the trainer from the config in argv, time `steps` RL steps after `warmup` ones, explain them."""
+    import functools
+
+    from strive_engine.config import load_config
+    from strive_engine.parallel import destroy_distributed, init_distributed, seed_everything
+    from strive_engine.pipeline import decode_batch
+    from strive_engine.train import build_trainer
+    from strive_engine.video.prefetch import Prefetcher
 
     cfg = load_config(argv + ["--logging.progress=false"])
     env = init_distributed(cfg.parallel.backend)
     seed_everything(cfg.run.seed)
+    t_build = time.perf_counter()
     t, _ = build_trainer(cfg, env)
     if cfg.algorithm.beta > 0:
-        build_reference(t, None)
-    t.timer = StageTimer(sync=True)
-    for step in range(warmup):
-        rl_step(t, step)
-    rows = []
-    t0 = time.perf_counter()
-    for step in range(warmup, warmup + steps):
-        rows.append(rl_step(t, step))
-    wall = time.perf_counter() - t0
-    with tempfile.TemporaryDirectory() as tmp, t.timer("checkpoint"):
-        Checkpointer(tmp, env, keep=1).save(warmup + steps, t.root, t.optimizer, trainer_state(t, warmup + steps))
-    ckpt = t.timer.reset().get("time/checkpoint", 0.0)
-    destroy_distributed()
+        from strive_engine.train import build_reference
 
+        build_reference(t, None)
+    build_s = time.perf_counter() - t_build
+    dtype = next(p for p in t.policy.hf.parameters()).dtype if env.device.type == "cpu" else torch.bfloat16
+    ceilings = measure_ceilings(env.device, dtype)
+    t.timer = BenchTimer(sync=True)
+    t.prefetcher = Prefetcher(t.loader, functools.partial(decode_batch, source=t.source,
+                                                          pool_frames=cfg.video.pool_frames, device=env.device),
+                              depth=cfg.video.prefetch_batches)
+    try:
+        rows, works, wall = _trainer_step_loop(t, cfg, env, warmup, steps, profile_path)
+        ckpt = None if skip_checkpoint else _checkpoint_seconds(t, cfg, env, warmup + steps)
+    finally:
+        t.prefetcher.close()
+    peak = {s: b / GiB for s, b in t.timer.peak_bytes.items()}
+    shape = model_shape(t.policy.hf)
+    elem = 2 if env.device.type == "cuda" else 4
+    stage_work = [step_work(shape, calls, vision, cfg, elem) for calls, vision in works]
+    destroy_distributed()
+    return explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt, build_s, argv)
+
+
+# ---------------------------------------------------------------------------------------------- explain
+
+
+def _spread(xs: list[float]) -> float:
+    med = statistics.median(xs)
+    return (max(xs) - min(xs)) / med if med > 0 else 0.0
+
+
+def _stage_row(stage: str, secs: list[float], work: list[dict], ceilings: dict, step_s: float) -> dict:
+    med = statistics.median(secs)
+    row = {"s": med, "s_steps": [round(x, 5) for x in secs], "spread": _spread(secs) if secs else 0.0,
+           "share": med / step_s if step_s > 0 else 0.0}
+    flops = sum(w.get("flops", 0.0) for w in work)
+    nbytes = sum(w.get("bytes", 0.0) for w in work)
+    total_s = sum(secs)
+    if stage in HOST_BOUND or (flops == 0 and nbytes == 0) or total_s <= 0:
+        row["bound"] = HOST_BOUND.get(stage, "no device model")
+        return row
+    t_f = flops / ceilings["matmul_flops_per_s"]
+    t_b = nbytes / ceilings["copy_bytes_per_s"]
+    row.update(bound="FLOPs" if t_f >= t_b else "bytes", flops=flops / len(work), bytes=nbytes / len(work),
+               tflops_per_s=flops / total_s / 1e12, gb_per_s=nbytes / total_s / 1e9,
+               floor_s=(t_f + t_b) / len(work), fraction=(t_f + t_b) / total_s)
+    return row
+
+
+def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt, build_s, argv) -> dict:
     B, K, G = cfg.data.batch_size, cfg.variants.num_variants, cfg.rollout.num_generations
-    per_stage = {s: sum(r.get(f"time/{s}", 0.0) for r in rows) / steps for s in STAGES if s != "checkpoint"}
-    per_stage["checkpoint"] = ckpt
+    step_times = [r["time/step"] for r in rows]
+    step_s = statistics.median(step_times)
+    stages = {}
+    for s in STAGES:
+        secs = [r.get(f"time/{s}", 0.0) for r in rows]
+        if s == "checkpoint" or not any(secs):
+            continue
+        stages[s] = _stage_row(s, secs, [w.get(s, {}) for w in stage_work], ceilings, step_s)
+        if s in peak:
+            stages[s]["peak_gib"] = peak[s]
+    ro = stage_work[0].get("rollout", {})
+    for k in ("decode_steps", "requests", "prompt_tokens_mean"):
+        if k in ro and "rollout" in stages:
+            stages["rollout"][k] = ro[k]
+    peak_flops = ceilings["matmul_flops_per_s"]
+    mfu = {}
+    for s, factor in (("update", 6.0), ("old_logp", 2.0), ("ref_logp", 2.0)):
+        tok = sum(w.get(s, {}).get("tokens", 0.0) for w in stage_work)
+        sec = sum(r.get(f"time/{s}", 0.0) for r in rows)
+        if tok and sec:
+            mfu[f"{s}_PT"] = factor * shape.params * tok / sec / peak_flops
+            mfu[f"{s}_model"] = stages[s].get("fraction", 0.0)
     gen = sum(r["rollout/gen_tokens"] for r in rows)
     trained = sum(r.get("loss/num_tokens", 0.0) for r in rows) * cfg.algorithm.ppo_epochs
     forwarded = sum(r.get("rollout/seq_tokens", 0) for r in rows) * cfg.algorithm.ppo_epochs
-    return {"recipe_args": argv, "steps": steps, "step_s": wall / steps, "questions_per_s": B * steps / wall,
-            "rollouts_per_s": B * K * G * steps / wall, "gen_tokens_per_s": gen / wall,
-            "train_tokens_per_s": trained / wall, "update_seq_tokens_per_s": forwarded / wall,
-            "stages_s": per_stage,
-            "shape": {"B": B, "K": K, "G": G, "F": cfg.keyframes.num_frames, "P": cfg.video.pool_frames,
-                      "max_new_tokens": cfg.rollout.max_new_tokens, "device": str(env.device)},
-            "accuracy_mean": sum(r["reward/accuracy"] for r in rows) / steps}
+    ro_spread = stages.get("rollout", {}).get("spread", 0.0)
+    out = {"recipe_args": argv, "steps": steps, "step_s": step_s, "step_s_mean": wall / steps,
+           "step_spread": _spread(step_times), "build_s": build_s,
+           "backend": {"kernels": os.environ.get("STRIVE_KERNELS_BACKEND", "auto"),
+                       "rollout": getattr(cfg.rollout, "backend", "hf"),
+                       "cuda_graph": getattr(cfg.rollout, "cuda_graph", False) and env.device.type == "cuda"},
+           "questions_per_s": B * steps / wall, "rollouts_per_s": B * K * G * steps / wall,
+           "gen_tokens_per_s": gen / wall, "train_tokens_per_s": trained / wall,
+           "update_seq_tokens_per_s": forwarded / wall,
+           "stages_s": {s: v["s"] for s, v in stages.items()}, "stages": stages, "mfu": mfu,
+           "rollout_repeatable": ro_spread <= STABLE, "ceilings": ceilings,
+           "model": {"params": shape.params, "trainable": shape.trainable, "vision_trained": shape.vision_trained},
+           "shape": {"B": B, "K": K, "G": G, "F": cfg.keyframes.num_frames, "P": cfg.video.pool_frames,
+                     "max_new_tokens": cfg.rollout.max_new_tokens, "device": str(env.device)},
+           "accuracy_mean": sum(r["reward/accuracy"] for r in rows) / steps}
+    if ckpt is not None:
+        out["stages_s"]["checkpoint"] = ckpt["blocking_s"]
+        out["checkpoint"] = ckpt
+    if env.device.type == "cuda":
+        out["memory"] = {"peak_gib": max(peak.values(), default=0.0),
+                         "state_gib": 16.0 * shape.trainable / GiB}  # fp32 weights + grads + 2 Adam moments
+    else:
+        out["memory"] = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB}
+    return out
 
 
-def _child(argv: list[str], steps: int, warmup: int, backend: str) -> dict:
-    env = {**os.environ, "STRIVE_KERNELS_BACKEND": backend}
-    cmd = [sys.executable, __file__, "--_child", "--steps", str(steps), "--warmup", str(warmup), *argv]
-    # argv starts with --recipe NAME: the child's own parser takes it back out
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"child run ({backend}) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _rate(v: dict) -> str:
+    if "fraction" not in v:
+        return ""
+    return f"{v['tflops_per_s']:.2f} TFLOP/s" if v["bound"] == "FLOPs" else f"{v['gb_per_s']:.1f} GB/s"
 
 
 def _table(fast: dict, ref: dict | None) -> str:
-    lines = [f"{'stage':<12} {'fast s':>9}" + (f" {'reference s':>12} {'ratio':>7}" if ref else "")]
+    c = fast["ceilings"]
+    b = fast["backend"]
+    lines = [f"rollout backend: {b['rollout']}{' (CUDA graph)' if b['cuda_graph'] else ''}; kernels: "
+             f"{b['kernels']}{' vs reference' if ref else ''}; {fast['steps']} timed steps; ceilings ({c['device']}, "
+             f"{c['dtype']}): matmul {c['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s, copy "
+             f"{c['copy_bytes_per_s'] / 1e9:.0f} GB/s",
+             f"{'stage':<11} {'s':>8} {'spread':>7} {'share':>6}  {'bound':<20} {'achieved':>15} {'of ceil':>8} "
+             f"{'peak GiB':>8}" + (f" {'ref s':>8} {'ratio':>6}" if ref else "")]
     for s in STAGES:
-        a = fast["stages_s"].get(s, 0.0)
-        row = f"{s:<12} {a:>9.4f}"
+        if s not in fast["stages_s"]:
+            continue
+        v = fast["stages"].get(s, {"s": fast["stages_s"][s], "spread": 0.0, "share": 0.0, "bound": "disk"})
+        frac = f"{100 * v['fraction']:.1f}%" if "fraction" in v else ""
+        peak = f"{v['peak_gib']:.2f}" if "peak_gib" in v else ""
+        row = (f"{s:<11} {v['s']:>8.4f} {100 * v['spread']:>6.1f}% {100 * v['share']:>5.1f}%  {v['bound']:<20} "
+               f"{_rate(v):>15} {frac:>8} {peak:>8}")
         if ref:
-            b = ref["stages_s"].get(s, 0.0)
-            row += f" {b:>12.4f} " + (f"{b / a:>6.2f}x" if a > 0 else f"{'-':>7}")
+            r = ref["stages_s"].get(s, 0.0)
+            row += f" {r:>8.4f} " + (f"{r / v['s']:>5.2f}x" if v["s"] > 0 else f"{'-':>6}")
         lines.append(row)
+    for k, v in fast["mfu"].items():
+        lines.append(f"MFU {k:<22} {100 * v:>6.1f}%")
+    ro = fast["stages"].get("rollout", {})
+    lines.append(f"rollout spread {100 * ro.get('spread', 0):.1f}% over {fast['steps']} steps: "
+                 f"{'ok' if fast['rollout_repeatable'] else f'noisy (> {100 * STABLE:.0f}%): use more --steps'}"
+                 + (f"; reference's rollout {ref['stages_s'].get('rollout', 0):.4f} s" if ref else ""))
+    mem = fast["memory"]
+    lines.append("memory: " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()))
     for k in ("step_s", "questions_per_s", "rollouts_per_s", "gen_tokens_per_s", "train_tokens_per_s",
               "update_seq_tokens_per_s"):
         row = f"{k:<24} {fast[k]:>10.3f}"
@@ -120,33 +420,67 @@ def _table(fast: dict, ref: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _child(argv: list[str], args, backend: str, stamp: str) -> dict:
+    env = {**os.environ, "STRIVE_KERNELS_BACKEND": backend}
+    cmd = [sys.executable, __file__, "--_child", "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.skip_checkpoint:
+        cmd.append("--skip-checkpoint")
+    if args.profile:
+        cmd += ["--_trace", str(Path(args.out) / f"throughput-trace-{backend}-{stamp}.json")]
+    out = subprocess.run(cmd + argv, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"child run ({backend}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="debug_cpu")
-    ap.add_argument("--steps", type=int, default=3, help="timed RL steps")
+    ap.add_argument("--steps", type=int, default=5, help="timed RL steps (the rollout's spread says if enough)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed RL steps first (compilation, caches)")
     ap.add_argument("--compare", action="store_true", help="also run with every kernel's pure-torch twin")
-    ap.add_argument("--no-save", action="store_true", help="do not append to bench/results/throughput.jsonl")
+    ap.add_argument("--profile", action="store_true", help="write a torch.profiler trace of one more step to --out")
+    ap.add_argument("--skip-checkpoint", action="store_true", help="do not time a checkpoint save (big models)")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="where the record (and trace) go")
+    ap.add_argument("--save", action="store_true", help="also append the record to bench/results/throughput.jsonl")
+    ap.add_argument("--results-dir", default=str(ROOT / "bench" / "results"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-save", action="store_true", help=argparse.SUPPRESS)  # old scripts: now the default
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--_trace", default="", help=argparse.SUPPRESS)
     args, rest = ap.parse_known_args()
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
     if args._child:  # the parent already added the output folder
-        print(json.dumps(measure(["--recipe", args.recipe, *rest], args.steps, args.warmup)))
+        trace = Path(args._trace) if args._trace else None
+        rec = measure(["--recipe", args.recipe, *rest], args.steps, args.warmup, args.skip_checkpoint, trace)
+        print(json.dumps({**rec, **({"trace": str(trace)} if trace else {})}))
         return
-    argv = ["--recipe", args.recipe, f"--run.output_dir={tempfile.gettempdir()}/strive_throughput", *rest]
-    fast = _child(argv, args.steps, args.warmup, "auto")
-    ref = _child(argv, args.steps, args.warmup, "reference") if args.compare else None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    with tempfile.TemporaryDirectory(prefix="strive_throughput_") as run_dir:
+        argv = ["--recipe", args.recipe, f"--run.output_dir={run_dir}", *rest]
+        fast = _child(argv, args, "auto", stamp)
+        ref = _child(argv, args, "reference", stamp) if args.compare else None
     print(_table(fast, ref))
     record = {"bench": "throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               **_versions(), "fast": fast}
     if ref is not None:
         record["reference"] = ref
         record["speedup_step"] = ref["step_s"] / fast["step_s"]
-    if not args.no_save:
-        out = ROOT / "bench" / "results" / "throughput.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+    record["written_to"] = [str(p) for p in write_record(record, Path(args.out),
+                                                          Path(args.results_dir) if args.save else None)]
     print(json.dumps(record))
+
+
+def write_record(record: dict, out: Path, results: Path | None) -> list[Path]:
+    """Append the record to out/throughput.jsonl (untracked: runs/bench by default) and, with --save only, to
+    results/throughput.jsonl (the tracked bench/results). Returns the files written."""
+    written = []
+    for folder in [out] + ([results] if results is not None else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "throughput.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        written.append(folder / "throughput.jsonl")
+    return written
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,23 +27,149 @@ def _script(path, args, timeout=600, cwd=ROOT):
     return res
 
 
+def _tracked_files_state() -> dict[str, tuple[int, int]] | None:
+    """(mtime_ns, size) of the files git tracks where benches write records (bench/results, runs), or None outside
+    a git checkout. (Not the whole tree: other people's edits of the source during the test are not the bench's.)"""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--", "bench/results", "runs"], cwd=ROOT, capture_output=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    state = {}
+    for name in filter(None, out.decode().split("\0")):
+        try:
+            st = (ROOT / name).stat()
+        except FileNotFoundError:
+            continue
+        state[name] = (st.st_mtime_ns, st.st_size)
+    return state
+
+
 @pytest.mark.slow
-def test_throughput_compare_with_kl_reference(tmp_path):
-    syn = tmp_path / "syn"
-    res = _script("bench/throughput.py", ["--steps", "1", "--warmup", "0", "--compare", "--no-save", *TINY,
-                                          f"--data.synthetic_dir={syn}", "--algorithm.beta=0.05"])
+def test_throughput_compare_with_kl_reference():
+    """Both backends end to end with the defaults a user gets: the record goes to runs/bench (ignored by git),
+    no tracked file changes, every device stage is explained (bound, rate, fraction of this run's ceilings),
+    MFU in both definitions, a profiler trace of one more step names the stages."""
+    before = _tracked_files_state()
+    with tempfile.TemporaryDirectory() as tmp:
+        syn = Path(tmp) / "syn"
+        res = _script("bench/throughput.py", ["--steps", "2", "--warmup", "0", "--compare", "--profile", *TINY,
+                                              f"--data.synthetic_dir={syn}", "--algorithm.beta=0.05"])
     rec = json.loads(res.stdout.strip().splitlines()[-1])
     for side in ("fast", "reference"):
         r = rec[side]
-        assert set(r["stages_s"]) >= {"decode", "keyframes", "variants", "rollout", "old_logp", "ref_logp", "update"}
+        assert set(r["stages_s"]) >= {"decode", "keyframes", "variants", "rollout", "old_logp", "ref_logp", "update",
+                                      "checkpoint"}
         assert r["stages_s"]["ref_logp"] > 0 and r["stages_s"]["update"] > 0
         assert r["rollouts_per_s"] > 0 and r["gen_tokens_per_s"] > 0
         # every update forwards prompt + video + completion tokens: more than the completion tokens alone
         assert r["update_seq_tokens_per_s"] > r["train_tokens_per_s"] > 0
         assert r["shape"] == {"B": 1, "K": 2, "G": 2, "F": 4, "P": 8, "max_new_tokens": 8, "device": "cpu"}
+        c = r["ceilings"]
+        assert c["device"] == "cpu" and c["dtype"] == "float32" and c["matmul_flops_per_s"] > 1e9
+        for s in ("rollout", "old_logp", "ref_logp", "update", "optimizer", "variants"):
+            st = r["stages"][s]
+            assert st["bound"] in ("FLOPs", "bytes") and 0 < st["fraction"] < 1, (s, st)
+            assert st["floor_s"] == pytest.approx(st["fraction"] * sum(st["s_steps"]) / 2, rel=1e-6)
+            assert len(st["s_steps"]) == 2 and st["s"] == pytest.approx(sum(st["s_steps"]) / 2)
+        assert r["stages"]["update"]["bound"] == "FLOPs" and r["stages"]["optimizer"]["bound"] == "bytes"
+        assert r["stages"]["reward"]["bound"] == "host: Python" and "fraction" not in r["stages"]["reward"]
+        # update = 3 x the old log-probs' forward on the same rows (vision trained): model FLOPs agree
+        up, old = r["stages"]["update"]["flops"], r["stages"]["old_logp"]["flops"]
+        assert up == pytest.approx(3 * old, rel=1e-9)
+        assert r["stages"]["ref_logp"]["flops"] == pytest.approx(old, rel=1e-9)
+        assert r["stages"]["rollout"]["decode_steps"] >= 1 and r["stages"]["rollout"]["requests"] == 2
+        assert r["mfu"]["update_PT"] > 0 and r["mfu"]["update_model"] == r["stages"]["update"]["fraction"]
+        assert r["backend"]["kernels"] == ("auto" if side == "fast" else "reference")
+        assert sum(v["share"] for v in r["stages"].values()) < 1.05
     assert rec["speedup_step"] == pytest.approx(rec["reference"]["step_s"] / rec["fast"]["step_s"])
     assert {"torch", "git_sha", "date", "cpu_count"} <= set(rec)
-    assert "ref_logp" in res.stdout and "speed-up" in res.stdout
+    assert "ref_logp" in res.stdout and "speed-up" in res.stdout and "rollout backend:" in res.stdout
+    # the record and the traces went to runs/bench, which git ignores; no tracked file changed
+    written = [Path(p) for p in rec["written_to"]]
+    assert written == [ROOT / "runs" / "bench" / "throughput.jsonl"]
+    traces = [Path(rec[side]["trace"]) for side in ("fast", "reference")]
+    assert all(p.parent == ROOT / "runs" / "bench" for p in traces) and traces[0] != traces[1]
+    assert all("stage/update" in p.read_text() and "stage/rollout" in p.read_text() for p in traces)
+    for p in traces:
+        p.unlink()  # ~10 MB each
+    if before is not None:
+        after = _tracked_files_state()
+        changed = [f for f in set(before) | set(after) if before.get(f) != after.get(f)]
+        assert not changed, f"the bench changed tracked files: {changed}"
+        ignored = subprocess.run(["git", "check-ignore", "-q", str(written[0])], cwd=ROOT).returncode
+        assert ignored == 0
+
+
+def test_throughput_save_appends_to_results_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+
+    tp = importlib.import_module("throughput")
+    out, results = tmp_path / "runs", tmp_path / "results"
+    assert tp.write_record({"n": 1}, out, None) == [out / "throughput.jsonl"]
+    assert not results.exists()
+    assert tp.write_record({"n": 2}, out, results) == [out / "throughput.jsonl", results / "throughput.jsonl"]
+    assert [json.loads(x)["n"] for x in (out / "throughput.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(x)["n"] for x in (results / "throughput.jsonl").read_text().splitlines()] == [2]
+
+
+def test_flop_models_equal_torch_flop_counter(tmp_path, monkeypatch):
+    """bench/flops.py against torch.utils.flop_counter on a real HF Qwen2.5-VL (tiny widths, 3 vision blocks with
+    window and full attention, GQA): the vision tower exactly, the language model's linear part exactly and its
+    attention as the causal half of the full score matmuls that eager attention runs, the head exactly."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from strive_engine.config import ModelConfig
+    from strive_engine.model import build_model
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+
+    fl = importlib.import_module("flops")
+    arch = {"model_type": "qwen2_5_vl", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1500, "tie_word_embeddings": True,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "vision_config": {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 4,
+                              "out_hidden_size": 64, "window_size": 112, "fullatt_block_indexes": [1]}}
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    model, _ = build_model(ModelConfig(arch=str(tmp_path / "arch.json"), attn_implementation="eager"), "cpu")
+    shape = fl.model_shape(model)
+    assert shape.params == sum(p.numel() for p in model.parameters()) and shape.vis_full_blocks == 1
+    for grid in ((2, 16, 12), (1, 6, 10)):  # 8 x 6 merged: windows 4x4, 4x2; 3 x 5: windows 3x4, 3x1
+        pix = torch.randn(grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14)
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model.model.visual(pix, grid_thw=torch.tensor([grid]))
+        assert fc.get_total_flops() == sum(fl.vision_flops(shape, grid)), grid
+    for s in (1, 37):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            model.model.language_model(inputs_embeds=torch.randn(1, s, 64), attention_mask=torch.ones(1, s).long())
+        lin, attn = fl.lm_flops(shape, s)
+        assert fc.get_total_flops() == lin + 2 * attn, s
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.lm_head(torch.randn(9, 64))
+    assert fc.get_total_flops() == fl.head_flops(shape, 9)
+
+
+def test_rollout_work_by_hand(monkeypatch):
+    """Two requests (prompts of 10 and 20 tokens), G=2 rows each with 3, 1 and 2, 2 completion tokens; 100
+    weights of 1 byte, 2 bytes of K/V per token, attention width 1, one layer, no vision."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+
+    fl = importlib.import_module("flops")
+    shape = fl.ModelShape(params=100, trainable=100, lm_linear=100, head=0, layers=1, attn_width=1, kv_width=1)
+    rec = fl.CallRecord("old_logp", seq_lens=[13, 11, 22, 22], scored=[3, 1, 2, 2], video_index=[0, 0, 1, 1],
+                        grids=[(1, 2, 2), (1, 2, 2)])
+    one = fl.rollout_work(shape, [rec], max_batch=0, elem=1)
+    # one generate call, 3 steps: each reads 100 weight bytes + both prompts' K/V once (30 x 2) + the rows' own
+    # K/V so far: step 0: 0, step 1: 4 rows x 1 token x 2, step 2: (2 + 1 + 2 + 2) x 2  -> 160 + 168 + 174
+    assert (one["bytes"], one["decode_steps"], one["requests"]) == (502, 3, 2)
+    # prefill: 2 x 100 x s + 2 x 1 x 1 x s^2 for s = 10, 20; decode: 2 x 100 x 8 generated tokens
+    assert one["flops"] == 2200 + 4800 + 1600 and one["prompt_tokens_mean"] == 15
+    two = fl.rollout_work(shape, [rec], max_batch=2, elem=1)
+    # two calls: request 0 for 3 steps (100 + 20 each, own 0, 4, 6), request 1 for 2 steps (100 + 40, own 0, 4)
+    assert (two["bytes"], two["decode_steps"]) == (370 + 284, 5)
 
 
 def test_ablation_report_from_saved_record(tmp_path, monkeypatch):
@@ -145,6 +272,9 @@ def test_gpu_table_lists_metrics_sweeps_and_errors(tmp_path):
         "kernel_device_graph": {"median_us": 20.5, "input_sets": 4},
         "sweep_device_graph": {"rows16_warps1": 18.25, "rows0_warps1": "error: ZeroDivisionError('a|b')"},
         "fwd_bwd": {"peer": {"error": "ImportError('liger')"}}}))
+    (tmp_path / "bench_throughput.json").write_text(json.dumps({"fast": {
+        "stages": {"update": {"s": 2.5, "share": 0.41, "spread": 0.03, "fraction": 0.38, "bound": "FLOPs"}},
+        "mfu": {"update_PT": 0.44}, "steps": 8}}))
     (tmp_path / "bench_broken.json").write_text("Traceback (most recent call last):")
     res = _script("bench/gpu_table.py", [str(tmp_path)])
     rows = [line for line in res.stdout.splitlines() if line.startswith("| bench_")]
@@ -153,4 +283,8 @@ def test_gpu_table_lists_metrics_sweeps_and_errors(tmp_path):
     assert "| bench_keyframe | sweep_device_graph.rows0_warps1 | error: ZeroDivisionError('a/b') |" in rows
     assert "| bench_keyframe | fwd_bwd.peer.error | ImportError('liger') |" in rows
     assert "| bench_broken | (no JSON: see bench_broken.log) | |" in rows
+    for leaf, value in (("stages.update.share", "0.41"), ("stages.update.spread", "0.03"),
+                        ("stages.update.fraction", "0.38"), ("mfu.update_PT", "0.44")):
+        assert f"| bench_throughput | fast.{leaf} | {value} |" in rows
+    assert not any("fast.steps" in r or "stages.update.s |" in r for r in rows)
     assert not any("shape" in r or "note" in r or "input_sets" in r for r in rows)
