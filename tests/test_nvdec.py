@@ -69,6 +69,38 @@ def test_tagged_and_full_range_streams(src, tmp_path):
         assert_same_pool(src.read(path, num_frames=6), PyAVSource().read(path, num_frames=6))
 
 
+class _AsHardwareFrame:
+    """A host NV12 frame dressed as FFmpeg's CUDA frame (format "cuda", sw_format nv12): its planes export
+    through the same DLPack call, so the staging code for hardware frames runs on the CPU."""
+
+    def __init__(self, nv12):
+        self._f = nv12
+        self.format = type("Fmt", (), {"name": "cuda"})()
+        self.sw_format = nv12.format
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def test_nv12_hardware_frame_path_on_host_frames(clips):
+    """The branch that takes FFmpeg's CUDA NV12 frames (DLPack planes: Y (H, W), UV (H/2, W/2, 2), pitched),
+    fed with host NV12 frames: the same RGB as PyAV's own conversion of the decoded yuv420p frames."""
+    import av
+
+    from strive_engine.video.nvdec import _Staging
+
+    with av.open(clips["hevc"]) as c:
+        frames = [f for _, f in zip(range(5), c.decode(video=0))]
+    staging = _Staging(len(frames), torch.device("cpu"))
+    for f in frames:
+        nv12 = f.reformat(format="nv12")  # lossless: the same samples, interleaved chroma
+        assert nv12.planes[0].line_size >= f.width  # pitched rows, as NVDEC's surfaces are
+        staging.take(_AsHardwareFrame(nv12))
+    assert staging.hw == len(frames) and staging.sw == 0
+    want = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in frames])
+    assert torch.equal(staging.to_rgb(), want)
+
+
 def test_streams_it_cannot_convert_go_to_pyav(tmp_path):
     src = NVDECSource("cpu", workers=2)
     odd = write_clip(tmp_path / "odd.webm", "vp9", bars, 8, 97, 51, FPS)      # swscale interpolates odd heights
@@ -173,6 +205,15 @@ def test_routing_runs_the_pyav_group_alongside(clips, monkeypatch):
     assert routing.counts == {"nvdec": 2, "pyav": 1}
     (a0, a1), (b0, b1) = spans["nvdec"], spans["pyav"]
     assert a0 < b1 and b0 < a1  # the two groups overlapped in time
+
+
+def test_self_test_rejects_a_path_the_hardware_does_not_decode():
+    """The start-up check (run for device="cuda") compares a generated clip with PyAV and insists that NVDEC
+    decoded it: FFmpeg's software path, as here, makes build_source fall back to DALI or PyAV."""
+    src = NVDECSource("cpu")
+    with pytest.raises(RuntimeError, match="0 of 3 frames decoded by NVDEC, difference to PyAV mean 0.00 max 0"):
+        src._self_test()
+    assert src.stats == {}  # the check's own frames are not counted
 
 
 def test_build_source_on_cpu_keeps_pyav_or_dali():

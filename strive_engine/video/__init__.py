@@ -76,7 +76,9 @@ class RoutingSource(VideoSource):
         self.counts: collections.Counter = collections.Counter()
         self._logged: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(2, primary.threads), thread_name_prefix="video-route")
+        # Probes (one demux pass per new file) for a whole step at once, as many as the primary decodes at once.
+        width = max(2, primary.threads, getattr(primary, "workers", 0))
+        self._pool = concurrent.futures.ThreadPoolExecutor(width, thread_name_prefix="video-route")
 
     def probe(self, path) -> VideoInfo:
         return self.pyav.probe(path)

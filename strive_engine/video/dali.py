@@ -153,7 +153,9 @@ class DALISource(VideoSource):
         self._scans: collections.OrderedDict[tuple, StreamScan] = collections.OrderedDict()
         self._lock = threading.RLock()  # one pipeline: runs are serialised
         self._scan_lock = threading.Lock()
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(2, threads), thread_name_prefix="dali-probe")
+        # Probe + scan (demux passes) of a step's files at once; on CUDA as many as the pipeline decodes at once.
+        width = max(2, threads) if self.decoder == "cpu" else max(threads, MIXED_PARALLEL)
+        self._pool = concurrent.futures.ThreadPoolExecutor(width, thread_name_prefix="dali-probe")
         self._pipe = self._new_pipeline()  # built now, so a broken install fails at set-up, not mid-run
 
     @classmethod

@@ -44,7 +44,10 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import logging
+import os
+import tempfile
 import threading
 from typing import Sequence
 
@@ -85,10 +88,34 @@ def _hwaccel(index: int):
     return HWAccel("cuda", device=str(index), is_hw_owned=True, options={"primary_ctx": "0", "current_ctx": "1"})
 
 
+_bound = threading.local()  # per thread: the card whose (torch) context this thread has made current
+
+
+@functools.lru_cache(maxsize=1)
+def _libcuda():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _driver_context() -> int:
+    """The CUDA driver's current context on this thread (0 when none)."""
+    ctx = ctypes.c_void_p()
+    _libcuda().cuCtxGetCurrent(ctypes.byref(ctx))
+    return ctx.value or 0
+
+
 def _current_context(device: torch.device) -> None:
-    """Make torch's (primary) context of `device` current on this thread, as FFmpeg's current_ctx needs."""
+    """Make torch's (primary) context of `device` current on this thread, as FFmpeg's current_ctx needs. On a
+    fresh thread torch.cuda.set_device alone may not: it skips cudaSetDevice when cudaGetDevice already names
+    the card, and no context is bound until a runtime call needs one."""
     torch.cuda.set_device(device)
-    torch.cuda.current_stream(device)  # initialises the device's context here if this thread has not yet
+    if getattr(_bound, "index", None) == device.index:
+        return
+    torch.cuda.default_stream(device).query()  # a runtime call on the card: binds its primary context here
+    if not _driver_context():
+        torch.cuda.synchronize(device)
+    if not _driver_context():
+        raise RuntimeError(f"no CUDA context is current on this thread for {device}")
+    _bound.index = device.index
 
 
 def _check_nvdec(device: torch.device) -> None:
@@ -192,6 +219,31 @@ class NVDECSource(VideoSource):
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="nvdec")
         if self.decoder == "nvdec":  # on a pool thread: the caller's current device stays as it was
             self._pool.submit(_check_nvdec, self.device).result()
+            self._pool.submit(self._self_test).result()
+
+    def _self_test(self) -> None:
+        """Decode a small generated H.264 clip on this path and compare it with PyAV: RuntimeError (so that
+        build_source falls back) when NVDEC did not decode it or its frames are off by more than the issue's
+        bound (mean 1.5 levels, max 6), instead of finding out mid-run."""
+        rng = np.random.default_rng(0)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "nvdec_self_test.mp4")
+            with av.open(path, "w") as out:
+                s = out.add_stream("libx264", rate=10)
+                s.width, s.height, s.pix_fmt = 192, 128, "yuv420p"
+                for _ in range(6):
+                    img = np.repeat(np.repeat(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8), 8, 0), 8, 1)
+                    out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+                out.mux(s.encode(None))
+            info = self.fallback.probe(path)
+            got, want = self._decode(info, [5, 0, 3]), self.fallback.read(path, indices=[5, 0, 3])
+        hw, self.stats = self.stats["hw_frames"], collections.Counter()
+        diff = (got.frames.cpu().int() - want.frames.int()).abs()
+        log.info("NVDEC self-test on %s: %d of 3 frames from the hardware, max difference to PyAV %d levels",
+                 self.device, hw, int(diff.max()))
+        if hw != 3 or diff.float().mean() > 1.5 or diff.max() > 6:
+            raise RuntimeError(f"NVDEC self-test failed: {hw} of 3 frames decoded by NVDEC, difference to PyAV "
+                               f"mean {diff.float().mean():.2f} max {int(diff.max())} levels")
 
     @property
     def label(self) -> str:
