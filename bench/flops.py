@@ -128,9 +128,12 @@ def policy_call_flops(shape: ModelShape, rec: CallRecord) -> float:
     return sum(sum(lm_flops(shape, s)) for s in rec.seq_lens) + head_flops(shape, sum(rec.scored))
 
 
-def rollout_work(shape: ModelShape, rows: list[CallRecord], max_batch: int, elem: int) -> dict:
+def rollout_work(shape: ModelShape, rows: list[CallRecord], max_batch: int, elem: int,
+                 whole_requests: bool = True) -> dict:
     """Prefill FLOPs and decode bytes of the rollout that produced `rows` (the old log-prob calls of the step:
-    every rollout row once, request-major). A request = the rows of one video within a call."""
+    every rollout row once, request-major). A request = the rows of one video within a call. Generate calls as
+    the backends cut them: whole requests, max(1, max_batch // G) per call (native engine), or max_batch rows
+    cut anywhere (HF generate, whole_requests=False); max_batch 0 = one call."""
     prompts, comps, grids = [], [], []   # per request: prompt length, completion lengths of its rows, grid
     for rec in rows:
         by_video: dict[int, list[int]] = {}
@@ -142,9 +145,11 @@ def rollout_work(shape: ModelShape, rows: list[CallRecord], max_batch: int, elem
             grids.append(rec.grids[v])
     flops = sum(sum(lm_flops(shape, p)) for p in prompts) + sum(sum(vision_flops(shape, g)) for g in grids)
     flops += 2.0 * (shape.lm_linear + shape.head) * sum(map(sum, comps))
-    # decode: rows in request-major order, cut into generate calls of max_batch rows
+    # decode: rows in request-major order, cut into generate calls
     row_req = [(r, c) for r, cs in enumerate(comps) for c in cs]
     size = max_batch or len(row_req) or 1
+    if whole_requests and comps:
+        size = max(1, size // len(comps[0])) * len(comps[0])
     kv = shape.kv_bytes_per_token(elem)
     weights = elem * (shape.lm_linear + shape.head)
     total_bytes, steps_total = 0.0, 0

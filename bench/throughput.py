@@ -193,7 +193,8 @@ def step_work(shape, calls: list[CallRecord], vision, cfg, elem: int) -> dict[st
             work[stage]["flops"] += f * (3.0 if stage == "update" and shape.vision_trained else 1.0)
     rows = [c for c in calls if c.stage == "old_logp"] or [c for c in calls if c.stage == "update"]
     if rows:
-        ro = rollout_work(shape, rows, cfg.rollout.max_batch, elem)
+        ro = rollout_work(shape, rows, cfg.rollout.max_batch, elem,
+                          whole_requests=getattr(cfg.rollout, "backend", "native") == "native")
         work["rollout"].update(flops=ro["flops"], bytes=ro["bytes"], decode_steps=ro["decode_steps"],
                                requests=ro["requests"], prompt_tokens_mean=ro["prompt_tokens_mean"],
                                executed_vision_flops=vis_by_stage.get("rollout", 0.0))

@@ -170,6 +170,12 @@ def test_rollout_work_by_hand(monkeypatch):
     two = fl.rollout_work(shape, [rec], max_batch=2, elem=1)
     # two calls: request 0 for 3 steps (100 + 20 each, own 0, 4, 6), request 1 for 2 steps (100 + 40, own 0, 4)
     assert (two["bytes"], two["decode_steps"]) == (370 + 284, 5)
+    # max_batch 3: the native engine takes whole requests (3 // 2 = 1 per call): the same two calls
+    assert fl.rollout_work(shape, [rec], max_batch=3, elem=1)["bytes"] == 370 + 284
+    # HF generate cuts rows anywhere: rows (3, 1, 2) then (2): 3 x (100 + 60) + own 3 x 2 + 5 x 2, then
+    # 2 x (100 + 40) + own 2 -> 496 + 282
+    hf = fl.rollout_work(shape, [rec], max_batch=3, elem=1, whole_requests=False)
+    assert (hf["bytes"], hf["decode_steps"]) == (496 + 282, 5)
 
 
 def test_ablation_report_from_saved_record(tmp_path, monkeypatch):
