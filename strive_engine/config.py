@@ -171,6 +171,9 @@ class ModelConfig:
     attn_implementation: str = doc("auto", "auto (flash_attention_2 if importable on CUDA, else sdpa) | "
                                            "flash_attention_2 | sdpa | eager")
     liger: bool = doc(True, "apply liger-kernel's Qwen-VL patches (RMSNorm, SwiGLU, mRoPE) on CUDA when installed")
+    freeze_vision: bool = doc(False, "train without the vision tower (its weights fixed): every forward of a step "
+                                     "then reuses the rollout's visual tokens. false = Video-R1's choice (its GRPO "
+                                     "trainer updates every parameter); the old log-probs reuse them either way")
     tiny_hidden_size: int = doc(128, "tiny model: LLM hidden size")
     tiny_layers: int = doc(2, "tiny model: LLM decoder layers")
     tiny_heads: int = doc(4, "tiny model: attention heads (LLM and vision)")

@@ -39,14 +39,14 @@ On the CPU the same step runs eagerly (and compiles with torch.compile(fullgraph
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from strive_engine.model import Policy, PolicyInputs
+from strive_engine.policy import Policy, PolicyInputs, VisualTokens
 from strive_engine.sampling import SamplingSpec, sample_next
 from strive_kernels import shared_prefix_attention
 from strive_kernels.decode_layer import add_rmsnorm, rope_cache, silu_mul
@@ -62,13 +62,14 @@ class DecodeError(ValueError):
 class Prefix:
     """The prompts of R requests after prefill: K/V per layer (R, Hkv, Lp, D), left-padded (columns < start[r]
     are padding), start (R,) int32, next_pos (R,) int64 = max prompt position + 1, logits (R, V) of the first
-    new token."""
+    new token, visual: the requests' merged visual tokens."""
 
     keys: list[Tensor]
     values: list[Tensor]
     start: Tensor
     next_pos: Tensor
     logits: Tensor
+    visual: VisualTokens | None = None   # the prompts' merged visual tokens (reused by old log-probs)
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Generation:
     steps: int
     logits: Tensor | None = None
     timings_ms: dict[str, float] | None = None   # prefill, first_token, [warmup_step, capture,] decode
+    visual: VisualTokens | None = None           # the requests' merged visual tokens (on the device)
 
 
 def _now(cuda: bool) -> Any:
@@ -166,6 +168,8 @@ class DecodeEngine:
 
     def prefill(self, prompts: PolicyInputs) -> Prefix:
         """Vision tower + language model over R left-padded prompts (one row per request), K/V kept."""
+        if prompts.visual is None:  # vision tower once per request; kept for the step's other forwards
+            prompts = replace(prompts, visual=self.policy.visual_tokens(prompts))
         embeds, pos, extra = self.policy.input_embeddings(prompts)               # (R, Lp, H), (3, R, Lp)
         mask = prompts.attention_mask
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
@@ -174,7 +178,7 @@ class DecodeEngine:
         valid = mask.bool()
         next_pos = pos.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1        # (R,)
         start = (mask.shape[1] - valid.sum(1)).to(torch.int32)                    # (R,)
-        return Prefix(keys, values, start, next_pos.long(), logits)
+        return Prefix(keys, values, start, next_pos.long(), logits, prompts.visual)
 
     # ------------------------------------------------------------------------------------------ one step
 
@@ -268,7 +272,8 @@ class DecodeEngine:
         steps = self._run(st, max_new_tokens - 1, cuda_graph and cuda, check_every)
         self._mark("decode")
         out = Generation(tokens=st.tokens.cpu(), logprobs=st.logprobs.cpu(), finished=st.done.cpu(), steps=steps,
-                         logits=st.logits.cpu() if st.logits is not None else None, timings_ms=self._timings())
+                         logits=st.logits.cpu() if st.logits is not None else None, timings_ms=self._timings(),
+                         visual=prefix.visual)
         return out
 
     def _mark(self, name: str) -> None:

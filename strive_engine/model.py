@@ -1,8 +1,7 @@
-"""The policy: a Qwen-VL model (local checkpoint or the embedded tiny one) and the `Policy` wrapper.
+"""The model: a Qwen-VL checkpoint or a random-weight architecture, built, patched and initialised.
 
     model, tokenizer = build_model(cfg.model, device)            # HF model + its tokenizer
-    policy = Policy(model)                                       # the trainer's FSDP2 root
-    out = policy(inputs, head_fn)                                # head_fn(hidden (N, H), W (V, H), bias) -> Any
+    policy = Policy(model)                                       # strive_engine.policy: the trainer's FSDP2 root
 
 Checkpoints: `cfg.path` is a local HF folder (config.json + *.safetensors + tokenizer), loaded with
 `local_files_only=True` as Qwen2.5-VL, Qwen2-VL or Qwen3-VL by `config.model_type`. Without a path the model
@@ -11,13 +10,6 @@ default, `build_tiny_config`, sized by cfg.tiny_*), a published architecture (`A
 benchmarks at real shapes), or a config.json file. Its tokenizer is the offline one of `strive_engine.tokenizer`
 or Qwen's own (`cfg.tokenizer`); the config always takes its token ids from the tokenizer, and a vocabulary
 bigger than the tokenizer's (151,936 rows for the offline tokenizer's ~1k tokens) is padding no text encodes to.
-
-`Policy.forward` runs vision tower, language model and the loss head inside one call because FSDP2 unshards
-the root module's own parameters (embeddings, final norm, lm_head) only inside the root's forward. It runs
-the vision tower once per *distinct* video (the G rows of one (question, variant) share it), copies the
-merged visual tokens into the `<|video_pad|>` slots of every row that uses the video, builds mRoPE positions
-with the model's own `get_rope_index`, and hands the hidden states that predict completion tokens to
-`head_fn` packed as (N, H) — the [N, V] logits are the head's business (strive_kernels.fused_logprob_loss).
 
 Random init: `init_weights(model, seed)` draws every parameter from a generator keyed by (seed, name), so a
 meta-built, FSDP2-sharded model materialised with `to_empty` gets exactly the weights of an unsharded build.
@@ -30,8 +22,6 @@ import importlib.util
 import inspect
 import logging
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +280,8 @@ def build_model(cfg: Any, device: torch.device | str, *, meta: bool = False) -> 
         if not meta:
             init_weights(model, seed=torch.initial_seed(), on_device=cfg.init == "device")
     apply_liger(model, device, cfg.liger)
+    if getattr(cfg, "freeze_vision", False):
+        model.model.visual.requires_grad_(False)  # no optimizer state, no gradient, its tokens reused in a step
     model.eval()
     return model, tokenizer
 
@@ -364,206 +356,5 @@ def init_weights(model: nn.Module, seed: int = 0, on_device: bool = False) -> No
                              f"re-initialised by {type(model).__name__}._init_weights")
 
 
-# ------------------------------------------------------------------------------------------ policy
-
-
-@dataclass
-class PolicyInputs:
-    """One batch for `Policy.forward`: M rows (prompt + completion), V distinct videos.
-
-    input_ids (M, L) int64; attention_mask (M, L) (prompts left-padded, completions right-padded);
-    completion_mask (M, L): 1 on the completion tokens to score, in full-sequence coordinates (never column 0);
-    pixel_values_videos (sum_v t_v*h_v*w_v, 3*2*14*14) in Qwen patch order; video_grid_thw (V, 3) int64;
-    second_per_grid_ts (V,) float seconds per temporal patch; video_index (M,) int64: the video of each row.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    completion_mask: Tensor
-    pixel_values_videos: Tensor
-    video_grid_thw: Tensor
-    second_per_grid_ts: Tensor
-    video_index: Tensor
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def num_videos(self) -> int:
-        return int(self.video_grid_thw.shape[0])
-
-    def targets(self) -> Tensor:
-        """(N,) the scored completion tokens, in the packing order of `Policy.forward` (row-major)."""
-        return self.input_ids[:, 1:][self.completion_mask[:, 1:].bool()]
-
-    def to(self, device: torch.device | str) -> "PolicyInputs":
-        return PolicyInputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    def row_token_index(self, merge_size: int = 2) -> Tensor:
-        """(sum_m n_{v(m)},) index into the merged visual tokens of all videos, row after row: row m takes
-        the n_v tokens of its video v = video_index[m] (so rows sharing a video share its tokens)."""
-        n = self.video_grid_thw.prod(-1) // merge_size**2                       # (V,) merged tokens per video
-        offs = torch.cumsum(n, 0) - n                                            # (V,) first token of each video
-        lens = n[self.video_index]                                               # (M,)
-        starts = torch.cumsum(lens, 0) - lens                                    # (M,) first slot of each row
-        total = int(lens.sum())
-        ar = torch.arange(total, device=n.device)
-        return ar - starts.repeat_interleave(lens, output_size=total) + offs[self.video_index].repeat_interleave(
-            lens, output_size=total)
-
-    def select(self, rows: Tensor | list[int]) -> "PolicyInputs":
-        """The sub-batch of `rows` (e.g. a micro-batch): only the videos they use are kept (re-indexed), and
-        columns that are padding in every kept row are trimmed. Positions are unchanged by the trimming
-        (they come from the attention mask), so the result scores exactly as inside the full batch."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device).reshape(-1)
-        if rows.numel() == 0:
-            raise ValueError("PolicyInputs.select: no rows selected")
-        vids, new_index = torch.unique(self.video_index[rows], sorted=True, return_inverse=True)
-        patches = self.video_grid_thw.prod(-1)                                   # (V,) pixel rows per video
-        offs = torch.cumsum(patches, 0) - patches
-        pix = torch.cat([torch.arange(int(offs[v]), int(offs[v] + patches[v]), device=patches.device)
-                         for v in vids.tolist()])
-        am = self.attention_mask[rows]
-        used = am.bool().any(0).nonzero().flatten()
-        lo, hi = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, am.shape[1])
-        return PolicyInputs(input_ids=self.input_ids[rows, lo:hi], attention_mask=am[:, lo:hi],
-                            completion_mask=self.completion_mask[rows, lo:hi],
-                            pixel_values_videos=self.pixel_values_videos[pix.to(self.pixel_values_videos.device)],
-                            video_grid_thw=self.video_grid_thw[vids], second_per_grid_ts=self.second_per_grid_ts[vids],
-                            video_index=new_index)
-
-    def validate(self, merge_size: int = 2, video_token_id: int | None = None) -> None:
-        """Shape and consistency checks; ValueError naming the first inconsistency."""
-        M, L = self.input_ids.shape
-        for name in ("attention_mask", "completion_mask"):
-            if tuple(getattr(self, name).shape) != (M, L):
-                raise ValueError(f"PolicyInputs.{name} has shape {tuple(getattr(self, name).shape)}, "
-                                 f"input_ids has {(M, L)}")
-        V = self.num_videos
-        if tuple(self.video_grid_thw.shape) != (V, 3) or tuple(self.second_per_grid_ts.shape) != (V,):
-            raise ValueError(f"PolicyInputs: video_grid_thw {tuple(self.video_grid_thw.shape)} / second_per_grid_ts "
-                             f"{tuple(self.second_per_grid_ts.shape)} must be (V, 3) / (V,)")
-        if tuple(self.video_index.shape) != (M,) or (M and (int(self.video_index.min()) < 0
-                                                            or int(self.video_index.max()) >= V)):
-            raise ValueError(f"PolicyInputs.video_index must be (M,)={M} values in [0, {V}), got "
-                             f"{self.video_index.tolist()}")
-        n_pix = int(self.video_grid_thw.prod(-1).sum())
-        if self.pixel_values_videos.shape[0] != n_pix:
-            raise ValueError(f"PolicyInputs.pixel_values_videos has {self.pixel_values_videos.shape[0]} rows, "
-                             f"video_grid_thw implies {n_pix}")
-        if M and bool(self.completion_mask[:, 0].any()):
-            raise ValueError("PolicyInputs.completion_mask[:, 0] must be 0 (the first token has no predecessor)")
-        if bool((self.completion_mask.bool() & ~self.attention_mask.bool()).any()):
-            raise ValueError("PolicyInputs.completion_mask marks tokens outside attention_mask")
-        if video_token_id is not None:
-            have = ((self.input_ids == video_token_id) & self.attention_mask.bool()).sum(1)  # (M,)
-            want = self.tokens_per_row(merge_size)
-            bad = (have < want).nonzero().flatten()
-            if bad.numel():
-                r = int(bad[0])
-                v = int(self.video_index[r])
-                raise ValueError(f"PolicyInputs row {r} has {int(have[r])} video tokens, its video {v} "
-                                 f"(grid {self.video_grid_thw[v].tolist()}) needs {int(want[r])}")
-
-    def tokens_per_row(self, merge_size: int = 2) -> Tensor:
-        """(M,) merged visual tokens of each row's video: t*h*w / merge_size**2."""
-        return (self.video_grid_thw.prod(-1) // merge_size**2)[self.video_index]
-
-    def video_slots(self, video_token_id: int, merge_size: int = 2) -> Tensor:
-        """(M, L) bool: the `<|video_pad|>` positions that receive the video — the first n_v of each row.
-
-        A `<|video_pad|>` the model *generated* later in the row is an ordinary text token, exactly as HF
-        generate treated it (visual features enter only at prefill; new tokens are typed text)."""
-        is_vid = (self.input_ids == video_token_id) & self.attention_mask.bool()
-        return is_vid & (is_vid.cumsum(1) <= self.tokens_per_row(merge_size)[:, None])
-
-
-class Policy(nn.Module):
-    """The HF model with the whole update (vision, LM, head) in one forward; the FSDP2 root."""
-
-    def __init__(self, hf_model: nn.Module):
-        super().__init__()
-        self.hf = hf_model
-        self._qwen3 = hf_model.config.model_type == "qwen3_vl"
-        params = inspect.signature(hf_model.model.get_rope_index).parameters
-        self._rope_kwargs = set(params) | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params.values()) else set())
-
-    @property
-    def config(self) -> Any:
-        return self.hf.config
-
-    @property
-    def merge_size(self) -> int:
-        return int(self.hf.config.vision_config.spatial_merge_size)
-
-    def generate(self, **kw: Any) -> Any:
-        return self.hf.generate(**kw)
-
-    def mm_token_type_ids(self, input_ids: Tensor, video_slots: Tensor | None = None) -> Tensor:
-        """(M, L) int32 modality types for get_rope_index / generate: 2 on the video slots (default: every
-        `<|video_pad|>`, right for prompts), 0 elsewhere. No image inputs exist here, so an `<|image_pad|>` in
-        the text is typed text."""
-        slots = input_ids == self.hf.config.video_token_id if video_slots is None else video_slots
-        return slots.to(torch.int32) * 2
-
-    def position_ids(self, input_ids: Tensor, attention_mask: Tensor, video_grid_thw: Tensor,
-                     second_per_grid_ts: Tensor, video_slots: Tensor | None = None) -> Tensor:
-        """(3, M, L) mRoPE positions from the model's get_rope_index; grid/seconds given per row (M, 3), (M,)."""
-        wanted = dict(input_ids=input_ids, attention_mask=attention_mask, video_grid_thw=video_grid_thw,
-                      image_grid_thw=None, second_per_grid_ts=second_per_grid_ts,
-                      mm_token_type_ids=self.mm_token_type_ids(input_ids, video_slots))
-        kw = {k: v for k, v in wanted.items() if k in self._rope_kwargs or "*" in self._rope_kwargs}
-        if self._qwen3:
-            kw.pop("second_per_grid_ts", None)  # Qwen3-VL encodes time as timestamp text instead
-        pos, _ = self.hf.model.get_rope_index(**kw)
-        return pos
-
-    def video_features(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, list[Tensor] | None]:
-        """Vision tower over all distinct videos at once -> merged tokens (sum_v n_v, H) and, for Qwen3-VL,
-        the deepstack features (one (sum_v n_v, H) tensor per injected layer)."""
-        out = self.hf.model.get_video_features(pixel_values, grid_thw)
-        deep = None
-        if hasattr(out, "pooler_output"):  # transformers >= 5.x: a ModelOutput
-            merged = out.pooler_output
-            ds = getattr(out, "deepstack_features", None)
-            if ds is not None:
-                deep = [torch.cat(tuple(d), 0) if isinstance(d, (tuple, list)) else d for d in ds]
-        elif self._qwen3 and isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):
-            merged, deep = out  # older Qwen3-VL API: (per-video embeds, deepstack list)
-        else:
-            merged = out
-        merged = torch.cat(tuple(merged), 0) if isinstance(merged, (tuple, list)) else merged
-        return merged, deep
-
-    def input_embeddings(self, inputs: PolicyInputs) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        """The language model's inputs for `inputs`: token embeddings with each row's merged visual tokens in its
-        video slots (M, L, H), mRoPE positions (3, M, L), and the extra keyword arguments of the language model
-        (Qwen3-VL's deepstack features). The vision tower runs once per distinct video."""
-        inputs.validate(self.merge_size, self.hf.config.video_token_id)
-        ids, mask = inputs.input_ids, inputs.attention_mask                      # (M, L)
-        inner = self.hf.model
-        embeds = inner.get_input_embeddings()(ids)                               # (M, L, H)
-        video_mask = inputs.video_slots(self.hf.config.video_token_id, self.merge_size)  # (M, L)
-        merged, deep = self.video_features(inputs.pixel_values_videos, inputs.video_grid_thw)
-        rows = inputs.row_token_index(self.merge_size)                           # (sum_m n_{v(m)},)
-        embeds = embeds.masked_scatter(video_mask.unsqueeze(-1), merged[rows].to(embeds.dtype))
-        pos = self.position_ids(ids, mask, inputs.video_grid_thw[inputs.video_index],
-                                inputs.second_per_grid_ts[inputs.video_index], video_mask)  # (3, M, L)
-        extra: dict[str, Any] = {}
-        if deep is not None:
-            extra = dict(visual_pos_masks=video_mask, deepstack_visual_embeds=[d[rows] for d in deep])
-        return embeds, pos, extra
-
-    def forward(self, inputs: PolicyInputs, head_fn: Callable[[Tensor, Tensor, Tensor | None], Any]) -> Any:
-        """Hidden states predicting the completion tokens, packed (N, H), passed to
-        head_fn(hidden, lm_head.weight (V, H), lm_head.bias or None); returns what head_fn returns."""
-        embeds, pos, extra = self.input_embeddings(inputs)
-        out = self.hf.model.language_model(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
-                                           position_ids=pos, use_cache=False, **extra)
-        hidden = out.last_hidden_state                                           # (M, L, H), final norm applied
-        # Position t predicts token t+1: keep the positions whose *next* token is a scored completion token.
-        sel = inputs.completion_mask[:, 1:].bool()                               # (M, L-1)
-        packed = hidden[:, :-1][sel]                                             # (N, H)
-        head = self.hf.lm_head
-        return head_fn(packed, head.weight, head.bias)
+# The policy wrapper and its batch live in strive_engine.policy; re-exported for callers of this module.
+from strive_engine.policy import Policy, PolicyInputs  # noqa: E402,F401

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from strive_engine import prompts
-from strive_engine.model import Policy, PolicyInputs
+from strive_engine.policy import Policy, PolicyInputs, VisualTokens
 from strive_engine.sampling import SamplingSpec, filter_logits
 from strive_engine.tokenizer import special_token_ids
 
@@ -73,7 +73,8 @@ class RolloutBatch:
     """M = len(requests) * G sampled completions.
 
     inputs: PolicyInputs of prompt (left-padded) + completion (right-padded); inputs.completion_mask covers the
-    completion tokens up to and including eos. completion_ids / completion_mask (M, Lc): the same, completion
+    completion tokens up to and including eos; inputs.visual: the prefill's merged visual tokens (native backend),
+    so the old log-probs of the step do not run the vision tower again. completion_ids / completion_mask (M, Lc): the same, completion
     part only (after eos: pad id, mask 0). texts: decoded completions without special tokens. request_index,
     sample_index (M,) int64; truncated (M,) bool: no eos within max_new_tokens. num_gen_tokens: sum of the mask.
     sampling_logprobs (M, Lc) or None: the rollout's own log-probs of the sampled tokens under the sampling
@@ -204,10 +205,13 @@ def generate_rollouts(policy: Policy, tokenizer: Any, requests: Sequence[Rollout
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(generator_seed)
         if getattr(cfg, "backend", "native") == "native":
-            comp, logprobs = _generate_native(policy, prompts, cfg, eos_ids, pad_id, device)
+            comp, logprobs, visual = _generate_native(policy, prompts, cfg, eos_ids, pad_id, device)
         else:
             comp, logprobs = _generate_hf(policy, prompts, cfg, eos_ids, pad_id, device, return_logprobs)
-    return _assemble(tokenizer, prompts, comp, logprobs, G, eos_ids, pad_id, device)
+            visual = None
+    batch = _assemble(tokenizer, prompts, comp, logprobs, G, eos_ids, pad_id, device)
+    batch.inputs.visual = visual  # the prefill's visual tokens: the old log-probs skip the vision tower
+    return batch
 
 
 def _chunks(R: int, G: int, max_batch: int) -> list[Tensor]:
@@ -217,27 +221,29 @@ def _chunks(R: int, G: int, max_batch: int) -> list[Tensor]:
 
 
 def _generate_native(policy: Policy, prompts: PolicyInputs, cfg: Any, eos_ids: list[int], pad_id: int,
-                     device: torch.device) -> tuple[Tensor, Tensor]:
-    """-> completions (M, Lc) and their sampling log-probs (M, Lc) on the host, Lc = the longest row."""
+                     device: torch.device) -> tuple[Tensor, Tensor, VisualTokens]:
+    """-> completions (M, Lc) and their sampling log-probs (M, Lc) on the host, Lc = the longest row, and the
+    requests' merged visual tokens (on the device) from the prefill."""
     from strive_engine.decode import DecodeEngine
 
     engine = DecodeEngine(policy)
     spec = SamplingSpec.from_config(cfg)
     G = cfg.num_generations
     engine.check(prompts.attention_mask.sum(1).tolist(), cfg.max_new_tokens)   # every request, before compute
-    toks, lps = [], []
+    toks, lps, vis = [], [], []
     for rr in _chunks(prompts.num_rows, G, cfg.max_batch):
         sub = prompts.select(rr).to(device)        # trims the columns that are padding in every row of the chunk
         out = engine.generate(sub, G, spec, cfg.max_new_tokens, eos_ids, pad_id, cuda_graph=cfg.cuda_graph,
                               check_every=cfg.stop_check_every)
         toks.append(out.tokens)
         lps.append(out.logprobs)
+        vis.append(out.visual)
     comp, logprobs = torch.cat(toks), torch.cat(lps)                             # (M, T)
     # HF generate's width: it stops once every row has an EOS, so Lc = the longest row (its EOS included)
     ended = torch.isin(comp, torch.tensor(eos_ids))
     last = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full((comp.shape[0],), comp.shape[1]))
     Lc = int(last.max())
-    return comp[:, :Lc], logprobs[:, :Lc]
+    return comp[:, :Lc], logprobs[:, :Lc], VisualTokens.cat(vis)
 
 
 def _generate_hf(policy: Policy, prompts: PolicyInputs, cfg: Any, eos_ids: list[int], pad_id: int,

@@ -6,6 +6,7 @@ train on runs a zero-weight micro-batch instead of skipping it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -89,7 +90,10 @@ def _logprobs(policy: Policy, rb, cfg: Config) -> torch.Tensor:
 
 
 def _ref_phase(t: Trainer, rb) -> torch.Tensor:
-    """Runs inside ref_root(): the frozen reference policy's log-probs for the k3 KL term."""
+    """Runs inside ref_root(): the frozen reference policy's log-probs for the k3 KL term. Its vision tower is
+    the policy's only when the tower is frozen: then the rollout's visual tokens are reused, else recomputed."""
+    if not t.cfg.model.freeze_vision:
+        rb = dataclasses.replace(rb, inputs=rb.inputs.without_visual())
     with unsharded(t.ref_root), torch.no_grad():
         return _logprobs(t.ref_policy, rb, t.cfg)
 
@@ -166,12 +170,27 @@ def rl_step(t: Trainer, step: int) -> dict[str, Any]:
     m = _global_stats(reward, accuracy, rew.format.view(B, K, G), valid, rb)
     m.update({f"adv/{k}": v for k, v in adv_metrics.items()})
     m.update(upd)
+    m.update(_mismatch(rb, old_logp))
     m.update({"step": step, "phase": "rl", "lr": t.scheduler.get_last_lr()[0],
               "data/skipped_videos": _sum_counter(decoded.skipped),
               "data/kept_rows": int(all_reduce(row_keep.sum().float().reshape(1)).item())})  # global, as valid_samples
     m.update(t.timer.reset())
     m["time/step"] = round(time.perf_counter() - t0, 4)
     return m
+
+
+def _mismatch(rb, old_logp: torch.Tensor) -> dict[str, float]:
+    """Rollout/trainer mismatch over the step's completion tokens (global): |log p_sample - log p_old|, where
+    log p_sample is the rollout's own log-prob under its sampling distribution and log p_old the trainer's
+    forward (same weights). Numerical differences only, unless top-k / top-p truncates the distribution sampled
+    from (then the gap is the truncation, the real off-policy amount)."""
+    if rb.sampling_logprobs is None:
+        return {}
+    samp = rb.sampling_logprobs[rb.completion_mask.bool()].to(old_logp.device)       # (N,), the same packing
+    d = (samp - old_logp.float()).abs()
+    s = all_reduce(torch.stack([d.sum(), torch.tensor(float(d.numel()), device=d.device)]).cpu())
+    mx = all_reduce(d.max().reshape(1).cpu() if d.numel() else torch.zeros(1), "max")
+    return {"rollout/logp_mismatch_mean": float(s[0]) / max(float(s[1]), 1.0), "rollout/logp_mismatch_max": float(mx)}
 
 
 def _sum_counter(c) -> int:
@@ -235,6 +254,8 @@ def _update(t: Trainer, rb, old_logp: torch.Tensor, row_adv: torch.Tensor, row_k
                 if rows.numel() == 0:  # keep collectives aligned: a zero-weight pass over row 0
                     rows, weight = torch.zeros(1, dtype=torch.long), 0.0
                 inputs = rb.inputs.select(rows)
+                if not cfg.model.freeze_vision:  # gradients must reach the vision tower: run it again
+                    inputs = inputs.without_visual()
                 targets = inputs.targets()
                 old = _packed(old_logp, counts, rows)
                 adv = row_adv[rows].repeat_interleave(counts[rows]).to(old.device)
