@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import platform
 import sys
@@ -154,8 +155,9 @@ def run_hf(policy, prompts, G: int, n_tokens: int, device) -> dict:
                            use_cache=True, return_dict_in_generate=True)
     kw = dict(input_ids=x, attention_mask=prompts.attention_mask[rows].to(device),
               pixel_values_videos=pix.to(device, policy.hf.dtype), video_grid_thw=prompts.video_grid_thw[rows].to(device),
-              second_per_grid_ts=prompts.second_per_grid_ts[rows].to(device),
-              mm_token_type_ids=policy.mm_token_type_ids(x))
+              second_per_grid_ts=prompts.second_per_grid_ts[rows].to(device))
+    if "mm_token_type_ids" in inspect.signature(policy.hf.forward).parameters:
+        kw["mm_token_type_ids"] = policy.mm_token_type_ids(x)
     clock = ForwardClock(policy.hf, device.type == "cuda")
     sync()
     base = mem()

@@ -82,8 +82,11 @@ def _hf_generate(pol, prompts, G, T, eos, pad, forced=None, temperature=1.0):
     offs = torch.cumsum(pix_rows, 0) - pix_rows
     pix = torch.cat([prompts.pixel_values_videos[int(offs[r]):int(offs[r] + pix_rows[r])] for r in rows.tolist()])
     kw = dict(input_ids=x, attention_mask=prompts.attention_mask[rows], pixel_values_videos=pix,
-              video_grid_thw=prompts.video_grid_thw[rows], mm_token_type_ids=pol.mm_token_type_ids(x))
-    if "second_per_grid_ts" in inspect.signature(pol.hf.forward).parameters and pol.config.model_type != "qwen3_vl":
+              video_grid_thw=prompts.video_grid_thw[rows])
+    fwd = inspect.signature(pol.hf.forward).parameters
+    if "mm_token_type_ids" in fwd:  # transformers >= 5.2x; older ones find the video tokens themselves
+        kw["mm_token_type_ids"] = pol.mm_token_type_ids(x)
+    if "second_per_grid_ts" in fwd and pol.config.model_type != "qwen3_vl":
         kw["second_per_grid_ts"] = prompts.second_per_grid_ts[rows]
     cfg = RolloutConfig(num_generations=G, max_new_tokens=T, do_sample=False)
     gen_cfg = _generation_config(cfg, eos, pad, output_logits=True)
