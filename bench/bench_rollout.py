@@ -199,6 +199,38 @@ def run_native(policy, prompts, G: int, T: int, device, reps: int = 2) -> dict:
     return res
 
 
+def profile_step(policy, prompts, G: int, device, steps: int = 3) -> list[dict]:
+    """Device time by kernel over `steps` eager decode steps (torch.profiler): where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from strive_engine.decode import DecodeEngine
+    from strive_engine.sampling import SamplingSpec
+
+    engine = DecodeEngine(policy)
+    p = prompts.to(device)
+    p.pixel_values_videos = p.pixel_values_videos.to(policy.hf.dtype)
+    with torch.no_grad():
+        st = engine.new_state(engine.prefill(p), G, steps + 2, SamplingSpec(), [], 0)
+        engine.step(st)
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step(st)
+            sync()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": t / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"eager decode step, device time by kernel (total {total / 1e3:.2f} ms, "
+          f"{sum(r['calls_per_step'] for r in rows):.0f} launches):")
+    for r in rows[:14]:
+        print(f"  {r['us_per_step']:9.1f} us  {r['calls_per_step']:6.0f}x  {r['kernel']}")
+    return rows[:30]
+
+
 def check_logits(policy, prompts, G: int, T: int, device) -> dict:
     """Native vs HF logits at this shape over T steps (HF forced along the native tokens), a few requests."""
     sys.path.insert(0, str(ROOT / "tests"))
@@ -263,6 +295,7 @@ def main(argv=None) -> dict:
     nb = step_bytes(policy, prompts, args.G, args.new_tokens)
     floor_ms = 1e3 * nb["total"] / bw if bw == bw else float("nan")
     native = run_native(policy, prompts, args.G, args.new_tokens, args.device)
+    prof = profile_step(policy, prompts, args.G, args.device) if args.device.type == "cuda" else []
     hf = None if args.skip_hf else run_hf(policy, prompts, args.G, args.hf_tokens, args.device)
     check = check_logits(policy, make_prompts(policy, args.check_requests, args.text_tokens, grid, seed=1), args.G,
                          args.check_steps, args.device)
@@ -278,7 +311,8 @@ def main(argv=None) -> dict:
                      float(prompts.attention_mask.sum(1).float().mean()), "video_tokens": grid[0] * grid[1] * grid[2] // 4,
                      "new_tokens": T, "params_B": sum(p.numel() for p in policy.parameters()) / 1e9},
            "build_s": build_s, "copy_GBps": bw / 1e9, "step_bytes_GB": {k: v / 1e9 for k, v in nb.items()},
-           "floor_ms_per_step": floor_ms, "native": native, "hf": hf, "logits_check": check}
+           "floor_ms_per_step": floor_ms, "native": native, "hf": hf, "logits_check": check,
+           "eager_step_kernels": prof}
     native["tokens_per_s"] = tok_s(native, native["decode_ms_per_step"])
     native["fraction_of_floor"] = floor_ms / native["decode_ms_per_step"]
     if hf is not None:
