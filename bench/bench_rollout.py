@@ -213,13 +213,15 @@ def profile_step(policy, prompts, G: int, device, steps: int = 3) -> list[dict]:
         st = engine.new_state(engine.prefill(p), G, steps + 2, SamplingSpec(), [], 0)
         engine.step(st)
         sync()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        acts = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+        with profile(activities=acts) as prof:
             for _ in range(steps):
                 engine.step(st)
             sync()
     rows = []
     for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        t = (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) if device.type == "cuda" \
+            else e.self_cpu_time_total
         if t:
             rows.append({"kernel": e.key[:90], "calls_per_step": e.count / steps, "us_per_step": t / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
@@ -295,7 +297,7 @@ def main(argv=None) -> dict:
     nb = step_bytes(policy, prompts, args.G, args.new_tokens)
     floor_ms = 1e3 * nb["total"] / bw if bw == bw else float("nan")
     native = run_native(policy, prompts, args.G, args.new_tokens, args.device)
-    prof = profile_step(policy, prompts, args.G, args.device) if args.device.type == "cuda" else []
+    prof = profile_step(policy, prompts, args.G, args.device)
     hf = None if args.skip_hf else run_hf(policy, prompts, args.G, args.hf_tokens, args.device)
     check = check_logits(policy, make_prompts(policy, args.check_requests, args.text_tokens, grid, seed=1), args.G,
                          args.check_steps, args.device)
