@@ -276,7 +276,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--text-tokens", type=int, default=500)
-    ap.add_argument("--grid", default="8,30,25", help="video grid t,h,w in patches (8x30x25: 1,500 tokens)")
+    ap.add_argument("--grid", default="8,30,26", help="video grid t,h,w in patches (8x30x26: 1,560 tokens; h, w even)")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--hf-tokens", type=int, default=24, help="steps HF generate runs (its per-step time is flat)")
     ap.add_argument("--check-steps", type=int, default=8)

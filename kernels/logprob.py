@@ -68,6 +68,21 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+# No-grad log-probs (old / reference policy) at a small vocabulary: the fused pass cannot beat one cuBLAS matmul
+# plus log_softmax over [N, V] logits that are small anyway. Measured on an H200 (bench_logprob.py --engine,
+# 2026-12-04, torch 2.11): V=1,028, N=2,048, H=1,024: fused 0.50 ms vs the torch twin 0.29 ms; V=152,064,
+# N=8,192, H=3,584: fused 13.9 ms vs 75.5 ms. "auto" therefore takes the twin below this vocabulary.
+SMALL_VOCAB_NOGRAD = 16_384
+
+
+def _logprobs_backend(backend: str, device: torch.device, vocab: int) -> str:
+    """The backend of `fused_logprobs`: `_resolve_backend`, with auto's small-vocabulary rule on CUDA."""
+    be = _resolve_backend(backend, device)
+    if resolve_auto(backend) == "auto" and be == "triton" and vocab < SMALL_VOCAB_NOGRAD:
+        return "reference"
+    return be
+
+
 def _pass_factory(backend: str):
     if backend == "triton":
         from strive_kernels.logprob_triton import TritonPass
@@ -228,7 +243,7 @@ def fused_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Opt
     one matmul per chunk plus the statistics pass. Targets outside [0, V) raise on CPU and give NaN on CUDA."""
     check_matrices(hidden, weight, bias)
     check_scalars(temperature, 0.0, 0.0, 0.0)
-    be = _resolve_backend(backend, hidden.device)
+    be = _logprobs_backend(backend, hidden.device, weight.shape[0])
     n = hidden.shape[0]
     rows = _rows(n, hidden, weight, be, max_chunk_bytes)
     if be == "reference":

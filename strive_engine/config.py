@@ -380,7 +380,10 @@ class LoggingConfig:
 
     progress: bool = doc(True, "progress bar with reward, accuracy and step time")
     metrics_file: str = doc("metrics.jsonl", "one JSON line per step, under run.output_dir")
-    plot: bool = doc(True, "write reward/accuracy/zero-variance curves as a PNG at the end")
+    plot: bool = doc(True, "write curves.png at the end: SFT loss, RL reward, accuracy (+ held-out accuracy once "
+                           "evaluate has run on the run's hf/ export), zero-variance groups")
+    tensorboard: bool = doc(False, "also write metrics.jsonl's scalars to <run.output_dir>/tb (needs the "
+                                   "tensorboard package: .venv/bin/pip install tensorboard)")
     log_level: str = doc("INFO", "DEBUG | INFO | WARNING")
 
     def __post_init__(self):
@@ -567,24 +570,15 @@ def load_config(argv: list[str] | None = None) -> Config:
     return build_config(raw)
 
 
-def format_help() -> str:
-    lines = ["options: --recipe NAME|PATH.toml (default debug_cpu), then any --section.field=VALUE:"]
-    for section, cls in SECTIONS.items():
-        lines.append(f"\n[{section}]  {(cls.__doc__ or '').strip()}")
-        for f in dataclasses.fields(cls):
-            lines.append(f"  --{section}.{f.name}={f.default!r}\n      {f.metadata.get('help', '')}")
-    return "\n".join(lines)
+def format_help(argv: list[str] | tuple[str, ...] = ()) -> str:
+    """Every option with the value it takes under argv's recipe and overrides (strive_engine.cli.format_help)."""
+    from strive_engine.cli import format_help as _format_help
+
+    return _format_help(argv)
 
 
 def config_from_cli(argv: list[str] | None = None) -> Config:
-    """For entry points: `--help` prints every option and exits 0; a bad option or value prints the
-    ConfigError and exits 2."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--help" in argv or "-h" in argv:
-        print(format_help())
-        raise SystemExit(0)
-    try:
-        return load_config(argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """For entry points: --help and one-line config errors with exit 2 (strive_engine.cli.config_from_cli)."""
+    from strive_engine.cli import config_from_cli as _config_from_cli
+
+    return _config_from_cli(argv)

@@ -314,7 +314,8 @@ class DecodeEngine:
         if steps == 1:
             return 1
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads' CUDA work (the prefetcher's NVDEC decodes) must not void this capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.step(st)
         self._mark("capture")
         addresses = self._param_addresses()

@@ -19,6 +19,11 @@ folder afresh with a warning: the earlier files are moved to `superseded/<N>/`, 
 Frames: the same decoding and sampling as training — `uniform` is the canonical view (evenly spaced keyframes,
 full frame); `importance` is one question-aware view (keyframes.* settings). A video that cannot be decoded is
 skipped and counted, never fatal.
+
+When the model is a training run's export (`<run>/hf` next to `<run>/metrics.jsonl`), rank 0 also appends the
+held-out accuracy to the run's metrics.jsonl (a `phase` "eval" row) and redraws `<run>/curves.png` with it.
+A bad model folder, a missing records file or a bad option prints one line and exits 2, before the output
+folder is touched (`--debug` shows the traceback; strive_engine.cli).
 """
 from __future__ import annotations
 
@@ -34,10 +39,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from strive_engine.config import Config, ConfigError, config_from_cli
+from strive_engine.cli import config_from_cli, run_main, setup_logging
+from strive_engine.config import Config, ConfigError
 from strive_engine.data import load_records, shard_records
 from strive_engine.keyframes import build_scorer, select_keyframes
+from strive_engine.metrics import append_heldout, plot_run
 from strive_engine.model import Policy, build_model
 from strive_engine.parallel import barrier, destroy_distributed, init_distributed
 from strive_engine.pipeline import decode_batch
@@ -57,7 +65,7 @@ def eval_records_path(cfg: Config) -> Path:
     if cfg.data.path:
         raise ConfigError("data.eval_path: set it (the synthetic test split is only the default for the embedded set)")
     _, test = ensure_synthetic(os.path.expanduser(cfg.data.synthetic_dir), cfg.data.synthetic_size,
-                               cfg.data.synthetic_seed, **cfg.data.synthetic_options)
+                               cfg.data.synthetic_seed, progress=cfg.logging.progress, **cfg.data.synthetic_options)
     return test
 
 
@@ -173,16 +181,37 @@ def summarise(rows: list[dict]) -> dict:
             "per_category": {k: {"n": len(v), "accuracy": mean(v)} for k, v in sorted(groups["category"].items())}}
 
 
+def note_in_run(cfg: Config, summary: dict, records: Path) -> None:
+    """Rank 0: when the model is a run's export (<run>/hf beside <run>/metrics.jsonl), append the held-out
+    accuracy to the run's metrics and redraw its curves.png."""
+    model = Path(cfg.model.path).expanduser() if cfg.model.path else None
+    if model is None or model.name != "hf" or not (model.parent / cfg.logging.metrics_file).is_file():
+        return
+    append_heldout(model.parent / cfg.logging.metrics_file, summary, str(records))
+    if cfg.logging.plot:
+        log.info("held-out accuracy added to %s", plot_run(model.parent, cfg.logging.metrics_file))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, or 2 for a user error (one line; strive_engine.cli.run_main)."""
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     cfg = config_from_cli(argv)
-    try:
-        path = eval_records_path(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     env = init_distributed(cfg.parallel.backend)
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"[rank{env.rank}] %(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(cfg.logging.log_level)
+
+    # ---- model first: a bad model folder fails in seconds, before the synthetic set is generated and before the
+    # output folder is touched. A full replica per rank (evaluation needs no sharding for models that fit one device)
+    hf, tokenizer = build_model(cfg.model, env.device)
+    hf.eval()
+    policy = Policy(hf)
+    path = eval_records_path(cfg)
+    records, report = load_records(path, video_root=cfg.data.video_root or None, extra_roots=cfg.data.extra_roots,
+                                   quiet=not env.is_main)
+    if cfg.eval.max_records:
+        records = records[: cfg.eval.max_records]
     out = Path(cfg.eval.output_dir or Path(cfg.run.output_dir) / "eval")
     out.mkdir(parents=True, exist_ok=True)
     ident, key = eval_identity(cfg, path)
@@ -190,11 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         claim_output(out, ident, key, cfg.eval.resume)
     barrier()
 
-    # ---- records: this rank's shard, minus what an interrupted run of the same identity already wrote
-    records, report = load_records(path, video_root=cfg.data.video_root or None, extra_roots=cfg.data.extra_roots,
-                                   quiet=not env.is_main)
-    if cfg.eval.max_records:
-        records = records[: cfg.eval.max_records]
+    # ---- this rank's shard of the records, minus what an interrupted run of the same identity already wrote
     mine = shard_records(records, env.rank, env.world_size)
     pred_path = out / f"predictions.rank{env.rank}.jsonl"
     done = set()
@@ -202,16 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         done = {r["id"] for r in read_predictions(pred_path, key)}
     todo = [r for r in mine if r.id not in done]
     log.info("evaluating %d records on this rank (%d already done)", len(todo), len(mine) - len(todo))
-
-    # ---- model: a full replica per rank (evaluation needs no sharding for models that fit one device)
-    hf, tokenizer = build_model(cfg.model, env.device)
-    hf.eval()
-    policy = Policy(hf)
     scorer = build_scorer(cfg.keyframes, model=hf, tokenizer=tokenizer) if cfg.eval.frames == "importance" else None
     source = build_source(cfg.video, env.device)
     rollout_cfg = dataclasses.replace(cfg.rollout, num_generations=1, do_sample=not cfg.eval.greedy)
 
     # ---- batched decoding; one JSON line per record, appended as soon as it is scored
+    bar = tqdm(total=len(todo), desc="evaluate" if env.world_size == 1 else "evaluate (rank 0's shard)",
+               unit="question", disable=not (env.is_main and cfg.logging.progress), dynamic_ncols=True)
     with open(pred_path, "a") as fh:
         for i in range(0, len(todo), cfg.eval.batch_size):
             batch = todo[i:i + cfg.eval.batch_size]
@@ -233,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "accuracy": accuracy_reward(text, rec.answer, rec.problem_type),
                                          "format": format_reward(text)}) + "\n")
             fh.flush()
+            bar.update(len(batch))
+    bar.close()
     barrier()
 
     # ---- report (rank 0): every rank's lines, deduplicated by id
@@ -249,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("accuracy %.4f over %d records (%s skipped) -> %s", summary["accuracy"], summary["num_scored"],
                  sum(summary["skipped"].values()), out / "report.json")
         print(json.dumps({k: summary[k] for k in ("accuracy", "num_scored", "per_problem_type")}))
+        note_in_run(cfg, summary, path)
     destroy_distributed()
     return 0
 

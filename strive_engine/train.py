@@ -4,7 +4,10 @@
     torchrun --nproc_per_node 8 -m strive_engine.train --recipe qwen25vl_7b --model.path=/ckpt --data.path=/d.json
     torchrun ... -m strive_engine.train --checkpoint.resume=true              # continue exactly, or fail clearly
     torchrun ... -m strive_engine.train --checkpoint.resume=auto              # continue if there is something
-    python -m strive_engine.train --help                                      # every option, documented
+    python -m strive_engine.train --recipe qwen25vl_7b --help                 # every option, with the value it takes
+
+A user error (missing records file, bad model folder, unusable checkpoint, bad option) prints one line and exits
+2 (rank 0 alone prints it under torchrun); `--debug` or STRIVE_DEBUG=1 shows the traceback (strive_engine.cli).
 
 Stages: config → distributed → resume point (verified, config compared) → output folder → data → model → FSDP2 →
 optimizer → resume → (SFT warm start) → RL loop → HF export + plot. One RL step is `step.rl_step`.
@@ -27,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from strive_engine.checkpoint import Checkpointer, CheckpointError, ResumePoint, export_hf, load_reference
-from strive_engine.config import Config, config_from_cli
-from strive_engine.data import RecordLoader, load_records
+from strive_engine.checkpoint import Checkpointer, ResumePoint, export_hf, load_reference
+from strive_engine.cli import config_from_cli, run_main, setup_logging
+from strive_engine.config import Config
+from strive_engine.data import RecordFileError, RecordLoader, load_records
 from strive_engine.keyframes import build_scorer
-from strive_engine.metrics import MetricsLogger, StageTimer, plot_metrics, read_metrics
+from strive_engine.metrics import MetricsLogger, StageTimer, plot_run, read_metrics, require_tensorboard
 from strive_engine.model import Policy, build_model
 from strive_engine.pipeline import decode_batch
 from strive_engine.parallel import DistEnv, apply_fsdp, barrier, destroy_distributed, init_distributed, seed_everything
@@ -44,17 +48,12 @@ from strive_engine.video.prefetch import Prefetcher
 log = logging.getLogger("strive_engine")
 
 
-def setup_logging(env: DistEnv, level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level) if env.is_main else logging.WARNING,
-                        format=f"[rank{env.rank}] %(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
-
-
 def train_records_path(cfg: Config) -> Path:
     """`data.path`, or the embedded synthetic set (generated on first use; ranks wait on a file lock)."""
     if cfg.data.path:
         return Path(cfg.data.path)
     train, _ = ensure_synthetic(os.path.expanduser(cfg.data.synthetic_dir), cfg.data.synthetic_size,
-                                cfg.data.synthetic_seed, **cfg.data.synthetic_options)
+                                cfg.data.synthetic_seed, progress=cfg.logging.progress, **cfg.data.synthetic_options)
     return train
 
 
@@ -91,7 +90,7 @@ def build_trainer(cfg: Config, env: DistEnv) -> tuple[Trainer, list]:
     records, report = load_records(train_records_path(cfg), video_root=cfg.data.video_root or None,
                                    extra_roots=cfg.data.extra_roots, quiet=not env.is_main)
     if not records:
-        raise SystemExit(f"no usable records in {report.path}: {report.summary()}")
+        raise RecordFileError(f"no usable records in {report.path}: {report.summary()}")
     loader = RecordLoader(records, cfg.data.batch_size, env.rank, env.world_size, seed=cfg.run.seed,
                           shuffle=cfg.data.shuffle)
     source = build_source(cfg.video, env.device)
@@ -169,20 +168,22 @@ def prepare_output(out: Path, cfg: Config, resumed: ResumePoint | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, or 2 for a user error (one line; strive_engine.cli.run_main)."""
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     cfg = config_from_cli(argv)
+    if cfg.logging.tensorboard:
+        require_tensorboard()  # every rank, before any work: a missing package is a one-line error
     env = init_distributed(cfg.parallel.backend)
-    setup_logging(env, cfg.logging.log_level)
+    setup_logging(cfg.logging.log_level)
     seed_everything(cfg.run.seed + env.rank)
     out = Path(cfg.run.output_dir)
     ckpt = Checkpointer(out / "checkpoints", env, cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
                         config=cfg.to_dict())
     try:
         return _run(cfg, env, out, ckpt)
-    except CheckpointError as e:
-        if env.is_main:
-            print(f"checkpoint error: {e}", file=sys.stderr)
-        destroy_distributed(sync=False)
-        return 2
     finally:
         ckpt.close(wait=False)  # a normal exit waited already; after an error, do not wait on peers
 
@@ -190,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(cfg: Config, env: DistEnv, out: Path, ckpt: Checkpointer) -> int:
     # ---- resume point first (verified against its manifest, config compared): a bad resume fails in seconds
     resumed = ckpt.find_resume(cfg.checkpoint.resume, cfg.checkpoint.allowed_changes)
+    t, records = build_trainer(cfg, env)  # before the output folder: a bad records file or model touches nothing
     if env.is_main:
         prepare_output(out, cfg, resumed)
     barrier()
-    t, records = build_trainer(cfg, env)
 
     # ---- resume: model, optimizer, scheduler, data position, RNG
     start = 0
@@ -204,11 +205,12 @@ def _run(cfg: Config, env: DistEnv, out: Path, ckpt: Checkpointer) -> int:
         t.nonfinite_skips = st["nonfinite_skips"]
         start = st["step"]
     metrics_path = out / cfg.logging.metrics_file
+    tb = out / "tb" if cfg.logging.tensorboard else None
 
     # ---- supervised warm start (fresh runs only: a checkpoint already holds the warmed-up weights)
     if cfg.sft.steps and resumed is None:
         sft_log = MetricsLogger(metrics_path, enabled=env.is_main, total_steps=cfg.sft.steps,
-                                progress=cfg.logging.progress, desc="sft")
+                                progress=cfg.logging.progress, desc="sft", tensorboard_dir=tb)
         run_sft(t, records, log_fn=sft_log.log)
         sft_log.close()
 
@@ -222,7 +224,8 @@ def _run(cfg: Config, env: DistEnv, out: Path, ckpt: Checkpointer) -> int:
                                                           pool_frames=cfg.video.pool_frames, device=env.device),
                               depth=cfg.video.prefetch_batches)
     rl_log = MetricsLogger(metrics_path, enabled=env.is_main, total_steps=cfg.run.steps, initial_step=start,
-                           progress=cfg.logging.progress, desc=cfg.algorithm.preset)
+                           progress=cfg.logging.progress and cfg.run.steps > start, desc=cfg.algorithm.preset,
+                           tensorboard_dir=tb)
     every = cfg.checkpoint.every
     for step in range(start, cfg.run.steps):
         m = rl_step(t, step)
@@ -238,8 +241,8 @@ def _run(cfg: Config, env: DistEnv, out: Path, ckpt: Checkpointer) -> int:
     # ---- export + plot
     if cfg.checkpoint.export_hf:
         export_hf(t.root, t.policy.hf, t.tokenizer, out / "hf", env)
-    if env.is_main and cfg.logging.plot and metrics_path.exists() and cfg.run.steps > 0:
-        png = plot_metrics(metrics_path, out / "curves.png", title=f"{cfg.run.name} ({cfg.algorithm.preset})")
+    if env.is_main and cfg.logging.plot and metrics_path.exists():
+        png = plot_run(out, cfg.logging.metrics_file)
         log.info("wrote %s and %s", metrics_path, png)
     destroy_distributed()
     return 0

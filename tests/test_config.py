@@ -123,3 +123,52 @@ def test_gpu_3b_recipe_is_the_issue_shape():
 def test_model_choice_fields_are_validated(arg, match):
     with pytest.raises(ConfigError, match=match):
         load_config([arg])
+
+
+def _help_lines(text: str) -> dict[str, str]:
+    """--section.field=VALUE lines of the help text -> {section.field: the rest of the line}."""
+    return {line.split("=", 1)[0].strip()[2:]: line.split("=", 1)[1] for line in text.splitlines()
+            if line.startswith("  --")}
+
+
+def test_help_shows_the_recipes_effective_values_and_where_they_come_from():
+    """--help prints the values that will run: debug_cpu's, read from its TOML here, not the code's defaults."""
+    import tomllib
+
+    from strive_engine.config import RECIPE_DIR
+
+    recipe = tomllib.loads((RECIPE_DIR / "debug_cpu.toml").read_text())
+    assert (recipe["run"]["steps"], recipe["sft"]["steps"], recipe["keyframes"]["num_frames"],
+            recipe["checkpoint"]["every"]) == (100, 600, 16, 20)
+    lines = _help_lines(format_help())
+    assert lines["run.steps"].startswith("100  [recipe debug_cpu; default 60]")
+    assert lines["sft.steps"].startswith("600  [recipe debug_cpu; default 0]")
+    assert lines["keyframes.num_frames"].startswith("16  [recipe debug_cpu; default 8]")
+    assert lines["checkpoint.every"].startswith("20  [recipe debug_cpu; default 0]")
+    assert lines["rollout.top_k"] == "0"  # not in the recipe: the default, unmarked
+    assert lines["algorithm.advantage_mode"] == "'joint'  [from the preset]"
+    # Every field of every section, each with the value load_config gives.
+    cfg = load_config([])
+    assert set(lines) == {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for key, rest in lines.items():
+        section, name = key.split(".")
+        assert rest.split("  [")[0] == repr(getattr(getattr(cfg, section), name)), key
+
+
+def test_help_under_another_recipe_marks_command_line_values():
+    lines = _help_lines(format_help(["--recipe", "qwen25vl_7b", "--run.steps=7", "--help", "--sft.lr", "0.5"]))
+    assert lines["run.steps"] == "7  [command line; recipe 1000, default 60]"
+    assert lines["sft.lr"] == "0.5  [command line; default 0.001]"
+    assert lines["rollout.prompt"] == "'video_r1'  [recipe qwen25vl_7b; default 'video_r1']"
+    with pytest.raises(ConfigError, match="unknown field run.nope"):
+        format_help(["--run.nope=1"])
+
+
+def test_cli_help_runs_the_recipe_given(capsys):
+    from strive_engine.cli import config_from_cli
+
+    with pytest.raises(SystemExit) as e:
+        config_from_cli(["--recipe", "gpu_small", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "with --recipe gpu_small" in out and "[recipe gpu_small;" in out

@@ -255,6 +255,40 @@ def test_cli_errors_are_clear():
     assert res.returncode == 0 and "--algorithm.preset" in res.stdout
 
 
+@pytest.mark.slow
+def test_two_process_run_shows_progress_and_logs_each_line_once(tmp_path):
+    """A 2-process run from a fresh synthetic folder: progress bars for generating the set, SFT and RL; every log
+    message printed once (issue 18: `train.json: kept ...` came from strive_engine.data and again from
+    strive_engine); with TensorBoard installed, <output_dir>/tb holds metrics.jsonl's scalars."""
+    import importlib.util
+    import re
+    from collections import Counter
+
+    tb = importlib.util.find_spec("tensorboard") is not None
+    out = tmp_path / "run"
+    args = [*SMALL, f"--data.synthetic_dir={tmp_path / 'syn'}", "--run.steps=2", f"--run.output_dir={out}",
+            "--logging.progress=true", "--logging.plot=true", f"--logging.tensorboard={str(tb).lower()}"]
+    text = _finish(_torchrun(args))
+    pieces = [p.strip() for line in text.splitlines() for p in line.split("\r")]  # tqdm redraws with \r
+    log_lines = [m.group(1) for p in pieces if (m := re.match(r"^\[rank\d+\] \d\d:\d\d:\d\d (.*)$", p))]
+    messages = Counter(line.split(": ", 1)[1] for line in log_lines)  # without the logger's name
+    assert [m for m, n in messages.items() if n > 1] == [], log_lines
+    assert messages[f"{tmp_path / 'syn' / 'train.json'}: kept 19 of 19 records"] == 1, log_lines
+    for bar in ("synthetic set: 100%|", "sft: 100%|", "strive: 100%|"):
+        assert any(p.startswith(bar) for p in pieces), (bar, text[-3000:])
+    assert any(p.startswith("synthetic set: 100%") and "24/24" in p for p in pieces)
+    assert (out / "curves.png").stat().st_size > 1000
+    if tb:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        ea = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+        ea.Reload()
+        for phase, rows in (("sft", _rl_rows(out, "sft")), ("rl", _rl_rows(out))):
+            for key in ("loss", "grad_norm", "lr") + (("reward/mean", "adv/zero_var_frac") if phase == "rl" else ()):
+                got = [(e.step, e.value) for e in ea.Scalars(f"{phase}/{key}")]
+                assert got == [(s, pytest.approx(r[key], rel=1e-6)) for s, r in sorted(rows.items())], (phase, key)
+
+
 # ------------------------------------------------------------------ non-finite values and bad videos
 
 

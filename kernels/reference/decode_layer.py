@@ -32,7 +32,7 @@ def add_rmsnorm_reference(x: Tensor, delta: Tensor | None, weight: Tensor, eps: 
 
 def rope_angles(pos: Tensor, inv_freq: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """cos, sin (M, D) at integer positions pos (M,), as HF's rotary modules compute them for text tokens."""
-    freqs = pos[:, None].float() * inv_freq.float()[None]                        # (M, D/2)
+    freqs = pos[:, None].float() * inv_freq.to(pos.device).float()[None]          # (M, D/2)
     emb = torch.cat((freqs, freqs), -1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 

@@ -591,3 +591,17 @@ def test_weight_used_twice_accumulates(order):
     expect = alone.clone()
     expect[:3] += w.detach()[:3]
     torch.testing.assert_close(w.grad, expect, rtol=0, atol=0)
+
+
+def test_nograd_backend_by_vocabulary_size():
+    """auto picks the torch twin for no-grad log-probs below SMALL_VOCAB_NOGRAD on CUDA (measured slower there),
+    the fused kernel above it; an explicit backend and the CPU are untouched by the rule."""
+    from strive_kernels.logprob import SMALL_VOCAB_NOGRAD, _logprobs_backend
+
+    cuda = torch.device("cuda")
+    assert _logprobs_backend("auto", cuda, 1028) == "reference"
+    assert _logprobs_backend("auto", cuda, SMALL_VOCAB_NOGRAD - 1) == "reference"
+    assert _logprobs_backend("auto", cuda, SMALL_VOCAB_NOGRAD) == "triton"
+    assert _logprobs_backend("auto", cuda, 152064) == "triton"
+    assert _logprobs_backend("triton", cuda, 1028) == "triton"
+    assert _logprobs_backend("auto", torch.device("cpu"), 1028) == "native"
