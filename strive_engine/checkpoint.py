@@ -25,6 +25,7 @@ unless allowed by `checkpoint.allow_changes`. Every error names the checkpoint f
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import json
@@ -54,7 +55,7 @@ _PART = ".manifest.rank{}.json"
 # Fields that change neither the model, the data order nor the algorithm: a resume may change them freely.
 # Every other field must match the checkpoint's config.json unless listed in checkpoint.allow_changes.
 RESUME_FREE = ("run.name", "run.output_dir", "checkpoint.*", "logging.*", "eval.*", "data.eval_path",
-               "video.prefetch_batches", "video.decode_threads", "video.decode_workers")
+               "data.max_empty_steps", "video.prefetch_batches", "video.decode_threads", "video.decode_workers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +175,11 @@ class Checkpointer:
             # This rank's files: its DCP shards (DCP names them __{rank}_*), the small files it wrote, and on
             # rank 0 DCP's .metadata.
             r = self.env.rank
-            shards = sorted({info.relative_path for info in metadata.storage_data.values()})
+            # DCP's metadata lists the shards where the torch version returns it; torch 2.11's async_save
+            # resolves its future to None (seen on the H200), so the folder is the fallback.
+            storage = getattr(metadata, "storage_data", None)
+            shards = sorted({info.relative_path for info in storage.values()}) if storage else \
+                sorted(f.name for f in path.glob(f"__{r}_*.distcp"))
             mine = [s for s in shards if s.startswith(f"__{r}_")] + sorted(small)
             if self.env.is_main:
                 mine.append(".metadata")
@@ -184,7 +189,7 @@ class Checkpointer:
                 files: dict[str, Any] = {}
                 for k in range(self.env.world_size):
                     files.update(read_json(path / _PART.format(k), path))
-                for rel in shards:  # a shard DCP named otherwise: hash it here
+                for rel in shards + sorted(f.name for f in path.glob("*.distcp")):  # any shard not listed yet
                     files.setdefault(rel, file_entry(path / rel))
                 write_json(path / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
                 for k in range(self.env.world_size):
@@ -310,8 +315,64 @@ def load_reference(ref_root: nn.Module, path: Path) -> None:
     set_model_state_dict(ref_root, state["ref"])
 
 
-def export_hf(root: nn.Module, hf_model: nn.Module, tokenizer, out_dir: str | Path, env: DistEnv) -> Path | None:
-    """Write an HF-loadable folder (config, safetensors weights, tokenizer) from the sharded policy.
+# Files an export copies from its source checkpoint, byte for byte: tokenizer, processor and chat-template files,
+# and the generation config (Qwen's second EOS id 151643, its pad id and sampling defaults live only there).
+EXPORT_COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
+                 "special_tokens_map.json", "added_tokens.json", "chat_template.json", "chat_template.jinja",
+                 "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+                 "generation_config.json")
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def source_dtype(folder: str | Path) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json declares (`torch_dtype`, or `dtype` as transformers 5 writes it)."""
+    try:
+        raw = json.loads((Path(folder).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    name = raw.get("torch_dtype") or raw.get("dtype") or text.get("torch_dtype") or text.get("dtype")
+    return _DTYPES.get(str(name).replace("torch.", ""))
+
+
+def export_dtype(choice: str, source: str, trained: torch.dtype) -> torch.dtype:
+    """checkpoint.export_dtype -> the dtype written: "source" = the source checkpoint's (its config.json), or
+    the trained weights' dtype for a random-weight model; else the named dtype."""
+    if choice != "source":
+        return _DTYPES[choice]
+    return (source_dtype(source) if source else None) or trained
+
+
+def _write_processor_config(out: Path, hf_model: nn.Module, settings) -> None:
+    """A random-weight model has no source to copy from: write the Qwen2-VL image processor config its vision
+    tower and the run's pixel bounds imply, so AutoImageProcessor loads the export like a hub checkpoint."""
+    from strive_kernels.reference.variant import CLIP_MEAN, CLIP_STD
+
+    vc = hf_model.config.vision_config
+    pixels = settings.variants if settings is not None else None
+    cfg = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": int(vc.patch_size),
+           "temporal_patch_size": int(getattr(vc, "temporal_patch_size", 2)),
+           "merge_size": int(vc.spatial_merge_size), "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+           "min_pixels": int(pixels.min_pixels) if pixels else 3136,
+           "max_pixels": int(pixels.max_pixels) if pixels else 12845056}
+    (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def export_hf(root: nn.Module, hf_model: nn.Module, tokenizer, out_dir: str | Path, env: DistEnv, *,
+              source: str = "", dtype: str = "source", settings=None) -> Path | None:
+    """Write an HF checkpoint folder from the sharded policy that loads as its source did.
+
+    `source`: the checkpoint the run started from (model.path; "" for a random-weight model). The folder gets:
+    - the weights as safetensors in `dtype` (checkpoint.export_dtype; "source" keeps the source's dtype, e.g.
+      bf16 for Qwen's releases, rounding the trained fp32 master weights to nearest), under the model class's own
+      key names; with tied embeddings lm_head.weight is not written (the embedding is the head, as in the source);
+    - config.json (the source's architecture and ids; `dtype` the one written);
+    - every tokenizer, processor and template file of the source, and its generation_config.json, byte for byte
+      (EXPORT_COPIED); a random-weight model gets its tokenizer's files, its generation config and a Qwen2-VL
+      preprocessor_config.json;
+    - strive_settings.json: the run's effective configuration (`settings`, a Config), read back by evaluate
+      (strive_engine.trained_settings).
+    Files of an earlier export in the folder are replaced; other entries (an `eval/` folder) are left alone.
 
     Every rank takes part in gathering the full state dict; rank 0 writes. The model is rebuilt on the meta
     device and the gathered tensors are assigned to it, so rank 0 holds one copy of the weights, not two.
@@ -319,20 +380,43 @@ def export_hf(root: nn.Module, hf_model: nn.Module, tokenizer, out_dir: str | Pa
     sd = gather_full_state_dict(root)
     out = Path(out_dir)
     if env.is_main:
-        config = hf_model.config
+        config = copy.deepcopy(hf_model.config)  # the export's dtype goes into it, not into the live model's
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        trained = next(iter(sd.values())).dtype if sd else torch.float32
+        want = export_dtype(dtype, source, trained)
+        if tied:  # one tensor for both, as in the source: the head is the embedding
+            sd = {k: v for k, v in sd.items() if not k.endswith("lm_head.weight")}
+        sd = {k: v.to(want) if v.is_floating_point() else v for k, v in sd.items()}
         with torch.device("meta"):
             fresh = type(hf_model)(config)
         missing, unexpected = fresh.load_state_dict(sd, strict=False, assign=True)
-        tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
-        if set(missing) - tied or unexpected:
-            raise RuntimeError(f"HF export: state dict mismatch, missing={sorted(set(missing) - tied)[:5]} "
+        missing = [k for k in missing if not (tied and k.endswith("lm_head.weight"))]
+        if missing or unexpected:
+            raise RuntimeError(f"HF export: state dict mismatch, missing={sorted(missing)[:5]} "
                                f"unexpected={sorted(unexpected)[:5]}")
         if tied:
             fresh.tie_weights()
+        for c in {id(c): c for c in (fresh.config, fresh.config.get_text_config(),
+                                     getattr(fresh.config, "vision_config", None)) if c is not None}.values():
+            c.dtype = want  # config.json says what the files hold
+        fresh.generation_config = hf_model.generation_config
         out.mkdir(parents=True, exist_ok=True)
+        for old in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
+            old.unlink()  # an earlier export's shards would otherwise sit beside the new ones
         fresh.save_pretrained(out, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-        log.info("exported HF model to %s", out)
+        src = Path(source).expanduser() if source else None
+        copied = [n for n in EXPORT_COPIED if src is not None and (src / n).is_file()]
+        for name in copied:
+            shutil.copyfile(src / name, out / name)
+        if src is None:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)
+            _write_processor_config(out, hf_model, settings)
+        if settings is not None:
+            from strive_engine.trained_settings import save_settings
+
+            save_settings(settings, out)
+        log.info("exported HF model to %s (%s%s%s)", out, str(want).replace("torch.", ""),
+                 ", tied embeddings" if tied else "", f"; copied from {src}: {', '.join(copied)}" if copied else "")
     barrier()
     return out if env.is_main else None
