@@ -76,10 +76,13 @@ class DataConfig:
                               "records file's own folder. Records pointing elsewhere are skipped with file:line")
     extra_video_roots: str = doc("", "comma-separated further folders videos may lie in (e.g. a shared video "
                                      "store next to several records files)")
+    max_empty_steps: int = doc(3, "stop with an error listing what was skipped and why when this many steps in a "
+                                  "row (SFT or RL) had no valid sample on any rank; 0 = never stop")
 
     def __post_init__(self):
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.synthetic_size >= 2, "data.synthetic_size", f"must be >= 2, got {self.synthetic_size}")
+        _require(self.max_empty_steps >= 0, "data.max_empty_steps", f"must be >= 0, got {self.max_empty_steps}")
         known = ("brief_colour", "first_shape", "flash_count")
         tasks = [t.strip() for t in self.synthetic_tasks.split(",") if t.strip()]
         _require(bool(tasks) and all(t in known for t in tasks), "data.synthetic_tasks",
@@ -361,6 +364,9 @@ class CheckpointConfig:
     keep: int = doc(2, "complete checkpoints kept on disk (oldest deleted first); >= 2 keeps a fallback for a "
                        "damaged newest one")
     export_hf: bool = doc(True, "write an HF-loadable safetensors folder to output_dir/hf at the end")
+    export_dtype: str = doc("source", "dtype of the hf/ export's weights: source (model.path's, from its config.json, "
+                                      "e.g. bf16 for Qwen's releases; a random-weight model's trained dtype) | "
+                                      "bfloat16 | float32")
 
     def __post_init__(self):
         _require(self.every >= 0, "checkpoint.every", "must be >= 0")
@@ -368,6 +374,7 @@ class CheckpointConfig:
         spelled = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}
         self.resume = spelled.get(str(self.resume).lower(), str(self.resume).lower())
         _choice(self.resume, ("false", "true", "auto"), "checkpoint.resume")
+        _choice(self.export_dtype, ("source", "bfloat16", "float32"), "checkpoint.export_dtype")
 
     @property
     def allowed_changes(self) -> tuple[str, ...]:

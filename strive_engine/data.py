@@ -316,8 +316,9 @@ class RecordLoader:
     """
 
     def __init__(self, records, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, report: "LoadReport | None" = None):
         self.records = list(records)
+        self.report = report  # what load_records kept and skipped (the run's skip summary reads it)
         if not self.records:
             raise ValueError("RecordLoader: no records to load (did every record get skipped? see the LoadReport)")
         if batch_size < 1:

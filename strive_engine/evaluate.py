@@ -16,6 +16,15 @@ folder holds predictions of another identity (another model, other weights, othe
 folder afresh with a warning: the earlier files are moved to `superseded/<N>/`, never deleted or credited
 (`eval.resume=false` moves them there too).
 
+Settings: a model exported by `strive_engine.train` carries the settings it was trained with (`strive_settings.json`:
+prompt style, completion length and sampling, pool size, keyframes, pixels per frame; see
+strive_engine.trained_settings). Evaluate uses them, whatever the recipe, unless a field is set on the command line;
+`report.json` records the settings it ran with (`settings`, and where each came from) and the model's identity. A
+checkpoint without saved settings uses the recipe's; under the default recipe a Qwen checkpoint is refused (the
+tiny model's prompt), with a message naming the recipe to use. Without `--eval.output_dir` the results go to the
+evaluated model's own folder, `<model.path>/eval` (or, when that is not writable, `<runs>/eval/<name>-<hash of its
+path>`; for the random-weight model `<runs>/eval/random-<identity>`), never into a training run's `eval/`.
+
 Frames: the same decoding and sampling as training — `uniform` is the canonical view (evenly spaced keyframes,
 full frame); `importance` is one question-aware view (keyframes.* settings). A video that cannot be decoded is
 skipped and counted, never fatal.
@@ -53,6 +62,7 @@ from strive_engine.rewards import accuracy_reward, format_reward
 from strive_engine.rollout import RolloutRequest, generate_rollouts, second_per_grid
 from strive_engine.sft import canonical_indices
 from strive_engine.synthetic import ensure_synthetic
+from strive_engine.trained_settings import adopt_training_settings
 from strive_engine.variants import build_variants
 from strive_engine.video import build_source
 
@@ -104,6 +114,32 @@ def eval_identity(cfg: Config, records_path: Path) -> tuple[dict, str]:
                           "video.pool_frames": cfg.video.pool_frames, "rollout": dataclasses.asdict(cfg.rollout),
                           "seed": cfg.run.seed}}
     return ident, _sha256(json.dumps(ident, sort_keys=True, default=str).encode())[:16]
+
+
+def default_output_dir(cfg: Config, key: str) -> Path:
+    """Where results go without --eval.output_dir: a folder of the evaluated model's own (see the module docstring)."""
+    runs = Path(cfg.run.output_dir).parent / "eval"
+    if not cfg.model.path:
+        return runs / f"random-{key[:8]}"
+    folder = Path(cfg.model.path).expanduser().resolve()
+    if os.access(folder, os.W_OK):
+        out = folder / "eval"
+    else:  # a read-only checkpoint store
+        name = f"{folder.parent.name}-{folder.name}" if folder.name == "hf" else folder.name
+        out = runs / f"{name}-{_sha256(str(folder).encode())[:8]}"
+    log.info("eval.output_dir not set: results go to %s (the evaluated model's folder)", out)
+    return out
+
+
+def report_settings(cfg: Config, origin: dict) -> dict:
+    """The settings a report ran with: prompt, frames, pixels, decoding, and where each came from."""
+    return {"prompt": cfg.rollout.prompt, "frames": cfg.eval.frames, "num_frames": cfg.keyframes.num_frames,
+            "pool_frames": cfg.video.pool_frames, "min_pixels": cfg.variants.min_pixels,
+            "max_pixels": cfg.variants.max_pixels, "max_new_tokens": cfg.rollout.max_new_tokens,
+            "greedy": cfg.eval.greedy, "settings_file": origin.get("settings"),
+            "from": {k: origin["fields"][k] for k in ("rollout.prompt", "keyframes.num_frames", "video.pool_frames",
+                                                      "variants.min_pixels", "variants.max_pixels",
+                                                      "rollout.max_new_tokens") if k in origin.get("fields", {})}}
 
 
 def claim_output(out: Path, ident: dict, key: str, resume: bool) -> None:
@@ -201,6 +237,7 @@ def _main(argv: list[str]) -> int:
     cfg = config_from_cli(argv)
     env = init_distributed(cfg.parallel.backend)
     setup_logging(cfg.logging.log_level)
+    cfg, origin = adopt_training_settings(cfg, argv)  # the export's training settings, unless set on the command line
 
     # ---- model first: a bad model folder fails in seconds, before the synthetic set is generated and before the
     # output folder is touched. A full replica per rank (evaluation needs no sharding for models that fit one device)
@@ -212,9 +249,9 @@ def _main(argv: list[str]) -> int:
                                    quiet=not env.is_main)
     if cfg.eval.max_records:
         records = records[: cfg.eval.max_records]
-    out = Path(cfg.eval.output_dir or Path(cfg.run.output_dir) / "eval")
-    out.mkdir(parents=True, exist_ok=True)
     ident, key = eval_identity(cfg, path)
+    out = Path(cfg.eval.output_dir) if cfg.eval.output_dir else default_output_dir(cfg, key)
+    out.mkdir(parents=True, exist_ok=True)
     if env.is_main:
         claim_output(out, ident, key, cfg.eval.resume)
     barrier()
@@ -268,7 +305,8 @@ def _main(argv: list[str]) -> int:
         wanted = {r.id for r in records}
         summary = summarise([r for k, r in rows.items() if k in wanted])
         summary.update({"records": str(path), "model": cfg.model.path or "(tiny random model)", "identity": key,
-                        "frames": cfg.eval.frames, "num_frames": cfg.keyframes.num_frames, "greedy": cfg.eval.greedy})
+                        "frames": cfg.eval.frames, "num_frames": cfg.keyframes.num_frames, "greedy": cfg.eval.greedy,
+                        "settings": report_settings(cfg, origin), "model_identity": ident["model"]})
         (out / "report.json").write_text(json.dumps(summary, indent=1))
         log.info("accuracy %.4f over %d records (%s skipped) -> %s", summary["accuracy"], summary["num_scored"],
                  sum(summary["skipped"].values()), out / "report.json")

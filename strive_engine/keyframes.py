@@ -3,7 +3,8 @@ sets of F frames each with `strive_kernels.keyframe_sample` (one Triton launch f
 
     scorer = build_scorer(cfg.keyframes, model=hf_model, tokenizer=tokenizer)
     sel = select_keyframes(scorer, pools, questions, cfg.keyframes, num_variants=K, seed=step_seed)
-    sel.indices          # (B, K, F) int64, rows of each pool, sorted and unique per variant
+    sel.indices          # (B, K, F) int64, rows of each pool, sorted and unique per variant (a pool of fewer than
+                         # F frames: every frame, repeated; see select_keyframes)
 
 Knobs (KeyframeConfig):
     num_frames   F, frames per variant (even: Qwen pairs frames into temporal patches)
@@ -242,7 +243,7 @@ def build_scorer(cfg: KeyframeConfig, model: nn.Module | None = None, tokenizer=
 
 @dataclass
 class KeyframeSelection:
-    indices: Tensor  # (B, K, F) int64, local rows of each pool, sorted and unique per (b, k)
+    indices: Tensor  # (B, K, F) int64, local rows of each pool, sorted and unique per (b, k) (repeats: P_b < F)
     scores: list[Tensor]  # B x (P_b,) float32 cosine(frame, question)
     importance: list[Tensor]  # B x (P_b,) float32 sampling distribution (sums to 1 per pool)
     offsets: Tensor  # (B+1,) int64: pool b is rows offsets[b]:offsets[b+1] of the flat tensors
@@ -264,18 +265,49 @@ def select_keyframes(scorer: FrameScorer, pools: Sequence[Tensor], questions: Se
 
     seed: Philox key of the variants' quantile offsets (derive it from (run seed, step, rank) so a resumed
     run draws the same frames); variant 0 is the canonical evenly spread set (unless canonical_first=False,
-    e.g. evaluation with one importance-sampled view). Pools may differ in size and
-    resolution; a pool with fewer than F frames raises KeyframeInputError naming it.
+    e.g. evaluation with one importance-sampled view). Pools may differ in size and resolution.
+
+    Short pools (P_b < F: a video with fewer frames than F; see strive_engine.pipeline): F stays, and the frames
+    repeat. Every variant shows every frame, frame j of the F slots being pool row floor((j + 0.5) P_b / F) (the
+    canonical view's spread, which covers each row once or more, in order), so the variants of that question
+    differ by their crops only. qwen-vl-utils instead caps its frame count at the video's (in fps mode) and
+    repeats the last frame to an even count; a fixed F keeps every question's visual token count and the
+    (B, K, F) layout of the batch. Those rows of `indices` are sorted but not unique; `scores`/`importance`
+    still have one entry per pool row (importance summed over a row's repeats).
     """
     if len(pools) != len(questions):
         raise ValueError(f"{len(pools)} frame pools but {len(questions)} questions")
     if not pools:
         raise ValueError("select_keyframes needs at least one pool")
-    frame_emb = torch.cat([scorer.embed_frames(p) for p in pools])  # (sum P, D)
-    q_emb = scorer.embed_text(list(questions)).to(frame_emb.device)  # (B, D)
+    F = cfg.num_frames
     sizes = [int(p.shape[0]) for p in pools]
-    offsets = torch.tensor([0] + sizes).cumsum(0)
-    idx, scores, imp = keyframe_sample(frame_emb, q_emb, offsets, num_variants, cfg.num_frames,
+    # A short pool enters the sampler as F rows (its frames repeated): the sampler then takes all F rows in every
+    # variant, and row r of the padded pool is frame spread[r] of the real one.
+    spreads = [_spread(P, F) if P < F else None for P in sizes]
+    embs = []
+    for p, spread in zip(pools, spreads):
+        e = scorer.embed_frames(p)                                   # (P_b, D): each distinct frame once
+        embs.append(e if spread is None else e[spread.to(e.device)])
+    frame_emb = torch.cat(embs)                                      # (sum max(P_b, F), D)
+    q_emb = scorer.embed_text(list(questions)).to(frame_emb.device)  # (B, D)
+    rows = [F if sp is not None else P for P, sp in zip(sizes, spreads)]
+    idx, scores, imp = keyframe_sample(frame_emb, q_emb, torch.tensor([0] + rows).cumsum(0), num_variants, F,
                                        temperature=cfg.temperature, uniform_mix=cfg.uniform_mix,
                                        seed=int(seed) % 2**63, canonical_first=canonical_first, backend=backend)
-    return KeyframeSelection(idx, list(scores.split(sizes)), list(imp.split(sizes)), offsets)
+    scores, imp = list(scores.split(rows)), list(imp.split(rows))
+    for b, spread in enumerate(spreads):
+        if spread is None:
+            continue
+        sp = spread.to(idx.device)
+        idx[b] = sp[idx[b]]                                          # padded rows -> real pool rows (repeats)
+        first = torch.searchsorted(spread, torch.arange(sizes[b]))  # the first padded row of each frame
+        scores[b] = scores[b][first.to(scores[b].device)]
+        imp[b] = torch.zeros(sizes[b], dtype=imp[b].dtype, device=imp[b].device).index_add_(0, sp.to(imp[b].device),
+                                                                                         imp[b])
+    return KeyframeSelection(idx, scores, imp, torch.tensor([0] + sizes).cumsum(0))
+
+
+def _spread(pool_size: int, num_frames: int) -> Tensor:
+    """(num_frames,) int64 pool rows floor((j + 0.5) P / F): evenly spread, sorted; for P < F every row appears."""
+    j = torch.arange(num_frames, dtype=torch.float64)
+    return ((j + 0.5) * pool_size / num_frames).floor().long().clamp_max(pool_size - 1)

@@ -91,11 +91,11 @@ def sft_lr_factor(i: int, s) -> float:
     return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def run_sft(t, records, log_fn=None) -> dict[str, Any]:
+def run_sft(t, records, log_fn=None, on_decoded=None) -> dict[str, Any]:
     """`t`: the step.Trainer of the run (its root/policy/source/config). Own AdamW (linear warmup, then cosine
     decay or constant: `sft_lr_factor`); the RL optimizer is untouched. A non-finite loss or gradient skips the
     optimizer step on every rank (counted: `nonfinite_skipped_updates/_total`). Metrics are global over ranks.
-    Returns the last step's metrics."""
+    `on_decoded(decoded)` sees each step's DecodedBatch (the run's skip tally). Returns the last step's metrics."""
     cfg = t.cfg
     s = cfg.sft
     params = t.params
@@ -110,6 +110,8 @@ def run_sft(t, records, log_fn=None) -> dict[str, Any]:
         t0 = time.perf_counter()
         batch = loader.next_batch()
         decoded = decode_batch(batch, t.source, cfg.video.pool_frames)
+        if on_decoded is not None:
+            on_decoded(decoded)
         reqs, tgts, weights = [], [], []
         for rec, pool, ok in zip(batch, decoded.pools, decoded.valid.tolist()):
             P, H, W, _ = pool.frames.shape

@@ -37,11 +37,12 @@ from strive_engine.data import RecordFileError, RecordLoader, load_records
 from strive_engine.keyframes import build_scorer
 from strive_engine.metrics import MetricsLogger, StageTimer, plot_run, read_metrics, require_tensorboard
 from strive_engine.model import Policy, build_model
-from strive_engine.pipeline import decode_batch
+from strive_engine.pipeline import SkipTally, decode_batch
 from strive_engine.parallel import DistEnv, apply_fsdp, barrier, destroy_distributed, init_distributed, seed_everything
 from strive_engine.sft import run_sft
 from strive_engine.step import Trainer, rl_step
 from strive_engine.synthetic import ensure_synthetic
+from strive_engine.trained_settings import refuse_tiny_recipe_for_checkpoint
 from strive_engine.video import build_source
 from strive_engine.video.prefetch import Prefetcher
 
@@ -92,7 +93,7 @@ def build_trainer(cfg: Config, env: DistEnv) -> tuple[Trainer, list]:
     if not records:
         raise RecordFileError(f"no usable records in {report.path}: {report.summary()}")
     loader = RecordLoader(records, cfg.data.batch_size, env.rank, env.world_size, seed=cfg.run.seed,
-                          shuffle=cfg.data.shuffle)
+                          shuffle=cfg.data.shuffle, report=report)
     source = build_source(cfg.video, env.device)
 
     # ---- model (identical init on every rank), then FSDP2 per block and the root
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     cfg = config_from_cli(argv)
+    refuse_tiny_recipe_for_checkpoint(cfg, argv)  # a Qwen checkpoint under debug_cpu's tiny-model prompt: refused
     if cfg.logging.tensorboard:
         require_tensorboard()  # every rank, before any work: a missing package is a one-line error
     env = init_distributed(cfg.parallel.backend)
@@ -192,6 +194,7 @@ def _run(cfg: Config, env: DistEnv, out: Path, ckpt: Checkpointer) -> int:
     # ---- resume point first (verified against its manifest, config compared): a bad resume fails in seconds
     resumed = ckpt.find_resume(cfg.checkpoint.resume, cfg.checkpoint.allowed_changes)
     t, records = build_trainer(cfg, env)  # before the output folder: a bad records file or model touches nothing
+    skips = SkipTally(cfg.data.max_empty_steps, t.loader.report)  # what the run skips and why; stops a run of none
     if env.is_main:
         prepare_output(out, cfg, resumed)
     barrier()
@@ -211,7 +214,11 @@ def _run(cfg: Config, env: DistEnv, out: Path, ckpt: Checkpointer) -> int:
     if cfg.sft.steps and resumed is None:
         sft_log = MetricsLogger(metrics_path, enabled=env.is_main, total_steps=cfg.sft.steps,
                                 progress=cfg.logging.progress, desc="sft", tensorboard_dir=tb)
-        run_sft(t, records, log_fn=sft_log.log)
+        def sft_row(row: dict) -> None:  # every rank: the skipped count is global, so all stop together
+            sft_log.log(row)
+            skips.empty_step(cfg.sft.batch_size * env.world_size - row["data/skipped_videos"], "SFT", row["step"])
+
+        run_sft(t, records, log_fn=sft_row, on_decoded=skips.add)
         sft_log.close()
 
     # ---- frozen reference policy for the k3 KL term (beta > 0): the policy as RL starts (after SFT)
@@ -222,7 +229,7 @@ def _run(cfg: Config, env: DistEnv, out: Path, ckpt: Checkpointer) -> int:
     # written on a background thread too ("time/checkpoint" is the stall: the CPU copy of the state)
     t.prefetcher = Prefetcher(t.loader, functools.partial(decode_batch, source=t.source,
                                                           pool_frames=cfg.video.pool_frames, device=env.device),
-                              depth=cfg.video.prefetch_batches)
+                              depth=cfg.video.prefetch_batches, on_next=lambda _, decoded: skips.add(decoded))
     rl_log = MetricsLogger(metrics_path, enabled=env.is_main, total_steps=cfg.run.steps, initial_step=start,
                            progress=cfg.logging.progress and cfg.run.steps > start, desc=cfg.algorithm.preset,
                            tensorboard_dir=tb)
@@ -234,13 +241,19 @@ def _run(cfg: Config, env: DistEnv, out: Path, ckpt: Checkpointer) -> int:
                 ckpt.save(step + 1, t.root, t.optimizer, trainer_state(t, step + 1), ref_root=t.ref_root)
             m.update(t.timer.reset())
         rl_log.log(m)
+        skips.empty_step(m["data/valid_samples"], "RL", step)  # global count: every rank stops at the same step
     rl_log.close()
     t.prefetcher.close()
     ckpt.wait()  # the last checkpoint is COMPLETE before the export and the exit
+    counts = skips.global_counts()  # collective: summed over ranks
+    if env.is_main:
+        log.log(logging.WARNING if skips.num_skipped(counts) else logging.INFO, "skipped in this run: %s",
+                skips.summary(counts))
 
-    # ---- export + plot
+    # ---- export (weights in the source's dtype, its tokenizer/processor/generation files, the run's settings) + plot
     if cfg.checkpoint.export_hf:
-        export_hf(t.root, t.policy.hf, t.tokenizer, out / "hf", env)
+        export_hf(t.root, t.policy.hf, t.tokenizer, out / "hf", env, source=cfg.model.path,
+                  dtype=cfg.checkpoint.export_dtype, settings=cfg)
     if env.is_main and cfg.logging.plot and metrics_path.exists():
         png = plot_run(out, cfg.logging.metrics_file)
         log.info("wrote %s and %s", metrics_path, png)

@@ -62,7 +62,15 @@ class EmptyVideo(VideoError):
 
 
 class NotEnoughFrames(VideoError):
-    """More frames were asked for (`num_frames=n`) than the video has."""
+    """More frames were asked for (`num_frames=n`) than the video has; `available` is how many it has (a pool
+    builder asks again for all of them: `strive_engine.pipeline.decode_batch`)."""
+
+    def __init__(self, path, reason: str, available: int | None = None):
+        super().__init__(path, reason)
+        self.available = available
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.available))
 
 
 class FrameIndexError(VideoError):
@@ -115,7 +123,8 @@ def resolve_indices(path, info: "VideoInfo", indices: Sequence[int] | None, num_
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
             raise ValueError(f"read {path}: num_frames must be an integer >= 1, got {num_frames!r}")
         if num_frames > info.num_frames:
-            raise NotEnoughFrames(path, f"asked for {num_frames} frames but the video has only {info.num_frames}")
+            raise NotEnoughFrames(path, f"asked for {num_frames} frames but the video has only {info.num_frames}",
+                                  available=info.num_frames)
         return sample_indices(info.num_frames, num_frames)
     if isinstance(indices, torch.Tensor):
         indices = indices.reshape(-1).tolist()

@@ -53,10 +53,14 @@ class Prefetcher:
     """Background decoding of `loader`'s batches (a strive_engine.data.RecordLoader, or anything with
     next_batch() and state_dict()) with `decode_fn(records) -> decoded`, at most `depth` batches ahead."""
 
-    def __init__(self, loader, decode_fn: Callable[[list], Any], depth: int, timeout: float = 10.0):
+    def __init__(self, loader, decode_fn: Callable[[list], Any], depth: int, timeout: float = 10.0,
+                 on_next: Callable[[list, Any], None] | None = None):
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"Prefetcher: depth must be an integer >= 0 (video.prefetch_batches), got {depth!r}")
         self.loader, self.decode_fn, self.depth, self.timeout = loader, decode_fn, depth, timeout
+        # Called with (records, decoded) by next() for each batch it hands over: counts kept there cover exactly the
+        # batches the trainer consumed, not those decoded ahead (the run's skip summary, strive_engine.pipeline).
+        self.on_next = on_next
         self._state = loader.state_dict()  # where the next batch the trainer consumes starts
         self._closed = False
         self._failed: BaseException | None = None
@@ -126,6 +130,8 @@ class Prefetcher:
                 self._failed = e
                 raise
             self._state = after
+            if self.on_next is not None:
+                self.on_next(records, decoded)
             return records, decoded, before
         while True:
             try:
@@ -144,6 +150,8 @@ class Prefetcher:
         with self._count_lock:
             self._ahead -= 1
         self._slots.release()  # the worker may start one more batch
+        if self.on_next is not None:
+            self.on_next(records, decoded)
         return records, decoded, before
 
     def __iter__(self):
