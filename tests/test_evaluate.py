@@ -151,3 +151,30 @@ def test_model_identity_follows_the_weights(tmp_path):
     assert header(model_identity(cfg)) != header(b)
     (tmp_path / "config.json").write_text('{"model_type": "qwen2_vl"}')
     assert model_identity(cfg)["config_sha256"] != a["config_sha256"]
+
+
+@pytest.mark.slow
+def test_tiny_export_is_complete_and_evaluation_defaults_to_its_folder(exported):
+    """The random-weight model's export loads with the Auto classes too (its tokenizer, a Qwen2-VL image processor
+    config from its vision tower and pixel bounds), carries the run's settings, and evaluate without
+    --eval.output_dir writes into the model's own folder with those settings."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from strive_engine.evaluate import main
+
+    hf = exported / "run" / "hf"
+    ip = AutoImageProcessor.from_pretrained(hf, local_files_only=True)
+    assert ip.to_dict()["merge_size"] == 2 and ip.to_dict()["patch_size"] == 14
+    assert len(AutoTokenizer.from_pretrained(hf, local_files_only=True)) > 1000
+    with safe_open(str(hf / "model.safetensors"), "pt") as fh:
+        assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float32}  # trained dtype kept
+    saved = json.loads((hf / "strive_settings.json").read_text())["config"]
+    assert saved["rollout"]["prompt"] == "short" and saved["keyframes"]["num_frames"] == 4
+    assert main([f"--data.synthetic_dir={exported / 'syn'}", f"--model.path={hf}", "--eval.max_records=2",
+                 "--logging.progress=false", "--data.synthetic_size=20",
+                 "--data.synthetic_tasks=brief_colour,flash_count", "--video.backend=pyav"]) == 0
+    report = json.loads((hf / "eval" / "report.json").read_text())
+    assert report["settings"]["from"]["keyframes.num_frames"] == "training" and report["num_frames"] == 4
+    assert report["settings"]["from"]["video.pool_frames"] == "training" and report["settings"]["pool_frames"] == 8
