@@ -34,6 +34,7 @@ def clips(tmp_path_factory):
     d = tmp_path_factory.mktemp("short")
     (d / "corrupt.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     return {"short": write_clip(d / "short.mp4", "h264", coded, 10, 96, 40, 10),
+            "short_vp9": write_clip(d / "short.webm", "vp9", coded, 7, 96, 40, 10),
             "long": write_clip(d / "long.webm", "vp9", coded, 37, 96, 40, 10),
             "one": write_clip(d / "one.mp4", "h264", coded, 1, 96, 40, 10),
             "corrupt": str(d / "corrupt.mp4"), "dir": d}
@@ -60,6 +61,19 @@ def test_a_short_video_is_decoded_whole_and_only_undecodable_ones_are_skipped(cl
     assert long_.frames.shape[0] == 16 and one.frames.shape[0] == 1
     assert out.short == 2 and dict(out.skipped) == {"VideoCorrupt": 1}
     assert len(out.errors) == 1 and clips["corrupt"] in str(out.errors[0])
+
+
+def test_short_videos_through_the_routing_source(clips):
+    """video.backend=auto on this machine (DALI's CPU decoder for VP9 when installed, PyAV for H.264): the same."""
+    from strive_engine.config import VideoConfig
+    from strive_engine.pipeline import decode_batch
+    from strive_engine.video import build_source
+
+    recs = _records([clips["short_vp9"], clips["short"], clips["long"]])
+    out = decode_batch(recs, build_source(VideoConfig(backend="auto", decode_threads=1), "cpu"), pool_frames=16,
+                       log_errors=False)
+    assert out.valid.all() and out.short == 2
+    assert [[read_code(f) for f in p.frames.numpy()] for p in out.pools[:2]] == [list(range(7)), list(range(10))]
 
 
 def test_not_enough_frames_says_how_many_there_are_and_pickles(clips):
