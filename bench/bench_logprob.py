@@ -127,8 +127,8 @@ def step_trl(x):
 
 
 def step_ours(x, **kw):
-    out = sk.fused_logprob_loss(x.h, x.w, x.ids, x.old, x.adv, x.mask, seq_ids=x.seq, loss_agg="seq_mean_token_mean",
-                                normaliser=float(x.B), **kw)
+    out = sk.fused_logprob_loss(x.h, x.w, x.ids, x.old, x.adv, x.mask, sk.LossSpec(loss_agg="seq_mean_token_mean"),
+                                seq_ids=x.seq, normaliser=float(x.B), **kw)
     out.loss.backward()
 
 
@@ -209,23 +209,13 @@ def chunk_matmuls(x, c, warmup, reps, dev):
         r = timed(fn, warmup, reps, dev)
         res[name] = {"ms": r["ms"], "TFLOPs": round(fl / r["ms"] / 1e9, 1)}
     res["sum_ms_x_chunks"] = round(sum(v["ms"] for v in res.values()) * x.T / c, 2)
-    # Candidates for a follow-up, measured alone: split-K grad_hidden (8 vocabulary slices, bf16 partials
-    # summed in fp32) and grad_hidden / grad_weight on two streams (both only read the dlogits).
+    # A candidate for a follow-up, measured alone: split-K grad_hidden (8 vocabulary slices, bf16 partials
+    # summed in fp32). (grad_hidden and grad_weight on two streams gave nothing at 256 tokens: bench/TUNING.md.)
     if x.V % 8 == 0:
         parts = torch.empty(8, c, x.H, device=dev, dtype=h.dtype)
         lg8, w8 = lg.view(c, 8, x.V // 8).transpose(0, 1), w.view(8, x.V // 8, x.H)
         r = timed(lambda: torch.sum(torch.bmm(lg8, w8, out=parts), 0, dtype=torch.float32), warmup, reps, dev)
         res["grad_hidden_splitk8_bmm"] = {"ms": r["ms"], "TFLOPs": round(fl / r["ms"] / 1e9, 1)}
-    side = torch.cuda.Stream()
-
-    def two_streams():
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            torch.mm(lg, w, out=gh)
-        gw.addmm_(lg.t(), hc)
-        torch.cuda.current_stream().wait_stream(side)
-    r = timed(two_streams, warmup, reps, dev)
-    res["grad_hidden_and_weight_two_streams"] = {"ms": r["ms"], "TFLOPs": round(2 * fl / r["ms"] / 1e9, 1)}
     return res
 
 
@@ -288,7 +278,7 @@ RAGGED = ((1900, 32), (2048, 32), (1377, 21), (64, 1), (2011, 31), (1024, 16), (
 
 def compiled_variants() -> dict:
     """CUDA: compiled Triton variants of each log-prob kernel so far (one per constexpr configuration)."""
-    from strive_kernels import logprob_triton as lt
+    from strive_kernels import logprob as lt
     dev = torch.cuda.current_device()
     return {name: len(getattr(lt, name).device_caches[dev][0])
             for name in ("_lse_partials_kernel", "_loss_grad_kernel", "_logprob_kernel")}
@@ -431,14 +421,14 @@ def main(argv=None):
     n = 8192 if dev == "cuda" else 1024
     a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
     r = timed(lambda: a @ b, 2, 5, dev)
-    mm_rate = round(2 * n**3 / r["ms"] / 1e9, 1)
+    mm_rate = round(2 * n**3 / r["ms"] / 1e9, 3)  # TFLOP/s (a loaded 2-core CPU rounds to 0.0 at one decimal)
     del a, b
     x = Inputs(t, h, v, dtype, dev)
     with torch.no_grad():
         r2 = timed(lambda: x.h @ x.w.t(), 1, 3, dev)
     res["ceilings"] = {"matmul_TFLOPs_square": mm_rate,
                        "logits_matmul_TFLOPs": round(2 * t * h * v / r2["ms"] / 1e9, 1)}
-    res["floor"]["ms_at_matmul_rate"] = round(flops / mm_rate / 1e9, 2)
+    res["floor"]["ms_at_matmul_rate"] = round(flops / mm_rate / 1e9, 2) if mm_rate else None
     print(f"ceilings: {res['ceilings']}, floor {res['floor']}", flush=True)
 
     # ---- forward + backward
@@ -454,23 +444,7 @@ def main(argv=None):
     chunk_points = (256, 1024) if args.quick else (256, 512, 1024, 2048)
     for c in chunk_points:
         case(f"strive_fused_chunk{c}", lambda c=c: step_ours(x, max_chunk_bytes=c * v * x.h.element_size()))
-    if dev == "cuda":
-        from strive_kernels import logprob_chunked
-
-        def overlapped(c):
-            logprob_chunked.OVERLAP_GRAD_MATMULS = True
-            try:
-                step_ours(x, max_chunk_bytes=c * v * x.h.element_size())
-            finally:
-                logprob_chunked.OVERLAP_GRAD_MATMULS = False
-        # H200 2026-11-26, chunk matmuls alone: grad_hidden + grad_weight on two streams took 3.19 ms against
-        # 1.80 + 1.83 in sequence at 1,024 tokens (1.27 vs 0.46 + 0.85 at 256): predicts ~41 ms for chunk1024.
-        for c in (256, 512, 1024):
-            case(f"strive_fused_chunk{c}_two_streams", lambda c=c: overlapped(c))
-        if not args.quick:
-            case("strive_fused_chunk256_fp32_grad_accum",
-                 lambda: step_ours(x, max_chunk_bytes=256 * v * 2, fp32_grad_accum=True))
-    from strive_kernels.logprob_chunked import NativePass
+    from strive_kernels.reference.logprob import NativePass
     native_bytes = 1024 * v * (x.h.element_size() + NativePass.extra_bytes)
     case("strive_native_torch_chunk1024", lambda: step_ours(x, backend="native", max_chunk_bytes=native_bytes))
     if not args.no_peers:

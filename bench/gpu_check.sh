@@ -111,7 +111,7 @@ for s in $STAGES; do
   legacy)
     run_py bench_logprob 150 bench/bench_logprob.py --quick
     run_py bench_keyframe 100 bench/bench_keyframe.py --quick --sweep
-    run_py bench_advantage 120 bench/bench_advantage.py --quick --sweep
+    run_py bench_advantage 120 bench/bench_advantage.py --quick
     run_py bench_variant_patchify 60 bench/bench_variant_patchify.py --quick ;;
   *) echo "unknown stage $s" ;;
   esac

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from strive_kernels._backend import resolve_auto
+from strive_kernels._backend import resolve
 from strive_kernels.reference.decode_attention import (
     DecodeAttentionInputError,
     check_decode_attention_inputs,
@@ -216,20 +216,15 @@ def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefi
                             k_suffix: Tensor, v_suffix: Tensor, suffix_len: Tensor, scale: float | None = None,
                             *, backend: str = "auto") -> Tensor:
     """Decode attention of G rows over their shared prompt and their own suffixes (contract:
-    `strive_kernels.reference.decode_attention`). backend: auto (Triton on CUDA when the head size is a power of
-    two in [16, 256], else the twin) | triton | reference. No host sync on either path."""
-    backend = resolve_auto(backend)
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"shared_prefix_attention: backend must be auto|triton|reference, got {backend!r}")
+    `strive_kernels.reference.decode_attention`). backend: auto | triton | reference (strive_kernels._backend):
+    auto takes Triton on CUDA when the head size is a power of two in [16, 256], else the twin. No host sync on
+    either path."""
     D = q.shape[-1]
     n_rep = q.shape[2] // max(k_prefix.shape[1], 1)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_supported(q, D, n_rep) else "reference"
+    backend = resolve("shared_prefix_attention", backend, q.device, head_dim=D, n_rep=n_rep,
+                      supported=_triton_supported(q, D, n_rep))
     scale = D ** -0.5 if scale is None else float(scale)
     if backend == "reference":
         return shared_prefix_attention_reference(q, k_prefix, v_prefix, prefix_start, k_suffix, v_suffix,
                                                  suffix_len, scale)
-    if not _triton_supported(q, D, n_rep):
-        raise DecodeAttentionInputError(f"shared_prefix_attention(backend='triton'): head size {D} must be a power "
-                                        f"of two in [16, 256], n_rep {n_rep} <= 64, dtype fp16/bf16/fp32")
     return _shared_prefix_attention_op(q, k_prefix, v_prefix, prefix_start, k_suffix, v_suffix, suffix_len, scale)

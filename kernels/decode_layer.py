@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from strive_kernels._backend import resolve_auto
+from strive_kernels._backend import resolve
 from strive_kernels.reference.decode_layer import add_rmsnorm_reference, rope_reference, silu_mul_reference
 
 __all__ = ["add_rmsnorm", "rope_cache", "silu_mul"]
@@ -104,13 +104,12 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, BLOCK: tl.constexpr):
 
 
 def _use_triton(backend: str, *tensors: Tensor) -> bool:
-    backend = resolve_auto(backend)
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be auto|triton|reference, got {backend!r}")
-    if backend == "auto":
-        ts = [t for t in tensors if t is not None]
-        return all(t.is_cuda for t in ts) and len({t.dtype for t in ts}) == 1
-    return backend == "triton"
+    """Whether this call runs the Triton kernel (strive_kernels._backend's rule for decode_layer): every tensor on
+    CUDA (or on the CPU under TRITON_INTERPRET=1 when asked for explicitly) in one dtype. A layout the kernel
+    cannot read (rope_cache: head size not a power of two; silu_mul: strided inputs) takes the twin."""
+    ts = [t for t in tensors if t is not None]
+    supported = len({t.dtype for t in ts}) == 1 and len({t.device.type for t in ts}) == 1
+    return resolve("decode_layer", backend, ts[0].device, supported=supported) == "triton"
 
 
 def add_rmsnorm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, *,

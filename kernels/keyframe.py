@@ -23,13 +23,11 @@ the caller passes; the NaN check of the scores reads device data, so on CUDA it 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from strive_kernels._backend import check_values, resolve_auto
+from strive_kernels._backend import check_values, resolve
 
 from strive_kernels.reference.keyframe import (
     COS_EPS,
@@ -39,7 +37,6 @@ from strive_kernels.reference.keyframe import (
     keyframe_sample_reference,
 )
 
-MAX_POOL, MAX_VARIANTS = 8192, 64
 _COS_EPS = tl.constexpr(COS_EPS)
 _BIG_KEY = tl.constexpr(1 << 30)  # "taken" marker of the nearest-free-frame search (> any 2*distance+1)
 
@@ -194,27 +191,19 @@ def keyframe_sample(frame_emb: Tensor, question_emb: Tensor, offsets: Tensor, nu
     rows offsets[b]:offsets[b+1]. Pass them on the host (as strive_engine does): they are validated there
     and copied without a sync. Offsets on the device are read on the host once (one sync).
     temperature tau, uniform_mix lambda, seed (Philox key), canonical_first (variant 0 evenly spread).
-    backend: auto (Triton on CUDA tensors, reference otherwise) | triton | reference. The Triton path takes
-    P_b <= 8192 and K <= 64 (its per-pool tail keeps (K, P) tiles in registers).
+    backend: auto | triton | reference (strive_kernels._backend): auto takes Triton on CUDA tensors when
+    P_b <= 8192 and K <= 64 (its per-pool tail keeps (K, P) tiles in registers), the reference otherwise.
     check_finite: raise on NaN/inf embeddings (checked on the scores after the launch: one sync on CUDA).
         None (default): on host tensors always, on CUDA only with STRIVE_KERNELS_DEBUG=1. Unchecked
         non-finite embeddings give NaN scores and importance and unspecified (still sorted, unique,
         in-range) indices for their pool.
     Full contract: strive_kernels.reference.keyframe.
     """
-    backend = resolve_auto(backend)
-    if backend not in ("auto", "triton", "reference"):
-        raise KeyframeInputError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
-    if backend == "reference" or (backend == "auto" and not frame_emb.is_cuda):
-        return keyframe_sample_reference(frame_emb, question_emb, offsets, num_variants, num_frames, temperature,
-                                         uniform_mix, seed, canonical_first)
-    if not (frame_emb.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise KeyframeInputError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {frame_emb.device}")
     sizes = check_keyframe_inputs(frame_emb, question_emb, offsets, num_variants, num_frames, temperature,
                                   uniform_mix, seed)
-    if max(sizes) > MAX_POOL or num_variants > MAX_VARIANTS:  # the per-pool tail holds (K, P) tiles in registers
-        raise KeyframeInputError(f"the Triton path takes pools of at most {MAX_POOL} frames and at most {MAX_VARIANTS} "
-                                 f"variants, got P_max={max(sizes)}, K={num_variants}; use backend='reference'")
+    if resolve("keyframe_sample", backend, frame_emb.device, pool=max(sizes), variants=num_variants) == "reference":
+        return keyframe_sample_reference(frame_emb, question_emb, offsets, num_variants, num_frames, temperature,
+                                         uniform_mix, seed, canonical_first)
     idx, scores, imp = keyframe_sample_forward(frame_emb, question_emb, _device_offsets(offsets, frame_emb.device),
                                                sizes, num_variants, num_frames, temperature, uniform_mix, seed,
                                                canonical_first)

@@ -20,10 +20,10 @@ fixed point (two separable passes, horizontal first, each rounded to uint8), the
 `(u8 * (1/255) - mean) / std` -- bit-exact with `Qwen2VLImageProcessorPil` on the same crop and size.
 Fused: the resized video never exists in memory, only per-thread / per-block tiles of it.
 
-backend: "auto" (the native op when it is built for frames' device, else the pure-torch reference),
-"native" (error if unavailable) or "reference". The op is `torch.ops.strive.variant_patchify` (schema in
-csrc/variant_ops.cpp) with a fake implementation here, so `torch.compile(fullgraph=True)` traces callers
-(pass out_hw as a list of ints then: shapes depend on it).
+backend: auto | native | reference (strive_kernels._backend): auto takes the native op when it is built for
+frames' device, else the pure-torch reference; native raises when it is not. The op is
+`torch.ops.strive.variant_patchify` (schema in csrc/variant_ops.cpp) with a fake implementation here, so
+`torch.compile(fullgraph=True)` traces callers (pass out_hw as a list of ints then: shapes depend on it).
 
 CPU kernel knobs: threads = torch.set_num_threads; environment STRIVE_CPU_ISA=avx2|generic caps its
 instruction set (default: the widest of AVX-512F / AVX2 / generic the CPU has; all give identical results);
@@ -32,7 +32,8 @@ STRIVE_CPU_OUTPUT_CACHE=0 disables the reuse of freed outputs >= 16 MB (csrc/out
 from __future__ import annotations
 
 import torch
-from strive_kernels._backend import resolve_auto
+
+from strive_kernels._backend import resolve
 
 from strive_kernels.reference.variant import (  # noqa: F401  (CLIP_* re-exported: part of the contract)
     CLIP_MEAN,
@@ -40,9 +41,6 @@ from strive_kernels.reference.variant import (  # noqa: F401  (CLIP_* re-exporte
     check_variant_inputs,
     variant_patchify_reference,
 )
-
-BACKENDS = ("auto", "native", "reference")
-
 
 def _load_native() -> Exception | None:
     try:
@@ -76,6 +74,15 @@ if _NATIVE_ERROR is None:
         return pixel_values, frames.new_empty((K, 3), dtype=torch.int64)
 
 
+def _native_error(device_type: str) -> str | None:
+    """Why the C++ op cannot run on this device type (None when it can)."""
+    if has_native(device_type):
+        return None
+    if _NATIVE_ERROR is not None:
+        return f"strive_kernels._C failed to load ({_NATIVE_ERROR})"
+    return f"the extension was built without a {device_type} kernel (CUDA needs a CUDA build of torch)"
+
+
 def _flat_hw(out_hw) -> list[int]:
     if isinstance(out_hw, torch.Tensor):
         out_hw = out_hw.tolist()
@@ -89,18 +96,8 @@ def variant_patchify(frames, indices, boxes, out_hw, mean=CLIP_MEAN, std=CLIP_ST
     Inputs are validated first (TypeError / ValueError / IndexError naming the argument and value).
     `indices` and `boxes` are read on the host (they are tiny; CUDA copies of them cost one sync).
     """
-    backend = resolve_auto(backend)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return variant_patchify_reference(frames, indices, boxes, out_hw, mean, std, temporal_patch, patch, merge,
-                                          out_dtype)
     device_type = frames.device.type if isinstance(frames, torch.Tensor) else "cpu"
-    if not has_native(device_type):
-        if backend == "native":
-            why = f"strive_kernels._C failed to load ({_NATIVE_ERROR})" if _NATIVE_ERROR else \
-                f"the extension was built without a {device_type} kernel (CUDA needs a CUDA build of torch)"
-            raise RuntimeError(f"variant_patchify(backend='native'): no native kernel for {device_type}: {why}")
+    if resolve("variant_patchify", backend, device_type, native_error=_native_error(device_type)) == "reference":
         return variant_patchify_reference(frames, indices, boxes, out_hw, mean, std, temporal_patch, patch, merge,
                                           out_dtype)
     if not torch.compiler.is_compiling():  # data-dependent checks would break a compiled graph

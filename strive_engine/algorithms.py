@@ -18,11 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ADVANTAGE_MODES = ("joint", "per_variant", "mean_only", "batch_std")
-LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-# Integer codes, passed to the Triton kernels as tl.constexpr.
-ADVANTAGE_MODE_ID = {name: i for i, name in enumerate(ADVANTAGE_MODES)}
-LOSS_AGG_ID = {name: i for i, name in enumerate(LOSS_AGGREGATIONS)}
+from strive_kernels import ADVANTAGE_MODES, LOSS_AGGREGATIONS  # noqa: F401  (defined once, by the kernels' contracts)
 
 
 @dataclass(frozen=True)

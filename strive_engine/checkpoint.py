@@ -346,7 +346,7 @@ def export_dtype(choice: str, source: str, trained: torch.dtype) -> torch.dtype:
 def _write_processor_config(out: Path, hf_model: nn.Module, settings) -> None:
     """A random-weight model has no source to copy from: write the Qwen2-VL image processor config its vision
     tower and the run's pixel bounds imply, so AutoImageProcessor loads the export like a hub checkpoint."""
-    from strive_kernels.reference.variant import CLIP_MEAN, CLIP_STD
+    from strive_kernels import CLIP_MEAN, CLIP_STD
 
     vc = hf_model.config.vision_config
     pixels = settings.variants if settings is not None else None

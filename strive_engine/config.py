@@ -152,7 +152,8 @@ class VariantConfig:
     crop_aspect_max: float = doc(4 / 3, "largest crop aspect ratio w/h")
     min_pixels: int = doc(16 * 28 * 28, "smart_resize lower bound on pixels per output frame")
     max_pixels: int = doc(256 * 28 * 28, "smart_resize upper bound on pixels per output frame")
-    backend: str = doc("auto", "auto | cpp | torch: the C++/CUDA op or the pure-torch reference")
+    backend: str = doc("auto", "auto | native | reference: the C++/CUDA op or its pure-torch twin (strive_kernels' "
+                               "backend vocabulary; auto = the op where it is built)")
 
     def __post_init__(self):
         _require(self.num_variants >= 1, "variants.num_variants", f"must be >= 1, got {self.num_variants}")
@@ -162,7 +163,10 @@ class VariantConfig:
                  f"need 0 < min <= max, got {self.crop_aspect_min}, {self.crop_aspect_max}")
         _require(28 * 28 <= self.min_pixels <= self.max_pixels, "variants.min_pixels/max_pixels",
                  f"need 784 <= min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
-        _choice(self.backend, ("auto", "cpp", "torch"), "variants.backend")
+        renamed = {"cpp": "native", "torch": "reference"}.get(self.backend)  # the names before issue 16
+        _require(renamed is None, "variants.backend", f"{self.backend!r} is now {renamed!r} (one backend vocabulary "
+                                                      f"for every kernel: auto | native | reference)")
+        _choice(self.backend, ("auto", "native", "reference"), "variants.backend")
 
 
 @dataclass

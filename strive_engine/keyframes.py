@@ -34,8 +34,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from strive_engine.config import KeyframeConfig
-from strive_kernels import keyframe_sample
-from strive_kernels.reference.variant import CLIP_MEAN, CLIP_STD
+from strive_kernels import CLIP_MEAN, CLIP_STD, keyframe_sample, variant_patchify
 
 
 class ScorerError(ValueError):
@@ -71,16 +70,6 @@ def _check_frames(frames: Tensor) -> None:
     if not isinstance(frames, Tensor) or frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[-1] != 3:
         desc = f"{frames.dtype} {tuple(frames.shape)}" if isinstance(frames, Tensor) else type(frames).__name__
         raise ScorerError(f"frames must be uint8 (P, H, W, 3), got {desc}")
-
-
-def _patchify():
-    """strive_kernels.variant_patchify (C++/CUDA op, falls back to its reference itself), or the reference
-    when the op's module is not importable in this build."""
-    try:
-        from strive_kernels import variant_patchify
-    except (ImportError, AttributeError, OSError):
-        from strive_kernels.reference import variant_patchify_reference as variant_patchify
-    return variant_patchify
 
 
 class PolicyScorer:
@@ -123,7 +112,7 @@ class PolicyScorer:
         _check_frames(frames)
         P, H, W, _ = frames.shape
         h, w = self._out_hw(H, W)
-        patchify = self.patchify or _patchify()
+        patchify = self.patchify or variant_patchify  # the C++/CUDA op; its own twin where the op is not built
         weight = self.visual.patch_embed.proj.weight if hasattr(self.visual, "patch_embed") else None
         device = weight.device if weight is not None else next(self.visual.parameters()).device
         out = []

@@ -27,44 +27,30 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from strive_engine.algorithms import LOSS_AGGREGATIONS
+import strive_kernels as sk
+from strive_kernels import LOSS_AGGREGATIONS
 
 __all__ = ["LossSpec", "LossNormaliser", "loss_normaliser", "policy_loss", "token_logprobs", "pack_positions"]
 
 
-@dataclass(frozen=True)
-class LossSpec:
-    """The numbers that define the loss (from the algorithm preset and the rollout sampling settings)."""
+@dataclass(frozen=True, kw_only=True)
+class LossSpec(sk.LossSpec):
+    """The kernel's loss settings (temperature, eps_low, eps_high, beta, loss_agg; checked by strive_kernels)
+    and the generation length that seq_mean_token_sum_norm divides by."""
 
-    eps_low: float
-    eps_high: float
-    beta: float
-    loss_agg: str
-    temperature: float
     max_new_tokens: int
-    max_chunk_bytes: int | None = None  # logits buffer of the fused kernel; None = its default (80 MiB)
 
     def __post_init__(self):
-        if self.loss_agg not in LOSS_AGGREGATIONS:
-            raise ValueError(f"LossSpec.loss_agg {self.loss_agg!r} is not one of {', '.join(LOSS_AGGREGATIONS)}")
-        if not 0 <= self.eps_low < 1:
-            raise ValueError(f"LossSpec.eps_low must be in [0, 1), got {self.eps_low}")
-        if not self.eps_high >= 0:
-            raise ValueError(f"LossSpec.eps_high must be >= 0, got {self.eps_high}")
-        if not self.beta >= 0:
-            raise ValueError(f"LossSpec.beta must be >= 0, got {self.beta}")
-        if not self.temperature > 0:
-            raise ValueError(f"LossSpec.temperature must be > 0, got {self.temperature}")
+        super().__post_init__()
         if self.max_new_tokens < 1:
             raise ValueError(f"LossSpec.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @classmethod
-    def from_config(cls, algorithm_cfg, rollout_cfg, max_chunk_bytes: int | None = None) -> "LossSpec":
+    def from_config(cls, algorithm_cfg, rollout_cfg) -> "LossSpec":
         """From `AlgorithmConfig` (preset already resolved) and `RolloutConfig`."""
         return cls(eps_low=float(algorithm_cfg.eps_low), eps_high=float(algorithm_cfg.eps_high),
                    beta=float(algorithm_cfg.beta), loss_agg=algorithm_cfg.loss_agg,
-                   temperature=float(rollout_cfg.temperature), max_new_tokens=int(rollout_cfg.max_new_tokens),
-                   max_chunk_bytes=max_chunk_bytes)
+                   temperature=float(rollout_cfg.temperature), max_new_tokens=int(rollout_cfg.max_new_tokens))
 
 
 class LossNormaliser(NamedTuple):
@@ -132,16 +118,13 @@ def policy_loss(hidden, weight, targets, old_logp, advantages, mask, spec: LossS
     Returns (loss 0-d differentiable, stats of 0-d detached tensors: loss, clip_frac, clip_frac_low,
     clip_frac_high, entropy, num_tokens, and kl when ref_logp is given) -- no host sync.
     """
-    from strive_kernels import fused_logprob_loss
-
     if seq_ids is None and spec.loss_agg == "seq_mean_token_mean":
         raise ValueError("policy_loss with loss_agg='seq_mean_token_mean' needs seq_ids (N,): the sequence of each "
                          "packed token, e.g. torch.repeat_interleave(torch.arange(S), tokens_per_seq)")
     denom = normaliser.denominator if isinstance(normaliser, LossNormaliser) else normaliser
-    out = fused_logprob_loss(hidden, weight, targets, old_logp, advantages, mask, bias=bias, ref_logp=ref_logp,
-                             seq_ids=seq_ids, temperature=spec.temperature, eps_low=spec.eps_low,
-                             eps_high=spec.eps_high, beta=spec.beta, loss_agg=spec.loss_agg, normaliser=denom,
-                             return_entropy=True, backend=backend, max_chunk_bytes=spec.max_chunk_bytes)
+    out = sk.fused_logprob_loss(hidden, weight, targets, old_logp, advantages, mask, spec, bias=bias,
+                                ref_logp=ref_logp, seq_ids=seq_ids, normaliser=denom, return_entropy=True,
+                                backend=backend)
     stats = {"loss": out.loss.detach(), "clip_frac": out.clip_frac, "clip_frac_low": out.clip_frac_low,
              "clip_frac_high": out.clip_frac_high, "entropy": out.entropy_mean, "num_tokens": out.num_tokens}
     if out.kl is not None:
@@ -150,12 +133,8 @@ def policy_loss(hidden, weight, targets, old_logp, advantages, mask, spec: LossS
 
 
 @torch.no_grad()
-def token_logprobs(hidden, weight, targets, temperature: float, bias=None, *, backend: str = "auto",
-                   max_chunk_bytes: int | None = None) -> torch.Tensor:
+def token_logprobs(hidden, weight, targets, temperature: float, bias=None, *, backend: str = "auto") -> torch.Tensor:
     """(N,) fp32 log-probs of `targets` under softmax(hidden @ weight.T (+ bias) / temperature), no grad:
     the old (rollout) and reference policies' log-probs, one matmul per chunk."""
-    from strive_kernels import fused_logprobs
-
-    logp, _ = fused_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, backend=backend,
-                             max_chunk_bytes=max_chunk_bytes)
+    logp, _ = sk.fused_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, backend=backend)
     return logp

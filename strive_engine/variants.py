@@ -19,9 +19,6 @@ import torch
 from strive_engine.config import VariantConfig
 from strive_kernels import variant_patchify
 
-# VariantConfig.backend -> strive_kernels backend
-_BACKENDS = {"auto": "auto", "cpp": "native", "torch": "reference"}
-
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
@@ -132,12 +129,12 @@ def build_variants(frames: torch.Tensor, indices: torch.Tensor, boxes: torch.Ten
 
     frames uint8 (P, H, W, 3) on CPU or CUDA; indices (K, F); boxes (K, 4) (see `sample_crop_boxes`).
     Output size per variant = smart_resize(crop h, crop w, patch * merge, cfg.min_pixels, cfg.max_pixels);
-    the backend follows cfg.backend (auto | cpp | torch). Qwen3-VL: patch=16.
+    the backend is cfg.backend (auto | native | reference, strive_kernels' vocabulary). Qwen3-VL: patch=16.
     """
     indices = torch.as_tensor(indices).to("cpu", torch.int64)
     boxes = torch.as_tensor(boxes).to("cpu", torch.float32)
     out_hw = variant_sizes(boxes, cfg, patch * merge)
     pixel_values, grid_thw = variant_patchify(frames, indices, boxes, out_hw, temporal_patch=temporal_patch,
                                               patch=patch, merge=merge, out_dtype=out_dtype,
-                                              backend=_BACKENDS[cfg.backend])
+                                              backend=cfg.backend)
     return VariantBatch(pixel_values, grid_thw, out_hw, boxes, indices)

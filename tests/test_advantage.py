@@ -119,3 +119,21 @@ def test_bad_inputs():
         compute_advantages(torch.zeros(1, 2, 2), "joint", eps=0.0)
     with pytest.raises(ValueError, match="mode must be one of"):
         dynamic_sampling_keep(torch.zeros(1, 2, 2), "dapo")
+
+
+def test_engine_layout_beyond_the_triton_limit_is_refused_not_miscomputed(monkeypatch):
+    """compute_advantages skips the ids check (its layout is sorted by construction) but tells the resolver how
+    long its questions are (K*G): a layout the Triton path cannot hold whole in one program's window is refused
+    there (auto takes the twin) instead of being computed wrong. Programs of 8 answers here (limit 9)."""
+    from strive_kernels import BackendError, _backend
+
+    monkeypatch.setattr(_backend, "MAX_QUESTION", 9)
+    rewards = torch.rand(3, 2, 6, generator=torch.Generator().manual_seed(0))  # questions of 12 > 9, 36 > 16 answers
+    with pytest.raises(BackendError, match="questions of at most 9 answers, got 12"):
+        compute_advantages(rewards, "joint", backend="triton")
+    ref = compute_advantages(rewards, "joint", backend="reference")
+    fits = rewards[:, :, :4].contiguous()  # questions of 8: several programs, all fine
+    tri = compute_advantages(fits, "joint", backend="triton")
+    want = compute_advantages(fits, "joint", backend="reference")
+    torch.testing.assert_close(tri.advantages, want.advantages, rtol=1e-5, atol=1e-6)
+    assert ref.advantages.shape == (3, 2, 6)

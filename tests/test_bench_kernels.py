@@ -30,11 +30,10 @@ def test_keyframe_engine_sizes_table(monkeypatch):
 def test_advantage_engine_sizes_table(monkeypatch):
     mod, seen = _bench_module("bench_advantage", monkeypatch)
     public = _with_host_timer(mod, monkeypatch)
-    fwd = mod.group_advantages_forward
-    monkeypatch.setattr(mod, "group_advantages_forward",  # interpreter-sized tiles (the defaults are for GPUs)
-                        lambda *a, **kw: fwd(*a, **{"block": 96, "halo": 16, "num_warps": 1, **kw}))
-    rows = mod.engine_sizes(quick=True, device="cpu", sizes=((2, 4, 8), (5, 3, 4)))
+    old = {"n": 64, "kernel_device_graph_us": 0.9, "public_call_events_us": 40.0, "public_call_host_us": 70.0}
+    rows = mod.engine_sizes(quick=True, device="cpu", sizes=((2, 4, 8), (5, 3, 4)), baseline={64: old})
     assert [r["n"] for r in rows] == [64, 60]
+    assert rows[0]["before_kernel_us"] == 0.9 and not rows[0]["as_fast"] and "as_fast" not in rows[1]
     for r, (adv, _) in zip(rows, public):
         assert adv.shape == (r["n"],) and r["meets_2x"]
     for (kern_a, _), (adv, _) in zip((s[0] for s in seen["graph_sets"]), public):  # same rewards, same answer

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import strive_kernels as sk
 from strive_engine.algorithms import LOSS_AGGREGATIONS, PRESETS
 from strive_engine.config import AlgorithmConfig, RolloutConfig
 from strive_engine.loss import LossNormaliser, LossSpec, loss_normaliser, pack_positions, policy_loss, token_logprobs
@@ -67,7 +68,8 @@ def test_policy_loss_matches_hand_written(loss_agg, with_ref, backend):
     b = batch(seed=1)
     if backend == "triton" and torch.cuda.is_available():  # compiled Triton on the GPU, interpreter on CPU
         b = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-    spec = LossSpec(0.2, 0.28, 0.05 if with_ref else 0.0, loss_agg, temperature=0.8, max_new_tokens=MAX_NEW)
+    spec = LossSpec(temperature=0.8, eps_low=0.2, eps_high=0.28, beta=0.05 if with_ref else 0.0, loss_agg=loss_agg,
+                    max_new_tokens=MAX_NEW)
     h1 = b["hidden"].clone().requires_grad_()
     w1 = b["weight"].clone().requires_grad_()
     expected = hand_loss(b, spec, h1, w1, with_ref)
@@ -111,15 +113,20 @@ def test_spec_from_config(preset):
     p = PRESETS[preset]
     assert (spec.eps_low, spec.eps_high, spec.beta, spec.loss_agg) == (p.eps_low, p.eps_high, p.beta, p.loss_agg)
     assert (spec.temperature, spec.max_new_tokens) == (0.9, 33)
-    with pytest.raises(ValueError, match="LossSpec.temperature"):
-        LossSpec(0.2, 0.2, 0.0, p.loss_agg, 0.0, 10)
-    with pytest.raises(ValueError, match="LossSpec.loss_agg"):
-        LossSpec(0.2, 0.2, 0.0, "mean", 1.0, 10)
+    assert isinstance(spec, sk.LossSpec)  # the kernel's settings, passed to it as they are
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        LossSpec(temperature=0.0, loss_agg=p.loss_agg, max_new_tokens=10)
+    with pytest.raises(ValueError, match="loss_agg 'mean'"):
+        LossSpec(loss_agg="mean", max_new_tokens=10)
+    with pytest.raises(ValueError, match="LossSpec.max_new_tokens must be >= 1"):
+        LossSpec(loss_agg=p.loss_agg, max_new_tokens=0)
+    with pytest.raises(TypeError, match="positional arguments"):
+        LossSpec(1.0, 0.2, 0.2, 0.0, p.loss_agg, 10)  # keyword only: no silent shift of the old field order
 
 
 def test_seq_mean_needs_seq_ids():
     b = batch()
-    spec = LossSpec(0.2, 0.2, 0.0, "seq_mean_token_mean", 1.0, MAX_NEW)
+    spec = LossSpec(loss_agg="seq_mean_token_mean", max_new_tokens=MAX_NEW)
     with pytest.raises(ValueError, match="needs seq_ids"):
         policy_loss(b["hidden"][0], b["weight"], b["targets"][0], b["old"][0], b["adv"][[0] * L].float(),
                     torch.ones(L), spec, 1.0)
@@ -138,7 +145,7 @@ def test_token_logprobs_match_log_softmax():
 def test_masked_tokens_in_the_packing_change_nothing():
     """Packing every position with mask 0 at padding equals packing only the real tokens."""
     b = batch(seed=3)
-    spec = LossSpec(0.2, 0.2, 0.0, "token_mean", 1.0, MAX_NEW)
+    spec = LossSpec(loss_agg="token_mean", max_new_tokens=MAX_NEW)
     norm = loss_normaliser(b["mask"], spec.loss_agg, MAX_NEW)
     real, _ = packed_call(b, spec, b["hidden"], b["weight"], torch.arange(S), norm, False)
     seq = torch.arange(S).repeat_interleave(L)
@@ -157,7 +164,7 @@ def _rank_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         b = batch(seed=4)
-        spec = LossSpec(0.2, 0.2, 0.0, "seq_mean_token_mean", 1.0, MAX_NEW)
+        spec = LossSpec(loss_agg="seq_mean_token_mean", max_new_tokens=MAX_NEW)
         rows = torch.tensor([0, 1, 2]) if rank == 0 else torch.tensor([3, 4])  # uneven split
         h = b["hidden"].clone().requires_grad_()
         w = b["weight"].clone().requires_grad_()
@@ -181,7 +188,7 @@ def test_two_ranks_average_to_the_global_loss(tmp_path):
     assert r0["norm"].world_size == 2 and r0["norm"].num_seqs.item() == S
     assert r0["norm"].denominator.item() == S / 2
     b = batch(seed=4)
-    spec = LossSpec(0.2, 0.2, 0.0, "seq_mean_token_mean", 1.0, MAX_NEW)
+    spec = LossSpec(loss_agg="seq_mean_token_mean", max_new_tokens=MAX_NEW)
     h = b["hidden"].clone().requires_grad_()
     w = b["weight"].clone().requires_grad_()
     expected = hand_loss(b, spec, h, w, False)

@@ -96,7 +96,7 @@ def test_build_variants(pool):
     assert torch.equal(half.pixel_values, ref.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("backend,expected", [("auto", "auto"), ("cpp", "native"), ("torch", "reference")])
+@pytest.mark.parametrize("backend,expected", [("auto", "auto"), ("native", "native"), ("reference", "reference")])
 def test_build_variants_uses_config_backend(pool, monkeypatch, backend, expected):
     seen = {}
     real = variants.variant_patchify

@@ -1,10 +1,12 @@
 """strive_kernels.group_advantages: the Triton kernels (interpreter on CPU, compiled on CUDA) against the
-float64 reference, on ragged batches with weird sizes, groups of size 1, groups longer than the kernel's
-halo (its canonical path), all-equal rewards, NaN/inf. Error bound: |triton - fp64| <= 4 x the error of
-plain PyTorch in fp32 (the same formulas evaluated in float32) + a few ulps."""
+float64 reference, on ragged batches with weird sizes, groups of size 1, long groups, all-equal rewards, NaN/inf,
+in one program and over many (small blocks). Error bound: |triton - fp64| <= 4 x the error of plain PyTorch in
+fp32 (the same formulas evaluated in float32) + a few ulps."""
 import pytest
 import torch
 
+from strive_kernels import _backend
+from strive_kernels._backend import BackendError
 from strive_kernels.advantage import group_advantages, group_advantages_forward
 from strive_kernels.reference.advantage import (
     ADVANTAGE_MODES,
@@ -12,8 +14,12 @@ from strive_kernels.reference.advantage import (
     group_advantages_reference,
 )
 
-# tiny tiles so the interpreter stays fast and several programs, halos and cut groups are exercised
-TINY = dict(block=24, halo=4, side=8, num_warps=1)
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Programs own 8 answers and see 16 (questions of at most 9 answers): a batch of more than 16 answers is
+    several programs and the merge, small enough for the interpreter."""
+    monkeypatch.setattr(_backend, "MAX_QUESTION", 9)
 
 
 def _batch(sizes, variants_per_group=3, seed=0, levels=3, nan_at=(), inf_at=(), equal_groups=(), ids_offset=0):
@@ -47,19 +53,20 @@ def _plain_fp32_error(r, g, v, mode):
 
 CASES = {
     "ragged": dict(sizes=[1, 3, 7, 2, 16, 1, 5, 2, 9, 4], nan_at=(5,), inf_at=(20,)),
-    "long_groups": dict(sizes=[2, 40, 1, 33, 3], variants_per_group=4, nan_at=(3, 50)),  # > halo: canonical
+    "long_groups": dict(sizes=[2, 40, 1, 33, 3], variants_per_group=4, nan_at=(3, 50)),
     "all_equal": dict(sizes=[4, 6, 1, 5, 8], equal_groups=(0, 1, 3)),
     "singletons": dict(sizes=[1] * 30),
     "one_group": dict(sizes=[57], variants_per_group=5),
     "negative_ids": dict(sizes=[3, 5, 8, 13], ids_offset=-20, seed=1),
 }
+# questions of at most 9 answers: the cases that also run over many programs of 8 answers
+MANY = ("all_equal", "singletons", "negative_ids_short", "ragged_short")
+CASES["negative_ids_short"] = dict(sizes=[3, 5, 8, 9, 1, 9], ids_offset=-20, seed=1)
+CASES["ragged_short"] = dict(sizes=[1, 3, 7, 2, 9, 1, 5, 2, 9, 4, 8, 9, 9], nan_at=(5,), inf_at=(20,),
+                             equal_groups=(4,))
 
 
-@pytest.mark.parametrize("mode", ADVANTAGE_MODES)
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_triton_matches_reference(case, mode, device):
-    r, g, v = _batch(**CASES[case])
-    adv, st = _on(device, group_advantages_forward, r, g, v, mode, 1e-6, **TINY)
+def _check_against_reference(r, g, v, mode, adv, st):
     torch_err, ref = _plain_fp32_error(r, g, v, mode)
     _, rst = group_advantages_reference(r.double(), g, v, mode)
     err = (adv.double() - ref).abs().max().item()
@@ -73,54 +80,75 @@ def test_triton_matches_reference(case, mode, device):
     assert st.num_groups.dtype == st.nan_count.dtype == torch.int64
 
 
-@pytest.mark.parametrize("mode", ["joint", "batch_std"])
-def test_finalize_over_several_row_tiles(mode, device):
-    """The finalize program reads the per-tile partial rows a few at a time (here 2 of 7, the last tile
-    ragged): the merged statistics equal the reference's and those of a one-tile read."""
-    r, g, v = _batch(sizes=[1, 3, 7, 2, 16, 1, 5, 2, 9, 4, 12, 20, 3, 1, 8, 11, 9, 17, 20], nan_at=(5, 40), seed=5)
-    assert -(-r.numel() // TINY["block"]) == 7
-    adv, st = _on(device, group_advantages_forward, r, g, v, mode, 1e-6, **TINY, finalize_block=2, finalize_warps=1)
-    adv1, st1 = _on(device, group_advantages_forward, r, g, v, mode, 1e-6, **TINY, finalize_block=8)
-    _, rst = group_advantages_reference(r.double(), g, v, mode)
-    for name in ("reward_mean", "reward_std", "adv_std", "zero_var_frac", "zero_var_frac_per_variant"):
-        assert getattr(st, name).item() == pytest.approx(getattr(rst, name).item(), rel=2e-6, abs=2e-7), name
-        assert getattr(st, name).item() == pytest.approx(getattr(st1, name).item(), rel=1e-6, abs=1e-7), name
-    assert st.num_groups.item() == st1.num_groups.item() == rst.num_groups.item() == 19
-    assert st.nan_count.item() == 2
-    assert torch.equal(adv, adv1) if mode == "joint" else torch.allclose(adv, adv1, rtol=1e-6, atol=1e-7)
+@pytest.mark.parametrize("mode", ADVANTAGE_MODES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_triton_matches_reference(case, mode, device):
+    """One program (every case is <= 2 * 1,024 answers): any question length."""
+    r, g, v = _batch(**CASES[case])
+    adv, st = _on(device, group_advantages_forward, r, g, v, mode, 1e-6)
+    _check_against_reference(r, g, v, mode, adv, st)
+
+
+@pytest.mark.parametrize("mode", ADVANTAGE_MODES)
+@pytest.mark.parametrize("case", MANY)
+def test_many_programs_match_reference_and_one_program(case, mode, device, monkeypatch):
+    """The same batches over many programs of 8 answers and their merge: the reference's numbers, and each
+    question's advantages bit for bit those of the one-program run (one program computes each question, by
+    the same scan steps whatever the tiling; batch_std also depends on the merged std: to the last bits)."""
+    r, g, v = _batch(**CASES[case])
+    one, st1 = _on(device, group_advantages_forward, r, g, v, mode, 1e-6)
+    monkeypatch.setattr(_backend, "MAX_QUESTION", 9)
+    assert r.numel() > 16  # several programs
+    adv, st = _on(device, group_advantages_forward, r, g, v, mode, 1e-6)
+    _check_against_reference(r, g, v, mode, adv, st)
+    if mode == "batch_std":
+        torch.testing.assert_close(adv, one, rtol=1e-6, atol=1e-7)
+    else:
+        assert torch.equal(adv, one)
+    assert st.num_groups.item() == st1.num_groups.item() and st.nan_count.item() == st1.nan_count.item()
+
+
+def test_question_as_long_as_the_window_allows(device, small_blocks):
+    """Questions of the limit's 9 answers starting at the last answer of a program's block (7, 15, ...), next to
+    short ones: each lies whole in its owner's window, and answers before a window's first question start (the
+    previous program's) are left to that program."""
+    sizes = [7, 9, 9, 1, 9, 2, 9, 9]
+    r, g, v = _batch(sizes=sizes, variants_per_group=3, seed=4, nan_at=(30,))
+    starts = torch.tensor([0] + sizes).cumsum(0)[:-1]
+    assert {7, 16}.issubset(set(starts.tolist()))
+    for mode in ADVANTAGE_MODES:
+        adv, st = _on(device, group_advantages_forward, r, g, v, mode, 1e-6)
+        _check_against_reference(r, g, v, mode, adv, st)
+
+
+def test_too_long_question_is_named(device, small_blocks):
+    """Over several programs a question longer than MAX_QUESTION does not fit one window: validate names it;
+    the resolver, told the longest question, keeps auto on the reference and refuses triton."""
+    r, g, v = _batch(sizes=[3, 10, 4, 5], seed=2)
+    with pytest.raises(AdvantageInputError, match=r"question 7 \(answers 3..12\) has 10 answers.*at most 9"):
+        group_advantages(r, g, v, backend="triton")
+    r2, g2, v2 = _batch(sizes=[3, 10], seed=2)  # 13 answers: one program, no limit
+    adv, st = group_advantages(r2, g2, v2, backend="triton")
+    _check_against_reference(r2, g2, v2, "joint", adv, st)
+    assert _backend.resolve("group_advantages", "auto", "cuda", n=22, longest=10) == "reference"
+    assert _backend.resolve("group_advantages", "auto", "cuda", n=22, longest=9) == "triton"
+    assert _backend.resolve("group_advantages", "auto", "cuda", n=16, longest=16) == "triton"
+    with pytest.raises(BackendError, match="questions of at most 9 answers, got 10"):
+        _backend.resolve("group_advantages", "triton", "cuda", n=22, longest=10)
 
 
 def test_dead_groups_are_exactly_zero(device):
-    r, g, v = _batch(sizes=[3, 40, 2], equal_groups=(0, 1, 2))  # 40 > halo: both paths
+    r, g, v = _batch(sizes=[3, 40, 2], equal_groups=(0, 1, 2))
     for mode in ADVANTAGE_MODES:
-        adv, st = _on(device, group_advantages_forward, r, g, v, mode, 1e-6, **TINY)
+        adv, st = _on(device, group_advantages_forward, r, g, v, mode, 1e-6)
         assert torch.all(adv == 0), mode
         assert st.zero_var_frac.item() == 1.0 and st.zero_var_frac_per_variant.item() == 1.0
-
-
-def test_tile_size_does_not_change_results_beyond_rounding(device):
-    r, g, v = _batch(sizes=[5, 1, 12, 7, 30, 2, 2, 9], seed=3, nan_at=(0, 17))
-    a1, s1 = _on(device, group_advantages_forward, r, g, v, "joint", 1e-6, **TINY)
-    a2, s2 = _on(device, group_advantages_forward, r, g, v, "joint", 1e-6, block=48, halo=8, side=16, num_warps=1)
-    assert torch.allclose(a1, a2, rtol=1e-6, atol=1e-6)
-    assert s1.zero_var_frac.item() == s2.zero_var_frac.item()
-
-
-def test_group_spanning_many_tiles_gets_one_set_of_statistics(device):
-    # one group of 100 over 5 tiles: every tile recomputes it canonically -> bit-identical mean/std
-    g = torch.zeros(100, dtype=torch.int64)
-    v = torch.arange(100) // 25
-    r = torch.linspace(0, 1, 100) ** 2
-    adv, _ = _on(device, group_advantages_forward, r, g, v, "joint", 1e-6, **TINY)
-    # advantages are an affine function of r with one (mean, std): recover it from two points, check all
-    a = (adv[99] - adv[0]) / (r[99] - r[0])
-    assert torch.allclose(adv, adv[0] + a * (r - r[0]), atol=2e-6)
 
 
 def test_dtypes_and_empty(device):
     r, g, v = _batch(sizes=[4, 3, 6])
     ref, _ = group_advantages_reference(r.bfloat16().double(), g, v, "joint")
-    adv, _ = _on(device, group_advantages_forward, r.bfloat16(), g.int(), v.int(), "joint", 1e-6, **TINY)
+    adv, _ = _on(device, group_advantages_forward, r.bfloat16(), g.int(), v.int(), "joint", 1e-6)
     assert adv.dtype == torch.float32 and torch.allclose(adv.double(), ref, atol=1e-5)
     empty = torch.empty(0, dtype=torch.int64)
     adv, st = _on(device, group_advantages, torch.empty(0), empty, empty, backend="triton")
@@ -134,8 +162,13 @@ def test_public_function_routes_and_validates(device):
     assert torch.equal(a_ref, a_auto) and a_ref.dtype == torch.float32
     a_tri, _ = _on(device, group_advantages, r, g, v, backend="triton")
     assert torch.allclose(a_tri, a_ref, atol=1e-6)
-    with pytest.raises(AdvantageInputError, match="backend"):
+    with pytest.raises(BackendError, match=r"backend must be one of auto\|triton\|native\|reference, got 'cuda'"):
         group_advantages(r, g, v, backend="cuda")
+    with pytest.raises(BackendError, match="group_advantages has no 'native' backend"):
+        group_advantages(r, g, v, backend="native")
+    with pytest.raises(BackendError, match="at most 65536 rewards"):
+        group_advantages(torch.zeros(65_537), torch.zeros(65_537, dtype=torch.long),
+                         torch.zeros(65_537, dtype=torch.long), backend="triton")
     with pytest.raises(AdvantageInputError, match=r"group_ids\[2\]=7 > group_ids\[3\]=0"):
         group_advantages(r, torch.tensor([0, 0, 7, 0, 7]), v, backend="triton")
     with pytest.raises(AdvantageInputError, match="variant_ids must be non-decreasing within a question"):
@@ -167,10 +200,13 @@ def test_layout_check_runs_on_host_data_and_in_debug_mode(device, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ADVANTAGE_MODES)
 def test_cuda_matches_reference_large_ragged(mode):
+    """The largest batch the Triton path takes (64 programs), ragged questions up to the 1,025-answer limit."""
     gen = torch.Generator().manual_seed(0)
-    sizes = torch.randint(1, 300, (4000,), generator=gen).tolist() + [5000]  # one group longer than the halo
+    sizes = torch.randint(1, 300, (400,), generator=gen).tolist() + [1025, 1025]
+    while sum(sizes) > 65_536:
+        sizes.pop(0)
     r, g, v = _batch(sizes, variants_per_group=4, seed=2, nan_at=(3, 1000, 7777))
-    adv, st = group_advantages(r.cuda(), g.cuda(), v.cuda(), mode=mode, backend="triton")
+    adv, st = group_advantages(r.cuda(), g.cuda(), v.cuda(), mode=mode, backend="triton", validate=True)
     torch_err, ref = _plain_fp32_error(r, g, v, mode)
     _, rst = group_advantages_reference(r.double(), g, v, mode)
     assert (adv.cpu().double() - ref).abs().max().item() <= 4 * torch_err + 1e-6
@@ -189,13 +225,13 @@ def build(fn, sig, consts, warps):
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
-for mode in (0, 1):  # the two constexpr branches: question groups, variant groups
-    build(A._adv_main_kernel, {"r_ptr": "*fp32", "g_ptr": "*i64", "v_ptr": "*i64", "adv_ptr": "*fp32",
-                               "part_ptr": "*fp32", "N": "i32", "eps": "fp32"},
-          {"MODE": mode, "BLOCK": 768, "HALO": 128, "WIN": 1024, "SIDE": 128, "NP": 10}, 8)
-build(A._adv_finalize_kernel, {"part_ptr": "*fp32", "stats_ptr": "*fp32", "count_ptr": "*i64", "T": "i32",
-                               "eps": "fp32"}, {"MODE": 3, "TB": 1024, "NP": 10, "NPB": 16}, 8)
-build(A._adv_scale_kernel, {"adv_ptr": "*fp32", "stats_ptr": "*fp32", "N": "i32", "eps": "fp32"}, {"BLOCK": 4096}, 4)
+main = {"r_ptr": "*fp32", "g_ptr": "*i64", "v_ptr": "*i64", "adv_ptr": "*fp32", "part_ptr": "*fp32",
+        "stats_ptr": "*fp32", "count_ptr": "*i64", "N": "i32", "eps": "fp32"}
+for mode in (0, 1, 3):  # the constexpr branches: by question, by variant, batch_std's in-place scaling
+    build(A._advantage_kernel, main, {"MODE": mode, "BLOCK": 1024, "WIN": 2048, "ONE_PROGRAM": False}, 8)
+    build(A._advantage_kernel, main, {"MODE": mode, "BLOCK": 128, "WIN": 128, "ONE_PROGRAM": True}, 1)
+build(A._finalize_kernel, {"part_ptr": "*fp32", "stats_ptr": "*fp32", "count_ptr": "*i64", "adv_ptr": "*fp32",
+                           "T": "i32", "N": "i32", "eps": "fp32"}, {"MODE": 3, "TP": 64}, 4)
 print("compiled")
 """
 

@@ -1,19 +1,84 @@
-"""STRIVE_KERNELS_BACKEND=reference sends every backend="auto" call to the pure-torch twin."""
+"""One backend vocabulary for every kernel, one resolver (strive_kernels._backend.resolve), one override
+(STRIVE_KERNELS_BACKEND=reference sends every backend="auto" call to the pure-torch twin)."""
 import pytest
 import torch
 
 import strive_kernels as sk
-from strive_kernels._backend import ENV, resolve_auto
+from strive_kernels._backend import BACKENDS, ENV, KERNELS, BackendError, resolve
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+# the facts each kernel's rule reads, at a shape every fast path takes
+FACTS = {"variant_patchify": dict(native_error=None), "keyframe_sample": dict(pool=256, variants=4),
+         "group_advantages": dict(n=2048), "fused_logprob_loss": {}, "fused_logprobs": dict(vocab=152_064),
+         "shared_prefix_attention": dict(head_dim=128, n_rep=8, supported=True), "decode_layer": dict(supported=True)}
 
 
-def test_resolve_auto(monkeypatch):
+def test_every_kernel_speaks_the_one_vocabulary(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    assert resolve_auto("auto") == "auto" and resolve_auto("triton") == "triton"
+    assert BACKENDS == ("auto", "triton", "native", "reference") and set(FACTS) == set(KERNELS)
+    for kernel, facts in FACTS.items():
+        assert resolve(kernel, "reference", CUDA, **facts) == "reference"
+        assert resolve(kernel, "auto", CUDA, **facts) == KERNELS[kernel][0]
+        for name in ("triton", "native"):
+            if name in KERNELS[kernel]:
+                assert resolve(kernel, name, CUDA, **facts) == name
+            else:
+                with pytest.raises(BackendError, match=f"{kernel} has no {name!r} backend; it has auto"):
+                    resolve(kernel, name, CUDA, **facts)
+        for old in ("cpp", "torch", "cuda"):
+            with pytest.raises(BackendError, match=rf"backend must be one of auto\|triton\|native\|reference, got"):
+                resolve(kernel, old, CUDA, **facts)
+
+
+def test_auto_rules(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    # on the CPU auto never takes the interpreter: the C++ op / the chunked torch pass, or the twin
+    assert [resolve(k, "auto", CPU, **f) for k, f in FACTS.items()] == [
+        "native", "reference", "reference", "native", "native", "reference", "reference"]
+    assert resolve("variant_patchify", "auto", CPU, native_error="not built") == "reference"
+    with pytest.raises(BackendError, match="variant_patchify\\(backend='native'\\) cannot run here: not built"):
+        resolve("variant_patchify", "native", CPU, native_error="not built")
+    # shape rules: beyond the Triton path's limits auto takes the twin and an explicit triton is an error
+    for kernel, facts, match in (("keyframe_sample", dict(pool=8193, variants=4), "at most 8192 frames"),
+                                 ("keyframe_sample", dict(pool=64, variants=65), "at most 64 variants"),
+                                 ("group_advantages", dict(n=65_537), "at most 65536 rewards"),
+                                 ("shared_prefix_attention", dict(head_dim=80, n_rep=8, supported=False),
+                                  "head size 80"),
+                                 ("decode_layer", dict(supported=False), "one dtype")):
+        assert resolve(kernel, "auto", CUDA, **facts) == "reference"
+        with pytest.raises(BackendError, match=match):
+            resolve(kernel, "triton", CUDA, **facts)
+    # fused_logprobs' vocabulary rule (measured: the twin is faster below 16,384 on an H200), for auto only
+    assert resolve("fused_logprobs", "auto", CUDA, vocab=1028) == "reference"
+    assert resolve("fused_logprobs", "triton", CUDA, vocab=1028) == "triton"
+    assert resolve("fused_logprob_loss", "auto", CUDA) == "triton"
+
+
+def test_triton_on_cpu_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve("keyframe_sample", "triton", CPU, pool=10, variants=2) == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendError, match="Triton needs CUDA tensors \\(got cpu\\), or TRITON_INTERPRET=1"):
+        resolve("keyframe_sample", "triton", CPU, pool=10, variants=2)
+
+
+def test_override(monkeypatch):
     monkeypatch.setenv(ENV, "reference")
-    assert resolve_auto("auto") == "reference" and resolve_auto("native") == "native"
+    assert all(resolve(k, "auto", CUDA, **f) == "reference" for k, f in FACTS.items())
+    assert resolve("fused_logprobs", "native", CPU, vocab=10) == "native"  # an explicit backend wins
+    monkeypatch.setenv(ENV, "auto")
+    assert resolve("group_advantages", "auto", CUDA, n=10) == "triton"
     monkeypatch.setenv(ENV, "fast")
-    with pytest.raises(ValueError, match="STRIVE_KERNELS_BACKEND='fast'"):
-        resolve_auto("auto")
+    with pytest.raises(BackendError, match="STRIVE_KERNELS_BACKEND='fast'"):
+        resolve("group_advantages", "auto", CUDA, n=10)
+
+
+def test_public_types_come_from_the_package():
+    from strive_kernels.reference.advantage import GroupStats
+    from strive_kernels.reference.variant import CLIP_MEAN
+    assert sk.GroupStats is GroupStats and sk.CLIP_MEAN is CLIP_MEAN and sk.resolve is resolve
+    assert sk.ADVANTAGE_MODES == ("joint", "per_variant", "mean_only", "batch_std")
+    assert sk.LOSS_AGGREGATIONS == ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
 
 def test_forced_reference_reaches_the_twin(monkeypatch):
@@ -33,3 +98,16 @@ def test_forced_reference_reaches_the_twin(monkeypatch):
     monkeypatch.setenv(ENV, "reference")
     ref, _ = sk.variant_patchify(*args)
     assert calls == [1] and torch.equal(native, ref)
+
+
+def test_variants_config_uses_the_vocabulary():
+    """variants.backend takes the kernels' words; the names it had before (cpp, torch) get an error naming the new."""
+    from strive_engine.config import ConfigError, VariantConfig
+
+    names = ("auto", "native", "reference")
+    assert tuple(VariantConfig(backend=b).backend for b in names) == names
+    for old, new in (("cpp", "native"), ("torch", "reference")):
+        with pytest.raises(ConfigError, match=rf"'{old}' is now '{new}' .*auto \| native \| reference\)"):
+            VariantConfig(backend=old)
+    with pytest.raises(ConfigError, match="variants.backend: 'triton' is not one of 'auto', 'native', 'reference'"):
+        VariantConfig(backend="triton")

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from strive_kernels._backend import BackendError
 from strive_kernels.keyframe import keyframe_sample, keyframe_sample_forward
 from strive_kernels.reference.keyframe import (
     KeyframeInputError,
@@ -109,11 +110,14 @@ def test_public_function_backends_agree_and_check_inputs(device):
     badq[0, 0] = float("inf")
     with pytest.raises(KeyframeInputError, match="question embedding of pool 0"):
         keyframe_sample(fe.to(device), badq.to(device), off, 3, 4, backend="triton", check_finite=True)
-    with pytest.raises(KeyframeInputError, match="backend"):
+    with pytest.raises(BackendError, match="backend must be one of"):
         keyframe_sample(fe, qe, off, 3, 4, backend="gpu")
-    with pytest.raises(KeyframeInputError, match="at most 64 variants, got P_max=14, K=65"):
+    with pytest.raises(BackendError, match="at most 64 variants, got P_max=14, K=65"):
         keyframe_sample(fe.to(device), qe.to(device), off, 65, 4, backend="triton")
     assert keyframe_sample(fe, qe, off, 65, 4, backend="reference")[0].shape == (2, 65, 4)
+    # beyond the Triton path's limits auto takes the twin (it used to raise on CUDA)
+    assert torch.equal(keyframe_sample(fe.to(device), qe.to(device), off, 65, 4)[0].cpu(),
+                       keyframe_sample(fe, qe, off, 65, 4, backend="reference")[0])
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from strive_kernels import variant_patchify
+from strive_kernels._backend import BackendError
 from strive_kernels.reference.variant import CLIP_MEAN, CLIP_STD, resize_box_reference, variant_patchify_reference
 from strive_kernels.variant import has_native
 
@@ -337,9 +338,11 @@ def test_op_checks_on_its_own():
 
 
 def test_unknown_backend_and_missing_native():
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(BackendError, match="backend must be one of"):
         variant_patchify(**GOOD, backend="fast")
-    with pytest.raises(RuntimeError, match="no native kernel for meta"):
+    with pytest.raises(BackendError, match="variant_patchify has no 'triton' backend"):
+        variant_patchify(**GOOD, backend="triton")
+    with pytest.raises(BackendError, match=r"variant_patchify\(backend='native'\) cannot run here: .* meta kernel"):
         variant_patchify(**{**GOOD, "frames": GOOD["frames"].to("meta")}, backend="native")
 
 
