@@ -69,7 +69,11 @@ class DataConfig:
     synthetic_dir: str = doc("~/.cache/strive_engine/synthetic", "cache folder of the generated synthetic set")
     synthetic_size: int = doc(240, "number of synthetic questions generated (train + test)")
     synthetic_seed: int = doc(0, "seed of the synthetic generator (same seed, same files)")
-    synthetic_tasks: str = doc("brief_colour,first_shape,flash_count", "comma-separated task mix of the synthetic set")
+    synthetic_tasks: str = doc("brief_colour,first_shape,flash_count", "comma-separated task mix of the synthetic set "
+                                   "(also small_colour, small_count: the small-object family, brief and small "
+                                   "evidence named by the question, and their warm-up variants small_colour_long, "
+                                   "small_count_long; use with synthetic_seconds=8)")
+    synthetic_seconds: float = doc(6.0, "length of the synthetic clips (8 frames per second: 6.0 = 48 frames)")
     batch_size: int = doc(2, "questions per rank per step (B); each expands to K variants x G answers")
     shuffle: bool = doc(True, "reshuffle the records every epoch (seeded, identical on every rank)")
     video_root: str = doc("", "folder every record's video must lie in, after resolving symlinks; '' = the "
@@ -83,7 +87,10 @@ class DataConfig:
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.synthetic_size >= 2, "data.synthetic_size", f"must be >= 2, got {self.synthetic_size}")
         _require(self.max_empty_steps >= 0, "data.max_empty_steps", f"must be >= 0, got {self.max_empty_steps}")
-        known = ("brief_colour", "first_shape", "flash_count")
+        _require(self.synthetic_seconds * 8 >= 24, "data.synthetic_seconds",
+                 f"must give >= 24 frames at 8 fps (>= 3.0 s), got {self.synthetic_seconds}")
+        known = ("brief_colour", "first_shape", "flash_count", "small_colour", "small_count", "small_colour_long",
+                 "small_count_long")
         tasks = [t.strip() for t in self.synthetic_tasks.split(",") if t.strip()]
         _require(bool(tasks) and all(t in known for t in tasks), "data.synthetic_tasks",
                  f"{self.synthetic_tasks!r}: give a comma-separated subset of {', '.join(known)}")
@@ -96,7 +103,8 @@ class DataConfig:
     @property
     def synthetic_options(self) -> dict:
         """Keyword arguments of strive_engine.synthetic.ensure_synthetic beyond (dir, n, seed)."""
-        return {"tasks": tuple(t.strip() for t in self.synthetic_tasks.split(",") if t.strip())}
+        return {"tasks": tuple(t.strip() for t in self.synthetic_tasks.split(",") if t.strip()),
+                "seconds": self.synthetic_seconds}
 
 
 @dataclass

@@ -15,6 +15,23 @@ evidence while question-aware keyframe sampling can find it. Three tasks, in equ
   flash_count   (numerical) "How many times does the square flash?" A square is lit 1-3 times for
                 ~1/10 of the clip each, while two other shapes stay on.
 
+Four more tasks form the *small-object family* (`SMALL_TASKS`, never in the default mix): the evidence
+is brief (1-2 frames of the clip: with 64 frames, evenly spaced F=8 sampling sees it in a minority of clips),
+small (at most 3 % of the frame area, at a random position, so a crop around it multiplies its pixels) and
+named by the question, beside a distractor event of another shape and colour (so only a question-aware frame
+scorer finds it):
+
+  small_colour  (multiple choice) "What colour is the small circle that flashes?" A small shape of the answer
+                colour shows for 1-2 frames; a small shape of another kind, in another option colour, for 1-2
+                other frames; two small grey shapes stay on all the time.
+  small_count   (numerical) "How many times does the small red square flash?" A small square flashes 1 or 2
+                times for one frame each; a square of another colour flashes 1-2 times at other frames; two
+                small grey shapes stay on.
+  small_colour_long, small_count_long  warm-up variants: the same questions, but the named object is big and
+                centred (like the demo's events), shown for T/8 frames or more per event (8-9 of 64, so evenly
+                spaced F=8 frames always see it), with no distractor. A curriculum: a tiny model learns to read
+                colours and count flashes there, then meets the small, brief evidence in RL.
+
 Answers are balanced inside each split (letters A-D uniform per task, colours/shapes uniform, counts
 1-3 uniform, each within one), so only looking at the video beats chance. Shapes are big, solid and
 saturated on a dark background so that a tiny model sees them at 56x56. Each record carries `process`
@@ -30,6 +47,7 @@ import argparse
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -48,7 +66,11 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = 7  # 2: short rationales; 3: fixed option order; 4: grey distractors, 5: big events (fixed);
 #                        6: own RGB->YUV conversion into zero-padded planes; 7: x264 without asm
 #                        (both for byte-identical files run to run)
-TASKS = ("brief_colour", "first_shape", "flash_count")
+TASKS = ("brief_colour", "first_shape", "flash_count")  # the default mix
+# The small-object family (brief, small, named by the question); the _long variants are its warm-up (big, long events,
+# no distractor: see the module docstring).
+SMALL_TASKS = ("small_colour", "small_count", "small_colour_long", "small_count_long")
+ALL_TASKS = TASKS + SMALL_TASKS
 # Saturated and far apart in RGB, so they survive 4:2:0 chroma subsampling and downscaling.
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 64, 255), "yellow": (255, 255, 0),
            "magenta": (255, 0, 255), "cyan": (0, 255, 255)}
@@ -63,6 +85,8 @@ FIXED_COLOURS = ("red", "green", "blue", "yellow")
 GREYS = {"grey": (128, 128, 128), "white": (235, 235, 235)}
 BACKGROUND = (16, 16, 16)
 MAX_FLASHES = 3
+SMALL_MAX_FLASHES = 2  # small_count: 1-2 one-frame flashes, so the evidence is 1-2 frames
+SMALL_AREA = 0.03      # the small family's objects cover at most this fraction of the frame
 # codec -> (encoder, container format, file suffix, pixel format, encoder options)
 CODECS = {
     # asm=0: x264's SIMD paths made the rightmost macroblock column of an occasional file differ between two
@@ -139,6 +163,13 @@ class Canvas:
             r = self.r
             cy = int((slot // 2 + 0.5) * self.h / 2)
             cx = int((slot % 2 + 0.5) * self.w / 2)
+        rgb = COLOURS[colour] if colour in COLOURS else GREYS[colour]
+        self.objects.append((cy - r, cx - r, shape_mask(kind, r), rgb, windows))
+
+    def add_at(self, kind: str, colour: str, cy: int, cx: int, r: int, windows: list[tuple[int, int]]) -> None:
+        """A shape of 'radius' r centred at pixel (cy, cx), anywhere on the frame (the small-object family)."""
+        if not (r <= cy <= self.h - r and r <= cx <= self.w - r):
+            raise ValueError(f"a shape of radius {r} at ({cy}, {cx}) leaves the {self.w}x{self.h} frame")
         rgb = COLOURS[colour] if colour in COLOURS else GREYS[colour]
         self.objects.append((cy - r, cx - r, shape_mask(kind, r), rgb, windows))
 
@@ -241,13 +272,123 @@ def _flash_count(canvas: Canvas, T: int, fps: float, rng, count: int, fixed: boo
                 answer=str(count), process=process, evidence=[list(w) for w in windows])
 
 
+def small_radius(width: int, height: int) -> int:
+    """'Radius' r of the small family's shapes: pi r^2 (the circle, the largest of the four) stays within
+    SMALL_AREA of the frame (112x112: r = 10, a 314-pixel circle, 2.5 % of the frame)."""
+    return max(2, int(np.sqrt(SMALL_AREA / np.pi) * min(width, height)))
+
+
+def _place(rng, canvas: Canvas, r: int, n: int) -> list[tuple[int, int]]:
+    """n centres (cy, cx) of shapes of radius r, uniform over the frame, boxes apart by >= 2 pixels (rejection;
+    after 200 tries in a crowded frame, a touching placement is kept)."""
+    out: list[tuple[int, int]] = []
+    for _ in range(n):
+        for _try in range(200):
+            cy = int(rng.integers(r, canvas.h - r + 1))
+            cx = int(rng.integers(r, canvas.w - r + 1))
+            if all(max(abs(cy - y), abs(cx - x)) >= 2 * r + 2 for y, x in out):
+                break
+        out.append((cy, cx))
+    return out
+
+
+def _small_statics(canvas: Canvas, rng, r: int, centres: list[tuple[int, int]], T: int) -> None:
+    """Two small grey shapes on screen all the time: 'something small is there' is not the evidence."""
+    for (cy, cx), grey in zip(centres, ("grey", "white")):
+        canvas.add_at(SHAPES[int(rng.integers(0, len(SHAPES)))], grey, cy, cx, r, [(0, T)])
+
+
+def _brief_window(rng, T: int, L: int, margin: int, taken: list[int]) -> int:
+    """Start of an L-frame window in [margin, T - margin - L] at least 2 frames away from every frame in `taken`."""
+    for _ in range(500):
+        s = int(rng.integers(margin, T - margin - L + 1))
+        if all(t < s - 2 or t > s + L + 1 for t in taken):
+            return s
+    raise ValueError(f"synthetic: no free {L}-frame window in a {T}-frame clip")
+
+
+def _small_colour(canvas: Canvas, T: int, fps: float, rng, letter: str, colour: str, kind: str,
+                  fixed: bool = False, long: bool = False) -> dict:
+    r, margin = small_radius(canvas.w, canvas.h), max(1, T // 16)
+    palette = FIXED_COLOURS if fixed else tuple(COLOURS)
+    others = [c for c in palette if c != colour]
+    d_colour, o1, o2 = (others[i] for i in rng.permutation(len(others))[:3])
+    d_kind = [k for k in SHAPES if k != kind][int(rng.integers(0, len(SHAPES) - 1))]
+    lo = T // 8 if long else 1  # brief: 1-2 frames each; long: T/8 to T/8 + 1 frames
+    L, Ld = lo + int(rng.integers(0, 2)), lo + int(rng.integers(0, 2))
+    start = _brief_window(rng, T, L, margin, [])
+    d_start = _brief_window(rng, T, Ld, margin, list(range(start, start + L)))
+    (ty, tx), (dy, dx), *statics = _place(rng, canvas, r, 4)
+    _small_statics(canvas, rng, r, statics, T)
+    if long:  # the warm-up variant: the named shape big and centred, no distractor (see SMALL_TASKS)
+        canvas.add(kind, colour, 0, [(start, start + L)], big=True)
+    else:
+        canvas.add_at(kind, colour, ty, tx, r, [(start, start + L)])
+        canvas.add_at(d_kind, d_colour, dy, dx, r, [(d_start, d_start + Ld)])
+    options = _options(colour, [d_colour, o1, o2], letter, rng, FIXED_COLOURS if fixed else None)
+    return dict(problem=f"What colour is the small {kind} that flashes?", problem_type="multiple choice",
+                options=options, answer=letter, process=f"<think>The small {kind} is {colour}.</think>",
+                evidence=[[start, start + L]])
+
+
+def _small_count(canvas: Canvas, T: int, fps: float, rng, count: int, colour: str, fixed: bool = False,
+                 long: bool = False) -> dict:
+    r, margin = small_radius(canvas.w, canvas.h), max(1, T // 16)
+    palette = FIXED_COLOURS if fixed else tuple(COLOURS)
+    d_colour = [c for c in palette if c != colour][int(rng.integers(0, len(palette) - 1))]
+    Lf = T // 8 if long else 1  # frames per flash
+    gap = max(3, T // 8) + (Lf if long else 0)  # flash starts this far apart: separate events
+    for _ in range(500):
+        flashes = sorted(int(t) for t in rng.choice(np.arange(margin, T - margin - Lf + 1), count, replace=False))
+        if all(b - a >= gap for a, b in zip(flashes, flashes[1:])):
+            break
+    taken = [t + i for t in flashes for i in range(Lf)]
+    d_flashes: list[int] = []
+    for j in range(1 + int(rng.integers(0, 2))):
+        try:
+            d_flashes.append(_brief_window(rng, T, Lf, margin, taken + [t + i for t in d_flashes for i in range(Lf)]))
+        except ValueError:
+            if not (long and j):  # a long clip may have no room for the distractor's second flash: one it is
+                raise
+    (ty, tx), (dy, dx), *statics = _place(rng, canvas, r, 4)
+    _small_statics(canvas, rng, r, statics, T)
+    if long:
+        canvas.add("square", colour, 0, [(t, t + Lf) for t in flashes], big=True)
+    else:
+        canvas.add_at("square", colour, ty, tx, r, [(t, t + Lf) for t in flashes])
+        canvas.add_at("square", d_colour, dy, dx, r, [(t, t + Lf) for t in sorted(d_flashes)])
+    times = f"{count} time{'s' if count > 1 else ''}"
+    return dict(problem=f"How many times does the small {colour} square flash?", problem_type="numerical",
+                options=[], answer=str(count), process=f"<think>The small {colour} square flashes {times}.</think>",
+                evidence=[[t, t + Lf] for t in flashes])
+
+
 def _balanced(values, m: int, rng) -> list:
     """m values cycling through `values` (each used floor or ceil of m/len times), shuffled."""
     out = [values[i % len(values)] for i in range(m)]
     return [out[i] for i in rng.permutation(m)]
 
 
-_TASKS = {"brief_colour": _brief_colour, "first_shape": _first_shape, "flash_count": _flash_count}
+_TASKS = {"brief_colour": _brief_colour, "first_shape": _first_shape, "flash_count": _flash_count,
+          "small_colour": _small_colour, "small_count": _small_count,
+          "small_colour_long": functools.partial(_small_colour, long=True),
+          "small_count_long": functools.partial(_small_count, long=True)}
+
+
+def _small_draws(tasks: list[str], rng, fixed: bool) -> dict:
+    """Answer parameters of the small family's records, balanced per task. Draws nothing from `rng` when the mix
+    has no small task, so the default tasks' sets stay bitwise what they were before the family existed."""
+    palette = list(FIXED_COLOURS if fixed else COLOURS)
+    out = {}
+    for task in SMALL_TASKS:
+        n = tasks.count(task)
+        if n and task.startswith("small_colour"):
+            colours, kinds = _balanced(palette, n, rng), _balanced(list(SHAPES), n, rng)
+            letters = [LETTERS[FIXED_COLOURS.index(c)] for c in colours] if fixed else _balanced(LETTERS, n, rng)
+            out[task] = iter(zip(letters, colours, kinds))
+        elif n:
+            out[task] = iter(zip(_balanced(list(range(1, SMALL_MAX_FLASHES + 1)), n, rng), _balanced(palette, n, rng)))
+    return out
 
 
 def _plan(m: int, rng, fixed: bool = False, task_mix: tuple[str, ...] = TASKS) -> list[tuple]:
@@ -262,6 +403,7 @@ def _plan(m: int, rng, fixed: bool = False, task_mix: tuple[str, ...] = TASKS) -
             "first_shape": iter((LETTERS[SHAPES.index(s)], s) for s in shapes),
             "flash_count": iter((c,) for c in _balanced(list(range(1, MAX_FLASHES + 1)), per["flash_count"], rng)),
         }
+        draws.update(_small_draws(tasks, rng, fixed))
         return [(t, next(draws[t])) for t in tasks]
     draws = {
         "brief_colour": iter(zip(_balanced(LETTERS, per["brief_colour"], rng),
@@ -270,6 +412,7 @@ def _plan(m: int, rng, fixed: bool = False, task_mix: tuple[str, ...] = TASKS) -
                                 _balanced(SHAPES, per["first_shape"], rng))),
         "flash_count": iter((c,) for c in _balanced(list(range(1, MAX_FLASHES + 1)), per["flash_count"], rng)),
     }
+    draws.update(_small_draws(tasks, rng, fixed))
     return [(t, next(draws[t])) for t in tasks]
 
 
@@ -339,8 +482,9 @@ class SyntheticSpec:
     def __post_init__(self):
         object.__setattr__(self, "codecs", tuple(self.codecs))
         object.__setattr__(self, "tasks", tuple(self.tasks))
-        if not self.tasks or any(t not in TASKS for t in self.tasks):
-            raise ValueError(f"synthetic: tasks must be a non-empty subset of {', '.join(TASKS)}, got {self.tasks}")
+        if not self.tasks or any(t not in ALL_TASKS for t in self.tasks):
+            raise ValueError(f"synthetic: tasks must be a non-empty subset of {', '.join(ALL_TASKS)}, "
+                             f"got {self.tasks}")
         if self.n < 2:
             raise ValueError(f"synthetic: n must be >= 2 (train and test), got {self.n}")
         if not 0.0 <= self.test_fraction < 1.0:
@@ -508,7 +652,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--options", choices=("fixed", "shuffled"), default=d.options,
                     help="fixed: the same four options in the same order for every question of a task "
                          "(learnable by the tiny demo model); shuffled: drawn and shuffled per question")
-    ap.add_argument("--tasks", default=",".join(d.tasks), help=f"comma-separated task mix, from {','.join(TASKS)}")
+    ap.add_argument("--tasks", default=",".join(d.tasks),
+                    help=f"comma-separated task mix, from {','.join(ALL_TASKS)} (the small family: e.g. "
+                         f"--tasks {','.join(SMALL_TASKS)} --seconds 8, 64 frames)")
     ap.add_argument("--encoder-threads", type=int, default=d.encoder_threads,
                     help="encoder threads (output is reproducible for a fixed value)")
     a = ap.parse_args(argv)

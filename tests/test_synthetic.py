@@ -284,3 +284,160 @@ def test_fixed_mode_answers_from_pixels(set_fixed):
             assert len(rec["evidence"]) == int(_answer(rec))
         checked[rec["task"]] += 1
     assert min(checked.values()) >= 2, checked
+
+
+# ------------------------------------------------------------------- the default tasks stay bitwise as they were
+
+# SHA-256 over (relative path, bytes) of every file a set writes, recorded with the generator of commit 630f69e
+# (before the small-object family existed; av==18.1.0 as pinned); both splits of several clips, so a stray
+# draw from the split's generator moves the test split too. Adding a task family must not move a byte of
+# the existing tasks' sets: users' caches (meta.json version 7) would be silently stale otherwise.
+_GOLDEN_SETS = {
+    "shuffled_all": (dict(n=12, seed=3, test_fraction=0.5, options="shuffled", codecs=("h264", "vp9", "mjpeg"),
+                          width=48, height=32, seconds=3.0),
+                     "f35cb61cf4ed1555fc76f0df2abc61841fe575c28c3a390d89fd4105f1516c65"),
+    "fixed_demo": (dict(n=12, seed=5, test_fraction=0.5, options="fixed", tasks=("brief_colour", "flash_count"),
+                        codecs=("h264", "vp9"), width=32, height=32, seconds=3.0),
+                   "5fd37178b2dd57d09d43f811a890a38a55755e3ac28955333f4202a8b4fca843"),
+    "fixed_all_default_size": (dict(n=4, seed=0, test_fraction=0.5),
+                               "5c148c35d1ad8d91d3144554cadc3e6f85d62788fbed6c09bd5e6e0c0a179888"),
+}
+
+
+def _set_digest(d: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            h.update(str(p.relative_to(d)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(_GOLDEN_SETS))
+def test_default_tasks_are_bitwise_unchanged(tmp_path, name):
+    kw, digest = _GOLDEN_SETS[name]
+    kw = dict(kw)
+    generate_synthetic(tmp_path, kw.pop("n"), kw.pop("seed"), **kw)
+    assert _set_digest(tmp_path) == digest, f"{name}: the files of an existing task mix changed"
+
+
+# --------------------------------------------------------------------------------- the small-object family
+
+SMALL = ("small_colour", "small_count")
+# The canonical F=8 view of a 64-frame pool: rows floor((j + 0.5) * 64 / 8) (strive_engine.keyframes' variant 0).
+_CANONICAL_64_8 = {4, 12, 20, 28, 36, 44, 52, 60}
+
+
+@pytest.fixture(scope="module")
+def set_small(tmp_path_factory):  # 64 frames (8 s at 8 fps), both option layouts through the seeds' two sets
+    d = tmp_path_factory.mktemp("small")
+    generate_synthetic(d / "fixed", 10, 7, tasks=SMALL, seconds=8.0, codecs=("h264", "vp9", "mjpeg"))
+    generate_synthetic(d / "shuffled", 6, 8, tasks=SMALL, seconds=8.0, options="shuffled", codecs=("vp9", "h264"))
+    generate_synthetic(d / "long", 8, 9, tasks=("small_colour_long", "small_count_long"), seconds=8.0,
+                       codecs=("h264", "mjpeg"))
+    return d
+
+
+def _blobs(frames: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(T,) pixels of that colour per frame (tolerant to lossy coding) and (T, H, W) bool masks."""
+    diff = np.abs(frames.astype(np.int16) - np.array(COLOURS[name], np.int16)).max(-1)  # (T, H, W)
+    mask = diff < 60
+    return mask.sum((1, 2)), mask
+
+
+def _best_shape(mask: np.ndarray, r: int) -> tuple[str, float]:
+    """The shape whose mask, centred on the blob's bounding box, overlaps the blob best (IoU)."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = (ys.min() + ys.max() + 1) // 2, (xs.min() + xs.max() + 1) // 2
+    ious = {}
+    for kind in SHAPES:
+        ref = np.zeros_like(mask)
+        m = shape_mask(kind, r)
+        y0, x0 = cy - r, cx - r
+        if kind == "triangle":  # its mask is not centred in its box: align the bounding boxes' tops instead
+            y0 = ys.min() - int(np.nonzero(m.any(1))[0][0])
+        ref[max(y0, 0):y0 + 2 * r, max(x0, 0):x0 + 2 * r] = m[max(-y0, 0):, max(-x0, 0):][:ref.shape[0] - max(y0, 0),
+                                                                                         :ref.shape[1] - max(x0, 0)]
+        ious[kind] = (ref & mask).sum() / (ref | mask).sum()
+    best = max(ious, key=ious.get)
+    return best, ious[best]
+
+
+def test_small_family_videos_decode_and_match_their_answers(set_small):
+    """Every clip decodes to 64 frames; the named object is visible exactly in the evidence frames (1-2 of 64; the
+    _long variants: 8-9 frames per event, so the canonical F=8 view always sees each event), is small (<= 3 % of
+    the frame; the warm-up _long variants: big) and is the named shape/colour; a distractor of another colour
+    flashes at other frames (none in the warm-up); the answer (colour, or number of flashes) is what the pixels
+    show."""
+    from strive_engine.synthetic import small_radius
+
+    r = small_radius(112, 112)
+    view = _CANONICAL_64_8
+    checked = Counter()
+    for layout in ("fixed", "shuffled", "long"):
+        d = set_small / layout
+        for rec in _records(d):
+            frames = _frames(d, rec)
+            T, H, W, _ = frames.shape
+            assert T == rec["num_frames"] == 64
+            ev = [t for s, e in rec["evidence"] for t in range(s, e)]
+            long = rec["task"].endswith("_long")
+            if long:
+                assert all(8 <= e - s <= 9 and view & set(range(s, e)) for s, e in rec["evidence"]), rec["evidence"]
+            else:
+                assert 1 <= len(ev) <= 2, rec["evidence"]
+            on = np.zeros(T, bool)
+            on[ev] = True
+            if rec["task"].startswith("small_colour"):
+                kind = rec["problem"].removeprefix("What colour is the small ").removesuffix(" that flashes?")
+                answer = _option(rec, _answer(rec))
+                named = answer
+            else:
+                named = rec["problem"].removeprefix("How many times does the small ").removesuffix(" square flash?")
+                kind = "square"
+                assert int(_answer(rec)) == len(rec["evidence"])
+                assert all(e - s == (8 if long else 1) for s, e in rec["evidence"])
+            assert named in COLOURS and kind in SHAPES, rec["problem"]
+            count, masks = _blobs(frames, named)
+            assert ((count >= 40) == on).all(), (rec["path"], np.flatnonzero(count >= 40).tolist(), ev)
+            if long:  # the warm-up: big and centred
+                assert count.max() >= 0.15 * H * W, (rec["path"], count.max())
+            else:  # small: at most 3 % of the frame
+                assert count.max() <= 0.03 * H * W, (rec["path"], count.max())
+            shape, iou = _best_shape(masks[ev[0]], int(0.45 * 112) if long else r)
+            assert shape == kind and iou > 0.6, (rec["path"], shape, kind, iou)
+            # the distractor: another colour, shown for 1-2 frames outside the evidence (none in the warm-up variant)
+            others = [c for c in COLOURS if c != named and (_blobs(frames, c)[0] >= 40).any()]
+            assert len(others) == (0 if long else 1), (rec["path"], others)
+            if long:
+                checked[(layout, rec["task"])] += 1
+                continue
+            d_on = _blobs(frames, others[0])[0] >= 40
+            assert 1 <= d_on.sum() <= 2 and not (d_on & on).any()
+            if rec["task"].startswith("small_colour"):  # a wrong option, drawn as another shape
+                assert others[0] in [_option(rec, o[0]) for o in rec["options"]] and others[0] != answer
+                d_mask = _blobs(frames, others[0])[1][np.flatnonzero(d_on)[0]]
+                assert _best_shape(d_mask, r)[0] != kind
+            checked[(layout, rec["task"])] += 1
+    assert min(checked.values()) >= 2 and len(checked) == 6, checked
+
+
+def test_small_family_is_balanced_and_mostly_missed_by_uniform_frames(tmp_path):
+    """Answers balanced per split (colours, letters, counts 1-2); the canonical F=8 view of a 64-frame pool shows
+    the evidence in a minority of clips (the family exists so that uniform frames mostly miss it)."""
+    generate_synthetic(tmp_path, 80, 2, tasks=SMALL, seconds=8.0, width=32, height=32, codecs=("mjpeg",))
+    recs = _records(tmp_path)
+    for split, n in (("train", 64), ("test", 16)):
+        rs = json.loads((tmp_path / f"{split}.json").read_text())
+        assert len(rs) == n and Counter(r["task"] for r in rs) == {t: n // 2 for t in SMALL}
+        colours = Counter(_option(r, _answer(r)) for r in rs if r["task"] == "small_colour")
+        letters = Counter(_answer(r) for r in rs if r["task"] == "small_colour")
+        counts = Counter(_answer(r) for r in rs if r["task"] == "small_count")
+        assert set(colours) == set(FIXED_COLOURS) and max(colours.values()) - min(colours.values()) <= 1
+        assert set(letters) == set("ABCD") and max(letters.values()) - min(letters.values()) <= 1
+        assert set(counts) == {"1", "2"} and max(counts.values()) - min(counts.values()) <= 1
+    view = _CANONICAL_64_8
+    seen = [any(t in view for s, e in r["evidence"] for t in range(s, e)) for r in recs]
+    assert 0.05 < sum(seen) / len(seen) < 0.4, sum(seen) / len(seen)
