@@ -134,8 +134,9 @@ class KeyframeConfig:
     temperature: float = doc(0.1, "tau: softmax temperature over cosine scores; lower = more peaked")
     uniform_mix: float = doc(0.3, "lambda: weight of the uniform distribution mixed in; keeps temporal "
                                   "coverage (max gap between chosen frames <= 2P/(lambda F))")
-    scorer: str = doc("policy", "policy (the policy's own vision tower + text embeddings) | siglip | clip")
-    scorer_path: str = doc("", "local HF folder of the SigLIP/CLIP scorer when scorer is siglip or clip")
+    scorer: str = doc("policy", "policy (the policy's own vision tower + text embeddings) | siglip | clip | learned "
+                                "(a small frame<->question dual encoder trained by strive_engine.scorer_train)")
+    scorer_path: str = doc("", "local folder of the scorer when scorer is siglip, clip (HF folders) or learned")
     score_side: int = doc(56, "frames are downscaled to about score_side^2 pixels before embedding")
 
     def __post_init__(self):
@@ -143,7 +144,7 @@ class KeyframeConfig:
                  f"must be an even number >= 2 (Qwen's temporal patch is 2), got {self.num_frames}")
         _require(self.temperature > 0, "keyframes.temperature", f"must be > 0, got {self.temperature}")
         _require(0.0 <= self.uniform_mix <= 1.0, "keyframes.uniform_mix", f"must be in [0, 1], got {self.uniform_mix}")
-        _choice(self.scorer, ("policy", "siglip", "clip"), "keyframes.scorer")
+        _choice(self.scorer, ("policy", "siglip", "clip", "learned"), "keyframes.scorer")
         _require(self.scorer == "policy" or bool(self.scorer_path), "keyframes.scorer_path",
                  f"scorer={self.scorer!r} needs a local model folder")
         _require(self.score_side >= 28, "keyframes.score_side", "must be >= 28")

@@ -219,7 +219,8 @@ class EncoderScorer:
 
 
 def build_scorer(cfg: KeyframeConfig, model: nn.Module | None = None, tokenizer=None) -> FrameScorer:
-    """The scorer named by cfg.scorer: policy (needs model and tokenizer) | siglip | clip (cfg.scorer_path)."""
+    """The scorer named by cfg.scorer: policy (needs model and tokenizer) | siglip | clip | learned (cfg.scorer_path;
+    learned: a strive_engine.learned_scorer folder)."""
     if cfg.scorer == "policy":
         if model is None or tokenizer is None:
             raise ScorerError("keyframes.scorer='policy' needs the policy model and its tokenizer")
@@ -227,6 +228,10 @@ def build_scorer(cfg: KeyframeConfig, model: nn.Module | None = None, tokenizer=
     device = None
     if model is not None:
         device = next(model.parameters()).device
+    if cfg.scorer == "learned":
+        from strive_engine.learned_scorer import LearnedScorer
+
+        return LearnedScorer.load(cfg.scorer_path, device=device)
     return EncoderScorer(cfg.scorer_path, kind=cfg.scorer, device=device)
 
 
