@@ -34,16 +34,16 @@ def main(argv: list[str] | None = None) -> dict:
     from strive_engine.checkpoint import Checkpointer
     from strive_engine.config import load_config
     from strive_engine.parallel import destroy_distributed, init_distributed, seed_everything
-    from strive_engine.train import build_trainer, trainer_state
+    from strive_engine.trainer import build_trainer
 
     cfg = load_config(["--recipe", args.recipe, "--logging.progress=false", *overrides])
     env = init_distributed(cfg.parallel.backend)
     seed_everything(cfg.run.seed)
-    t, _ = build_trainer(cfg, env)
+    t = build_trainer(cfg, env)
     for p in t.params:  # AdamW state exists after its first step: save what training would save
         p.grad = torch.zeros_like(p)
-    t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
+    t.optim.optimizer.step()
+    t.optim.optimizer.zero_grad(set_to_none=True)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     result = {"recipe": args.recipe, "device": str(env.device), "torch": torch.__version__,
               "params": sum(p.numel() for p in t.params)}
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
             for i in range(args.saves):
                 sync()
                 t0 = time.perf_counter()
-                path = ck.save(i + 1, t.root, t.optimizer, trainer_state(t, i + 1))
+                path = ck.save_trainer(i + 1, t, t.loader.state_dict())
                 stalls.append(time.perf_counter() - t0)
                 ck.wait()
                 totals.append(time.perf_counter() - t0)

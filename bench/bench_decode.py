@@ -292,6 +292,7 @@ def hf_ingestion(records, cfg, proc):
 def bench_ingestion(path: str, paths: dict, threads: int, device, quick: bool, budget: Budget, report: dict) -> dict:
     """A step's ingestion of BATCH videos of one clip per decoder path, against the HF path."""
     from strive_engine.pipeline import decode_batch, prepare_batch
+    from strive_engine.views import ViewBuilder, VisionGeometry
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -300,6 +301,7 @@ def bench_ingestion(path: str, paths: dict, threads: int, device, quick: bool, b
                        solution="", problem_type="numerical", data_type="video", source=f"bench:{i}")
                for i in range(BATCH)]
     scorer = RandomScorer(device)
+    views = ViewBuilder(VisionGeometry(patch=14, merge=2, temporal_patch=2), cfg.variants)  # Qwen2.5-VL's
     res = {"clip": os.path.basename(path), "batch": BATCH, "K": K, "F": F, "P": P, "device": str(device),
            "stages": "decode_batch + prepare_batch (keyframes: Triton, variants: native op)", "paths": {}}
     for name, src in paths.items():
@@ -315,7 +317,7 @@ def bench_ingestion(path: str, paths: dict, threads: int, device, quick: bool, b
             decoded = decode_batch(records, src, P, device=device, log_errors=False)
             if not bool(decoded.valid.all()):
                 raise RuntimeError(f"{name}: skipped {dict(decoded.skipped)}")
-            return prepare_batch(decoded, scorer, cfg, seed=0)
+            return prepare_batch(decoded, scorer, views, cfg, seed=0)
         try:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()

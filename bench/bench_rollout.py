@@ -44,7 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 def build(args):
     from strive_engine.config import ModelConfig
-    from strive_engine.model import Policy, build_model
+    from strive_engine.model import build_model
+    from strive_engine.policy import Policy
 
     if args.tiny:
         cfg = ModelConfig(tiny_hidden_size=64, tiny_layers=2, tiny_heads=4, tiny_vision_depth=1,
@@ -59,7 +60,7 @@ def build(args):
 def make_prompts(policy, R: int, text_tokens: int, grid: tuple[int, int, int], seed: int = 0):
     """R prompts: text | <vision_start> <video_pad> x n <vision_end> | text, lengths varied by +-10% across
     requests (left-padded), each with its own random video of grid (t, h, w) patches."""
-    from strive_engine.model import PolicyInputs
+    from strive_engine.policy import PolicyInputs
 
     c = policy.config
     g = torch.Generator().manual_seed(seed)

@@ -208,18 +208,18 @@ def step_work(shape, calls: list[CallRecord], vision, cfg, elem: int) -> dict[st
 # ---------------------------------------------------------------------------------------------- measure
 
 
-def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path | None):
+def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path | None, batches):
     """Warm-up steps, timed steps (one row and one work record each), then optionally one profiled step."""
     from strive_engine.step import rl_step
 
-    rec = WorkRecorder([p for p in (t.policy, t.ref_policy) if p is not None], t.timer)
+    rec = WorkRecorder([t.policy] + ([t.reference.policy] if t.reference is not None else []), t.timer)
     for step in range(warmup):
-        rl_step(t, step)
+        rl_step(t, step, batches)
         rec.collect()
     rows, works = [], []
     t0 = time.perf_counter()
     for step in range(warmup, warmup + steps):
-        rows.append(rl_step(t, step))
+        rows.append(rl_step(t, step, batches))
         works.append(rec.collect())
     wall = time.perf_counter() - t0
     if profile_path is not None:
@@ -227,7 +227,7 @@ def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path 
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         with profile(activities=acts, record_shapes=True) as prof:
-            rl_step(t, warmup + steps)
+            rl_step(t, warmup + steps, batches)
         rec.collect()
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(profile_path))
@@ -236,7 +236,6 @@ def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path 
 
 def _checkpoint_seconds(t, cfg, env, step: int) -> dict:
     from strive_engine.checkpoint import Checkpointer
-    from strive_engine.train import trainer_state
 
     params = inspect.signature(Checkpointer).parameters
     kw = {"async_save": cfg.checkpoint.async_save} if "async_save" in params and hasattr(cfg.checkpoint,
@@ -245,7 +244,7 @@ def _checkpoint_seconds(t, cfg, env, step: int) -> dict:
         ck = Checkpointer(tmp, env, keep=1, **kw)
         t0 = time.perf_counter()
         with t.timer("checkpoint"):
-            ck.save(step, t.root, t.optimizer, trainer_state(t, step))
+            ck.save_trainer(step, t, t.loader.state_dict())
         blocking = time.perf_counter() - t0
         if hasattr(ck, "close"):
             ck.close()
@@ -262,30 +261,26 @@ def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = Fa
     from strive_engine.config import load_config
     from strive_engine.parallel import destroy_distributed, init_distributed, seed_everything
     from strive_engine.pipeline import decode_batch
-    from strive_engine.train import build_trainer
+    from strive_engine.trainer import build_trainer
     from strive_engine.video.prefetch import Prefetcher
 
     cfg = load_config(argv + ["--logging.progress=false"])
     env = init_distributed(cfg.parallel.backend)
     seed_everything(cfg.run.seed)
     t_build = time.perf_counter()
-    t, _ = build_trainer(cfg, env)
-    if cfg.algorithm.beta > 0:
-        from strive_engine.train import build_reference
-
-        build_reference(t, None)
+    t = build_trainer(cfg, env)  # with the frozen KL reference when algorithm.beta > 0
     build_s = time.perf_counter() - t_build
     dtype = next(p for p in t.policy.hf.parameters()).dtype if env.device.type == "cpu" else torch.bfloat16
     ceilings = measure_ceilings(env.device, dtype)
     t.timer = BenchTimer(sync=True)
-    t.prefetcher = Prefetcher(t.loader, functools.partial(decode_batch, source=t.source,
-                                                          pool_frames=cfg.video.pool_frames, device=env.device),
-                              depth=cfg.video.prefetch_batches)
+    batches = Prefetcher(t.loader, functools.partial(decode_batch, source=t.source,
+                                                     pool_frames=cfg.video.pool_frames, device=env.device),
+                         depth=cfg.video.prefetch_batches)
     try:
-        rows, works, wall = _trainer_step_loop(t, cfg, env, warmup, steps, profile_path)
+        rows, works, wall = _trainer_step_loop(t, cfg, env, warmup, steps, profile_path, batches)
         ckpt = None if skip_checkpoint else _checkpoint_seconds(t, cfg, env, warmup + steps)
     finally:
-        t.prefetcher.close()
+        batches.close()
     peak = {s: b / GiB for s, b in t.timer.peak_bytes.items()}
     shape = model_shape(t.policy.hf)
     elem = 2 if env.device.type == "cuda" else 4

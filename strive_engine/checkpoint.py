@@ -34,19 +34,26 @@ import re
 import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from strive_engine.checkpoint_io import (ENTRY_PROBLEMS, MANIFEST, CheckpointError, DCPError, check_entry, dcp_load,
                                          file_entry, read_json, read_manifest, rng_state, set_rng_state, write_json)
 from strive_engine.parallel import DistEnv, all_reduce, barrier, gather_full_state_dict
+from strive_engine.trained_settings import checkpoint_config_value, save_settings
+from strive_engine.views import VisionGeometry
 
-__all__ = ["Checkpointer", "CheckpointError", "ResumePoint", "config_differences", "export_hf", "RESUME_FREE"]
+if TYPE_CHECKING:
+    from strive_engine.trainer import Trainer
+
+__all__ = ["Checkpointer", "CheckpointError", "ResumePoint", "config_differences", "export_hf", "RESUME_FREE",
+           "trainer_state"]
 
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -75,11 +82,21 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
 
 def config_differences(saved: dict, current: dict, allowed: Iterable[str] = ()) -> list[str]:
     """`section.field: saved -> current` for every field that differs and is neither in RESUME_FREE nor allowed.
-    A field absent from the saved config (added to the engine after the checkpoint was written) is not compared."""
+    A field on one side only is not compared: one the engine gained after the checkpoint was written, or one it
+    dropped (an option it never read, e.g. parallel.fsdp)."""
     a, b = _flat(saved), _flat(json.loads(json.dumps(current)))
     allowed = tuple(allowed)
-    return [f"{k}: {a[k]!r} -> {b.get(k)!r}" for k in sorted(a)
-            if not _matches(k, RESUME_FREE) and not _matches(k, allowed) and a[k] != b.get(k)]
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(a.keys() & b.keys())
+            if not _matches(k, RESUME_FREE) and not _matches(k, allowed) and a[k] != b[k]]
+
+
+def _state(root: nn.Module, optimizer: torch.optim.Optimizer, ref_root: nn.Module | None) -> dict[str, Any]:
+    """What DCP saves and loads, sharded as FSDP2 holds it: "model", "optim", and "ref" (the KL reference)."""
+    msd, osd = get_state_dict(root, optimizer)
+    state = {"model": msd, "optim": osd}
+    if ref_root is not None:
+        state["ref"] = get_model_state_dict(ref_root)
+    return state
 
 
 class Checkpointer:
@@ -140,10 +157,7 @@ class Checkpointer:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         barrier()
-        msd, osd = get_state_dict(root, optimizer)
-        state = {"model": msd, "optim": osd}
-        if ref_root is not None:
-            state["ref"] = get_model_state_dict(ref_root)
+        state = _state(root, optimizer, ref_root)
         small = {f"rng_rank{self.env.rank}.json": rng_state()}
         if self.env.is_main:
             small["trainer.json"] = trainer_state
@@ -289,12 +303,15 @@ class Checkpointer:
                 log.warning("moved damaged checkpoint %s to %s", path, dest)
         barrier()
 
-    def load(self, point: ResumePoint, root: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Model, optimizer and this rank's RNG from `point`; returns its trainer state."""
-        msd, osd = get_state_dict(root, optimizer)
-        state = {"model": msd, "optim": osd}
+    def load(self, point: ResumePoint, root: nn.Module, optimizer: torch.optim.Optimizer,
+             ref_root: nn.Module | None = None) -> dict:
+        """Model, optimizer, the frozen KL reference (`ref_root`, key "ref") and this rank's RNG from `point`;
+        returns its trainer state."""
+        state = _state(root, optimizer, ref_root)
         dcp_load(state, point.path)
         set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if ref_root is not None:
+            set_model_state_dict(ref_root, state["ref"])
         rng = point.path / f"rng_rank{self.env.rank}.json"
         if rng.exists():  # absent when resuming on a larger world: fresh per-rank streams then
             try:
@@ -305,14 +322,30 @@ class Checkpointer:
         return point.trainer_state
 
 
-def load_reference(ref_root: nn.Module, path: Path) -> None:
-    """The frozen KL reference saved with a checkpoint (key "ref") into `ref_root`."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+    # --------------------------------------------------------------------------------- the trainer
 
-    sd = get_model_state_dict(ref_root)
-    state = {"ref": sd}
-    dcp_load(state, path)
-    set_model_state_dict(ref_root, state["ref"])
+    def save_trainer(self, step: int, t: Trainer, data_position: dict) -> Path:
+        """Everything a run resumes from after `step` steps: the policy, AdamW, the KL reference when there is
+        one, trainer.json (`trainer_state`) and the RNG. `data_position`: the loader state at the next batch
+        the trainer consumes (the prefetcher's `state_dict()`: the loader itself reads ahead)."""
+        ref = t.reference.root if t.reference is not None else None
+        return self.save(step, t.root, t.optim.optimizer, trainer_state(t, step, data_position), ref_root=ref)
+
+    def resume(self, point: ResumePoint, t: Trainer) -> int:
+        """Load `point` into the built trainer `t` (model, AdamW, reference, schedule, counters, data position,
+        RNG); returns the step to continue from."""
+        ref = t.reference.root if t.reference is not None else None
+        st = self.load(point, t.root, t.optim.optimizer, ref_root=ref)
+        t.optim.load_state_dict(st)
+        t.loader.load_state_dict(st["loader"])
+        return int(st["step"])
+
+
+def trainer_state(t: Trainer, step: int, data_position: dict) -> dict:
+    """trainer.json: the step, the RL schedule and non-finite skip count, the data position."""
+    optim = t.optim.state_dict()
+    return {"step": step, "scheduler": optim["scheduler"], "loader": data_position,
+            "nonfinite_skips": optim["nonfinite_skips"]}
 
 
 # Files an export copies from its source checkpoint, byte for byte: tokenizer, processor and chat-template files,
@@ -326,12 +359,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 def source_dtype(folder: str | Path) -> torch.dtype | None:
     """The dtype a checkpoint's config.json declares (`torch_dtype`, or `dtype` as transformers 5 writes it)."""
-    try:
-        raw = json.loads((Path(folder).expanduser() / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
-    name = raw.get("torch_dtype") or raw.get("dtype") or text.get("torch_dtype") or text.get("dtype")
+    name = checkpoint_config_value(folder, "torch_dtype", "dtype")
     return _DTYPES.get(str(name).replace("torch.", ""))
 
 
@@ -348,11 +376,11 @@ def _write_processor_config(out: Path, hf_model: nn.Module, settings) -> None:
     tower and the run's pixel bounds imply, so AutoImageProcessor loads the export like a hub checkpoint."""
     from strive_kernels import CLIP_MEAN, CLIP_STD
 
-    vc = hf_model.config.vision_config
+    g = VisionGeometry.from_config(hf_model.config)
     pixels = settings.variants if settings is not None else None
-    cfg = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": int(vc.patch_size),
-           "temporal_patch_size": int(getattr(vc, "temporal_patch_size", 2)),
-           "merge_size": int(vc.spatial_merge_size), "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+    cfg = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": g.patch,
+           "temporal_patch_size": g.temporal_patch, "merge_size": g.merge,
+           "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
            "min_pixels": int(pixels.min_pixels) if pixels else 3136,
            "max_pixels": int(pixels.max_pixels) if pixels else 12845056}
     (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))
@@ -413,8 +441,6 @@ def export_hf(root: nn.Module, hf_model: nn.Module, tokenizer, out_dir: str | Pa
                 tokenizer.save_pretrained(out)
             _write_processor_config(out, hf_model, settings)
         if settings is not None:
-            from strive_engine.trained_settings import save_settings
-
             save_settings(settings, out)
         log.info("exported HF model to %s (%s%s%s)", out, str(want).replace("torch.", ""),
                  ", tied embeddings" if tied else "", f"; copied from {src}: {', '.join(copied)}" if copied else "")

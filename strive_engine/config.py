@@ -349,7 +349,6 @@ class ParallelConfig:
     """torch.distributed and FSDP2 settings."""
 
     backend: str = doc("auto", "auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
-    fsdp: bool = doc(True, "shard with FSDP2 fully_shard (per decoder block, vision tower, then root)")
     reshard_after_forward: bool = doc(True, "free unsharded block params after forward (ZeRO-3 style)")
     mixed_precision: str = doc("auto", "auto (bf16 params/fp32 reduce on CUDA, off on CPU) | bf16 | off")
     activation_checkpointing: bool = doc(False, "recompute decoder-block activations in backward")
@@ -588,17 +587,3 @@ def load_config(argv: list[str] | None = None) -> Config:
         section, _, name = key.partition(".")
         _apply(raw, section, name, value, "command line")
     return build_config(raw)
-
-
-def format_help(argv: list[str] | tuple[str, ...] = ()) -> str:
-    """Every option with the value it takes under argv's recipe and overrides (strive_engine.cli.format_help)."""
-    from strive_engine.cli import format_help as _format_help
-
-    return _format_help(argv)
-
-
-def config_from_cli(argv: list[str] | None = None) -> Config:
-    """For entry points: --help and one-line config errors with exit 2 (strive_engine.cli.config_from_cli)."""
-    from strive_engine.cli import config_from_cli as _config_from_cli
-
-    return _config_from_cli(argv)

@@ -53,18 +53,18 @@ from tqdm import tqdm
 from strive_engine.cli import config_from_cli, run_main, setup_logging
 from strive_engine.config import Config, ConfigError
 from strive_engine.data import load_records, shard_records
-from strive_engine.keyframes import build_scorer, select_keyframes
+from strive_engine.keyframes import FrameScorer, build_scorer, select_keyframes
 from strive_engine.metrics import append_heldout, plot_run
-from strive_engine.model import Policy, build_model
+from strive_engine.model import build_model
 from strive_engine.parallel import barrier, destroy_distributed, init_distributed
-from strive_engine.pipeline import decode_batch
+from strive_engine.pipeline import DecodedBatch, decode_batch
+from strive_engine.policy import Policy
 from strive_engine.rewards import accuracy_reward, format_reward
-from strive_engine.rollout import RolloutRequest, generate_rollouts, second_per_grid
-from strive_engine.sft import canonical_indices
+from strive_engine.rollout import RolloutRequest, generate_rollouts
 from strive_engine.synthetic import ensure_synthetic
 from strive_engine.trained_settings import adopt_training_settings
-from strive_engine.variants import build_variants
 from strive_engine.video import build_source
+from strive_engine.views import ViewBuilder, full_frame
 
 log = logging.getLogger("strive_engine.evaluate")
 
@@ -178,22 +178,16 @@ def read_predictions(path: Path, key: str) -> list[dict]:
     return rows
 
 
-def _requests(decoded, cfg: Config, scorer, seed: int) -> list[RolloutRequest]:
-    """One view per question: canonical frames or one importance-sampled set, full frame."""
-    F = cfg.keyframes.num_frames
-    if scorer is not None:
-        with torch.no_grad():
-            sel = select_keyframes(scorer, [p.frames for p in decoded.pools], [r.question for r in decoded.records],
-                                   cfg.keyframes, num_variants=1, seed=seed, canonical_first=False)
-    out = []
-    for b, (rec, pool) in enumerate(zip(decoded.records, decoded.pools)):
-        P, H, W, _ = pool.frames.shape
-        idx = sel.indices[b].long() if scorer is not None else canonical_indices(P, F)  # (1, F)
-        box = torch.tensor([[0.0, 0.0, float(W), float(H)]])
-        pix, grid = build_variants(pool.frames, idx.to(pool.frames.device), box, cfg.variants).split()[0]
-        out.append(RolloutRequest(question=rec, pixel_values=pix, grid_thw=grid,
-                                  second_per_grid_ts=second_per_grid(pool.timestamps[idx[0].cpu()], 2, pool.info.fps)))
-    return out
+def eval_requests(decoded: DecodedBatch, views: ViewBuilder, cfg: Config, scorer: FrameScorer | None,
+                  seed: int) -> list[RolloutRequest]:
+    """One view per question, full frame: the canonical frames (eval.frames=uniform, scorer None) or one
+    importance-sampled set (eval.frames=importance)."""
+    if scorer is None:
+        return views.canonical(decoded.records, decoded.pools, cfg.keyframes.num_frames)
+    with torch.no_grad():
+        sel = select_keyframes(scorer, [p.frames for p in decoded.pools], [r.question for r in decoded.records],
+                               cfg.keyframes, num_variants=1, seed=seed, canonical_first=False)
+    return views.build(decoded.records, decoded.pools, list(sel.indices), [full_frame(p) for p in decoded.pools])
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -266,6 +260,7 @@ def _main(argv: list[str]) -> int:
     log.info("evaluating %d records on this rank (%d already done)", len(todo), len(mine) - len(todo))
     scorer = build_scorer(cfg.keyframes, model=hf, tokenizer=tokenizer) if cfg.eval.frames == "importance" else None
     source = build_source(cfg.video, env.device)
+    views = ViewBuilder.for_model(hf.config, cfg.variants)
     rollout_cfg = dataclasses.replace(cfg.rollout, num_generations=1, do_sample=not cfg.eval.greedy)
 
     # ---- batched decoding; one JSON line per record, appended as soon as it is scored
@@ -283,7 +278,7 @@ def _main(argv: list[str]) -> int:
             if keep:
                 sub = type(decoded)([batch[b] for b in keep], [decoded.pools[b] for b in keep],
                                     decoded.valid[keep], decoded.skipped)
-                reqs = _requests(sub, cfg, scorer, seed=cfg.run.seed + i)
+                reqs = eval_requests(sub, views, cfg, scorer, seed=cfg.run.seed + i)
                 rb = generate_rollouts(policy, tokenizer, reqs, rollout_cfg, cfg.run.seed + i)
                 for rec, text in zip(sub.records, rb.texts):
                     fh.write(json.dumps({"id": rec.id, "key": key, "category": rec.category,

@@ -242,14 +242,6 @@ class KeyframeSelection:
     importance: list[Tensor]  # B x (P_b,) float32 sampling distribution (sums to 1 per pool)
     offsets: Tensor  # (B+1,) int64: pool b is rows offsets[b]:offsets[b+1] of the flat tensors
 
-    @property
-    def scores_flat(self) -> Tensor:  # (sum P,)
-        return torch.cat(self.scores)
-
-    @property
-    def importance_flat(self) -> Tensor:  # (sum P,)
-        return torch.cat(self.importance)
-
 
 @torch.no_grad()
 def select_keyframes(scorer: FrameScorer, pools: Sequence[Tensor], questions: Sequence[str], cfg: KeyframeConfig,
@@ -277,7 +269,7 @@ def select_keyframes(scorer: FrameScorer, pools: Sequence[Tensor], questions: Se
     sizes = [int(p.shape[0]) for p in pools]
     # A short pool enters the sampler as F rows (its frames repeated): the sampler then takes all F rows in every
     # variant, and row r of the padded pool is frame spread[r] of the real one.
-    spreads = [_spread(P, F) if P < F else None for P in sizes]
+    spreads = [canonical_indices(P, F)[0] if P < F else None for P in sizes]
     embs = []
     for p, spread in zip(pools, spreads):
         e = scorer.embed_frames(p)                                   # (P_b, D): each distinct frame once
@@ -301,7 +293,9 @@ def select_keyframes(scorer: FrameScorer, pools: Sequence[Tensor], questions: Se
     return KeyframeSelection(idx, scores, imp, torch.tensor([0] + sizes).cumsum(0))
 
 
-def _spread(pool_size: int, num_frames: int) -> Tensor:
-    """(num_frames,) int64 pool rows floor((j + 0.5) P / F): evenly spread, sorted; for P < F every row appears."""
+def canonical_indices(pool_size: int, num_frames: int) -> Tensor:
+    """(1, num_frames) int64 pool rows of the canonical view, one index set: floor((j + 0.5) P / F), uniform
+    importance sampled at quantiles (j + 0.5) / F — the frames of variant 0 of the keyframe sampler; evenly spread
+    and sorted; for P < F every row appears (repeated)."""
     j = torch.arange(num_frames, dtype=torch.float64)
-    return ((j + 0.5) * pool_size / num_frames).floor().long().clamp_max(pool_size - 1)
+    return ((j + 0.5) * pool_size / num_frames).floor().long().clamp_max(pool_size - 1)[None]

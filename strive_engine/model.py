@@ -354,7 +354,3 @@ def init_weights(model: nn.Module, seed: int = 0, on_device: bool = False) -> No
         if bad:
             raise ModelError(f"init_weights: buffer(s) {bad} of {mod_name} ({type(module).__name__}) were not "
                              f"re-initialised by {type(model).__name__}._init_weights")
-
-
-# The policy wrapper and its batch live in strive_engine.policy; re-exported for callers of this module.
-from strive_engine.policy import Policy, PolicyInputs  # noqa: E402,F401

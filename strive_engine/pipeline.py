@@ -16,6 +16,7 @@ records file's own load report; `train.py` prints its summary at the end of ever
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,9 +25,11 @@ import torch
 
 from strive_engine.config import Config
 from strive_engine.data import RecordFileError, VideoQA
-from strive_engine.keyframes import select_keyframes
-from strive_engine.rollout import RolloutRequest, second_per_grid
-from strive_engine.variants import build_variants, sample_crop_boxes
+from strive_engine.keyframes import FrameScorer, select_keyframes
+from strive_engine.metrics import StageTimer
+from strive_engine.rollout import RolloutRequest
+from strive_engine.variants import sample_crop_boxes
+from strive_engine.views import ViewBuilder
 from strive_engine.video import DecodedVideo, NotEnoughFrames, VideoError, VideoInfo, VideoSource
 
 log = logging.getLogger(__name__)
@@ -40,14 +43,6 @@ class DecodedBatch:
     skipped: Counter = field(default_factory=Counter)  # error type -> count
     errors: list[VideoError] = field(default_factory=list)  # the skipped slots' errors (file and reason)
     short: int = 0                         # valid pools holding fewer frames than asked (the whole video)
-
-
-@dataclass
-class PreparedBatch:
-    decoded: DecodedBatch
-    requests: list[RolloutRequest]         # B*K, question-major then variant
-    indices: torch.Tensor                  # (B, K, F) chosen pool rows
-    importance: list[torch.Tensor]         # per question (P_b,)
 
 
 def _placeholder(record: VideoQA, pool_frames: int, side: int = 56) -> DecodedVideo:
@@ -87,31 +82,23 @@ def decode_batch(records: list[VideoQA], source: VideoSource, pool_frames: int, 
     return batch
 
 
-def prepare_batch(decoded: DecodedBatch, scorer, cfg: Config, seed: int, out_dtype: torch.dtype = torch.float32,
-                  timer=None) -> PreparedBatch:
-    """Keyframes (stage 3) and variants (stage 4) for a decoded batch → B*K rollout requests.
+def prepare_batch(decoded: DecodedBatch, scorer: FrameScorer, views: ViewBuilder, cfg: Config, seed: int,
+                  timer: StageTimer | None = None) -> list[RolloutRequest]:
+    """Keyframes (stage 3) and variants (stage 4) for a decoded batch -> B*K rollout requests, question-major then
+    variant: K keyframe sets per question (variant 0 the canonical frames) and K crop boxes (box 0 the full frame).
 
     `seed` fixes the keyframe quantile offsets and the crop boxes (derive it from (run seed, step, rank)).
     """
     K = cfg.variants.num_variants
-    time = timer or (lambda _: _NullCtx())
+    time = timer or (lambda _: contextlib.nullcontext())
     with time("keyframes"):
         sel = select_keyframes(scorer, [p.frames for p in decoded.pools], [r.question for r in decoded.records],
                                cfg.keyframes, num_variants=K, seed=seed)
-    requests, importance = [], []
     gen = torch.Generator().manual_seed(seed)
     with time("variants"):
-        for b, (rec, pool) in enumerate(zip(decoded.records, decoded.pools)):
-            _, H, W, _ = pool.frames.shape
-            idx = sel.indices[b].to(torch.long)                                     # (K, F) pool rows
-            boxes = sample_crop_boxes(K, H, W, cfg.variants, gen)                   # (K, 4)
-            vb = build_variants(pool.frames, idx.to(pool.frames.device), boxes, cfg.variants, out_dtype=out_dtype)
-            for k, (pix, grid) in enumerate(vb.split()):
-                ts = pool.timestamps[idx[k].cpu()]
-                requests.append(RolloutRequest(question=rec, pixel_values=pix, grid_thw=grid,
-                                               second_per_grid_ts=second_per_grid(ts, 2, pool.info.fps)))
-            importance.append(sel.importance[b] if isinstance(sel.importance, list) else sel.importance)
-    return PreparedBatch(decoded, requests, sel.indices, importance)
+        boxes = [sample_crop_boxes(K, p.frames.shape[1], p.frames.shape[2], cfg.variants, gen)  # (K, 4) each
+                 for p in decoded.pools]
+        return views.build(decoded.records, decoded.pools, list(sel.indices), boxes)
 
 
 class NoValidSamples(RecordFileError):
@@ -189,11 +176,3 @@ class SkipTally:
         if self.max_empty_steps and self.empty_streak >= self.max_empty_steps:
             raise NoValidSamples(f"no valid sample in {self.empty_streak} steps in a row (the last: {phase} step "
                                  f"{step}; data.max_empty_steps={self.max_empty_steps}): {self.summary()}")
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

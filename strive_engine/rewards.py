@@ -2,6 +2,7 @@
 
     out = compute_rewards(batch.texts, answers, problem_types, cfg.reward)
     out.reward (M,) = accuracy_weight * out.accuracy + format_weight * out.format      # float32
+    out = step_rewards(batch.texts, records, K, G, cfg.reward)                         # the same, (B, K, G)
 
 Answer extraction: the text inside the *last* `<answer>…</answer>` of the completion (inner whitespace
 stripped; if that text itself opens another `<answer>`, the part after it — nested tags). No closed answer
@@ -50,9 +51,11 @@ CORRECT_THRESHOLD = 0.1
 
 @dataclass
 class RewardOutput:
-    reward: Tensor    # (M,) float32: accuracy_weight * accuracy + format_weight * format
-    accuracy: Tensor  # (M,) float32 in [0, 1]
-    format: Tensor    # (M,) float32 in {0, 1}
+    """Per completion: (M,) from compute_rewards, (B, K, G) from step_rewards."""
+
+    reward: Tensor    # float32: accuracy_weight * accuracy + format_weight * format (+ the temporal bonus)
+    accuracy: Tensor  # float32 in [0, 1]
+    format: Tensor    # float32 in {0, 1}
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -215,3 +218,22 @@ def temporal_bonus(acc_ordered: Tensor, acc_shuffled: Tensor, alpha: float, mu: 
     q = acc_shuffled.float().mean(1, keepdim=True)                               # (B, 1)
     applies = p >= mu * q                                                        # (B, 1)
     return (applies & (acc_ordered > CORRECT_THRESHOLD)).float() * alpha         # (B, n)
+
+
+def step_rewards(texts: list[str], records: list[Any], K: int, G: int, cfg: Any,
+                 shuffled_texts: list[str] | None = None, temporal_alpha: float = 0.0) -> RewardOutput:
+    """A step's rewards, (B, K, G): completion texts[(b * K + k) * G + g] answers question records[b] on its
+    view k (the rollout's row order). `cfg: RewardConfig`. T-GRPO: with `shuffled_texts`, the B * G answers to
+    the questions' shuffled canonical views (rollout.shuffled_rollouts), `temporal_bonus(alpha=temporal_alpha)`
+    is added to the ordered answers' rewards."""
+    B = len(records)
+    rows = [r for r in records for _ in range(K * G)]
+    out = compute_rewards(texts, [r.answer for r in rows], [r.problem_type for r in rows], cfg)
+    reward, accuracy, fmt = (x.view(B, K, G) for x in (out.reward, out.accuracy, out.format))
+    if shuffled_texts is not None:
+        rows = [r for r in records for _ in range(G)]
+        acc_sh = compute_rewards(shuffled_texts, [r.answer for r in rows], [r.problem_type for r in rows],
+                                 cfg).accuracy.view(B, G)
+        bonus = temporal_bonus(accuracy.reshape(B, K * G), acc_sh, temporal_alpha, cfg.temporal_mu)  # (B, K*G)
+        reward = reward + bonus.view(B, K, G)
+    return RewardOutput(reward=reward, accuracy=accuracy, format=fmt)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -128,6 +128,18 @@ def shuffle_frames(pixel_values: Tensor, grid_thw: Tensor | Sequence[int], gener
     perm = torch.randperm(t * temporal_patch, generator=generator)
     y = frames[perm.to(frames.device)].reshape(t, temporal_patch, h * w, channels, p2).permute(0, 2, 3, 1, 4)
     return y.reshape(n, d), perm
+
+
+def shuffled_rollouts(policy: Policy, tokenizer: Any, requests: Sequence[RolloutRequest], cfg: Any, seed: int,
+                      temporal_patch: int = 2) -> RolloutBatch:
+    """T-GRPO (Video-R1): G answers to each request with its frames in a random order (`shuffle_frames`, one
+    permutation per request from a generator seeded `seed + 1`; sampling seeded `seed + 2`). The trainer passes
+    the canonical view of each question; rewards.step_rewards compares the answers' accuracy with the ordered
+    views' (the temporal bonus)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    shuffled = [replace(r, pixel_values=shuffle_frames(r.pixel_values, r.grid_thw, gen, temporal_patch)[0])
+                for r in requests]
+    return generate_rollouts(policy, tokenizer, shuffled, cfg, seed + 2)
 
 
 def _generation_config(cfg: Any, eos_ids: list[int], pad_id: int, output_logits: bool) -> Any:

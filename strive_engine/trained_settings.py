@@ -118,14 +118,20 @@ def _get(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), fld)
 
 
-def checkpoint_vocab_size(model_path: str | Path) -> int | None:
-    """config.json's vocabulary size (flat hub layout or text_config), None when unreadable."""
+def checkpoint_config_value(model_path: str | Path, *keys: str) -> Any:
+    """The first of `keys` set in a checkpoint's config.json, at its top level (the flat hub layout) or else in
+    its text_config; None when none is, or the file is unreadable."""
     try:
         raw = json.loads((Path(model_path).expanduser() / "config.json").read_text())
     except (OSError, ValueError):
         return None
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
-    size = raw.get("vocab_size", text.get("vocab_size"))
+    return next((d[k] for d in (raw, text) for k in keys if d.get(k) is not None), None)
+
+
+def checkpoint_vocab_size(model_path: str | Path) -> int | None:
+    """config.json's vocabulary size (flat hub layout or text_config), None when unreadable."""
+    size = checkpoint_config_value(model_path, "vocab_size")
     return int(size) if isinstance(size, int) else None
 
 

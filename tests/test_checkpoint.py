@@ -257,6 +257,28 @@ def test_engine_source_has_no_unrestricted_unpickling():
     assert torch_loads >= 1  # the check looked at checkpoint_io's load_bytes
 
 
+def test_the_kl_reference_is_saved_and_loaded_with_the_model(env, tmp_path):
+    """ref_root (the frozen KL reference) goes into the same DCP checkpoint under "ref" and comes back bitwise
+    into another module; a load without ref_root ignores it."""
+    m, opt, sched = _model()
+    _train(m, opt, sched)
+    ref = _model(seed=5)[0]
+    ck = Checkpointer(tmp_path, env, config=_cfg_dict())
+    ck.save(1, m, opt, {"step": 1}, ref_root=ref)
+    m2, opt2, _ = _model(seed=1)
+    _train(m2, opt2, _model(seed=1)[2])
+    ref2 = _model(seed=6)[0]
+    assert ck.load(ck.find_resume("true"), m2, opt2, ref_root=ref2) == {"step": 1}
+    for (k, v), v2 in zip(ref.state_dict().items(), ref2.state_dict().values()):
+        assert torch.equal(v, v2), k
+    for k, v in _state(m, opt).items():
+        assert torch.equal(_state(m2, opt2)[k], v), k
+    m3, opt3, _ = _model(seed=3)
+    ck.load(ck.find_resume("true"), m3, opt3)
+    assert torch.equal(m3[0].weight, m[0].weight)
+    ck.close()
+
+
 # ------------------------------------------------------------------------------ config and resume modes
 
 
@@ -279,6 +301,10 @@ def test_config_changes_are_listed_and_refused_unless_allowed(env, tmp_path):
     assert ck.find_resume("true", allow_changes=["optim.lr", "variants.*", "model.tiny_heads"]).step == 1
     ck.close()
     assert config_differences({"model": {"tiny_heads": 4}}, {"model": {"tiny_heads": 4, "new_field": 1}}) == []
+    # a field the engine dropped (parallel.fsdp, never read) does not block resuming a checkpoint that has it
+    saved = {"parallel": {"fsdp": True, "backend": "auto"}}
+    assert config_differences(saved, {"parallel": {"backend": "auto"}}) == []
+    assert config_differences(saved, {"parallel": {"backend": "gloo"}}) == ["parallel.backend: 'auto' -> 'gloo'"]
 
 
 def test_allow_changes_names_are_validated():

@@ -71,7 +71,8 @@ def test_evaluate_bad_model_folder_is_one_line_and_touches_no_predictions(tmp_pa
 def test_sft_and_resume_errors_are_one_line(tmp_path):
     folder = tmp_path / "records_folder"
     folder.mkdir()
-    rc, text = _run("strive_engine.sft", [f"--data.path={folder}", f"--run.output_dir={tmp_path / 'a'}"])
+    rc, text = _run("strive_engine.train", [f"--data.path={folder}", f"--run.output_dir={tmp_path / 'a'}",
+                                            "--run.steps=0"])
     assert rc == 2 and _own_lines(text) == [f"data error: records file {folder} is not a regular file (--debug or "
                                             f"STRIVE_DEBUG=1 shows the traceback)"], text[-3000:]
     rc, text = _run("strive_engine.train", ["--checkpoint.resume=true", f"--run.output_dir={tmp_path / 'b'}"])

@@ -4,8 +4,8 @@ import dataclasses
 import pytest
 
 from strive_engine.algorithms import PRESETS
-from strive_engine.config import (SECTIONS, Config, ConfigError, build_config, format_help, load_config,
-                                  load_recipe, recipe_path)
+from strive_engine.cli import format_help
+from strive_engine.config import SECTIONS, Config, ConfigError, build_config, load_config, load_recipe, recipe_path
 
 
 def test_every_field_is_documented():

@@ -11,7 +11,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from strive_engine import decode as decode_mod
 from strive_engine.config import ModelConfig, RolloutConfig
 from strive_engine.decode import DecodeEngine, DecodeError
-from strive_engine.model import Policy, PolicyInputs, build_model
+from strive_engine.model import build_model
+from strive_engine.policy import Policy, PolicyInputs
 from strive_engine.rollout import RolloutRequest, _generation_config, encode_prompts, generate_rollouts
 from strive_engine.sampling import SamplingSpec, filter_logits, sample_next
 from strive_engine.tokenizer import special_token_ids

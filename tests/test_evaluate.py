@@ -1,5 +1,6 @@
-"""`python -m strive_engine.sft` (warm start only, HF export) and `python -m strive_engine.evaluate` on its export:
-report fields, per-type/category accuracy, resumption after an interruption, a bad video skipped and counted."""
+"""`python -m strive_engine.train --run.steps=0` (warm start only, HF export) and `python -m strive_engine.evaluate`
+on its export: report fields, per-type/category accuracy, resumption after an interruption, a bad video skipped
+and counted."""
 import json
 import os
 import subprocess
@@ -27,8 +28,8 @@ def _run(module, args, timeout=600):
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
     syn = d / "syn"
-    _run("strive_engine.sft", [*SMALL, f"--data.synthetic_dir={syn}", "--sft.steps=3", "--sft.batch_size=2",
-                               f"--run.output_dir={d / 'run'}"])
+    _run("strive_engine.train", [*SMALL, f"--data.synthetic_dir={syn}", "--sft.steps=3", "--sft.batch_size=2",
+                                 f"--run.output_dir={d / 'run'}", "--run.steps=0"])
     rows = [json.loads(x) for x in (d / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in rows] == ["sft"] * 3  # SFT only: no RL step ran
     assert (d / "run" / "hf" / "model.safetensors").exists()
@@ -70,15 +71,15 @@ def test_summarise_counts_skipped_and_groups():
 def test_sft_lr_schedule():
     """Linear warmup over 10% of the steps, then cosine down to min_lr_ratio at the last step (or constant)."""
     from strive_engine.config import SFTConfig
-    from strive_engine.sft import sft_lr_factor
+    from strive_engine.optim import LRSchedule
 
     cos = SFTConfig(steps=100, schedule="cosine", min_lr_ratio=0.1)
-    f = [sft_lr_factor(i, cos) for i in range(100)]
+    f = [LRSchedule.for_sft(cos)(i) for i in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)       # warmup: (i + 1) / 10
     assert all(a >= b for a, b in zip(f[9:], f[10:]))                       # never increases after warmup
     assert f[99] == pytest.approx(0.1) and f[54] == pytest.approx(0.55, abs=0.02)  # midpoint of the cosine
     const = SFTConfig(steps=100, schedule="constant")
-    assert [sft_lr_factor(i, const) for i in (9, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [LRSchedule.for_sft(const)(i) for i in (9, 50, 99)] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="sft.schedule"):
         SFTConfig(steps=10, schedule="linear")
 

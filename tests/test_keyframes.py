@@ -220,7 +220,7 @@ def test_policy_scorer_under_fsdp2(tiny_qwen, monkeypatch):
 
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
-    from strive_engine.model import Policy
+    from strive_engine.policy import Policy
     from strive_engine.parallel import apply_fsdp, unsharded
 
     fr = _frames(5, seed=4)

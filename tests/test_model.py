@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from strive_engine.config import ModelConfig
-from strive_engine.model import ModelError, Policy, PolicyInputs, build_model, build_tiny_config, init_weights
+from strive_engine.model import ModelError, build_model, build_tiny_config, init_weights
+from strive_engine.policy import Policy, PolicyInputs
 from strive_engine.tokenizer import (SPECIAL_TOKENS, TAG_TOKENS, TokenizerError, build_offline_tokenizer,
                                      build_tokenizer, load_checkpoint_tokenizer, special_token_ids)
 

@@ -89,13 +89,13 @@ def test_rl_step_runs_the_tower_only_where_needed(tmp_path, monkeypatch, freeze)
     from strive_engine.metrics import StageTimer
     from strive_engine.parallel import destroy_distributed, init_distributed
     from strive_engine.step import rl_step
-    from strive_engine.train import build_trainer
+    from strive_engine.trainer import build_trainer
 
     cfg = load_config([*SMALL, f"--data.synthetic_dir={tmp_path / 'syn'}", f"--run.output_dir={tmp_path / 'run'}",
                        f"--model.freeze_vision={str(freeze).lower()}", "--parallel.micro_batch_size=2"])
     env = init_distributed("gloo")
     try:
-        t, _ = build_trainer(cfg, env)
+        t = build_trainer(cfg, env)
 
         class Tracking(StageTimer):
             current = None

@@ -153,16 +153,20 @@ def _trained_model(source, run_dir):
     return hf
 
 
-def _requests(records, cfg):
+def _requests(records, cfg, source):
+    from transformers import AutoConfig
+
     from strive_engine.data import load_records
-    from strive_engine.evaluate import _requests
+    from strive_engine.evaluate import eval_requests
     from strive_engine.pipeline import decode_batch
     from strive_engine.video import PyAVSource
+    from strive_engine.views import ViewBuilder
 
     recs, _ = load_records(records)
     decoded = decode_batch(recs, PyAVSource(threads=1), cfg.video.pool_frames)
     assert decoded.valid.all() and decoded.pools[0].frames.shape[0] == 48  # the whole 48-frame clip
-    return _requests(decoded, cfg, None, seed=0)
+    views = ViewBuilder.for_model(AutoConfig.from_pretrained(source, local_files_only=True), cfg.variants)
+    return eval_requests(decoded, views, cfg, None, seed=0)
 
 
 @pytest.mark.parametrize("name", ["untied", "tied"])
@@ -175,11 +179,11 @@ def test_export_gives_the_trained_policys_greedy_tokens(world, trained, name):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from strive_engine.config import load_config
-    from strive_engine.model import Policy
+    from strive_engine.policy import Policy
     from strive_engine.rollout import generate_rollouts
 
     cfg = load_config([*SMALL, f"--model.path={world[name]}"])
-    reqs = _requests(world["records"], cfg)
+    reqs = _requests(world["records"], cfg, world[name])
     policy_hf = _trained_model(world[name], trained[name])
     if name == "tied":
         with torch.no_grad():

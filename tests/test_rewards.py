@@ -153,3 +153,28 @@ def test_temporal_bonus_hand_worked():
     torch.testing.assert_close(b2, torch.zeros(1, 2))
     with pytest.raises(ValueError, match="need \\(B, n\\)"):
         temporal_bonus(torch.ones(4), torch.ones(2, 2), 0.3)
+
+
+def test_step_rewards_layout_and_the_temporal_bonus():
+    """(B, K, G) from the rollout's row order (question, view, answer) against each question's gold answer; with
+    the shuffled canonical views' answers (T-GRPO) the bonus goes to the correct ordered answers of a question
+    whose ordered accuracy is at least mu x its shuffled accuracy. Worked by hand: B=2, K=2, G=2."""
+    from types import SimpleNamespace
+
+    from strive_engine.rewards import step_rewards
+
+    q = [SimpleNamespace(answer="B", problem_type=MC), SimpleNamespace(answer="3", problem_type=NUM)]
+    a = lambda x: f"<think>t</think><answer>{x}</answer>"  # noqa: E731
+    texts = [a("B"), a("C"), "<answer>B</answer>", a("B"),   # question 0: views 0, 1 x answers 0, 1
+             a("3"), a("4"), a("4"), a("4")]                  # question 1
+    cfg = RewardConfig(accuracy_weight=1.0, format_weight=0.5, temporal_mu=0.8)
+    out = step_rewards(texts, q, K=2, G=2, cfg=cfg)
+    assert out.reward.shape == out.accuracy.shape == out.format.shape == (2, 2, 2)
+    assert out.accuracy.tolist() == [[[1, 0], [1, 1]], [[1, 0], [0, 0]]]
+    assert out.format.tolist() == [[[1, 1], [0, 1]], [[1, 1], [1, 1]]]
+    torch.testing.assert_close(out.reward, out.accuracy + 0.5 * out.format)
+    # shuffled answers, B x G: question 0 gets 0/2 right (0.75 >= 0.8 * 0: bonus), question 1 gets 2/2 (0.25 < 0.8)
+    shuffled = [a("A"), a("D"), a("3"), a("3")]
+    bonus = step_rewards(texts, q, K=2, G=2, cfg=cfg, shuffled_texts=shuffled, temporal_alpha=0.3)
+    torch.testing.assert_close(bonus.reward - out.reward, 0.3 * torch.tensor([[[1.0, 0], [1, 1]], [[0, 0], [0, 0]]]))
+    assert torch.equal(bonus.accuracy, out.accuracy) and torch.equal(bonus.format, out.format)

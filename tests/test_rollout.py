@@ -7,7 +7,8 @@ import torch
 
 from strive_engine import prompts
 from strive_engine.config import ModelConfig, RolloutConfig
-from strive_engine.model import Policy, build_model
+from strive_engine.model import build_model
+from strive_engine.policy import Policy
 from strive_engine.rollout import (RolloutRequest, _generation_config, encode_prompts, generate_rollouts,
                                    second_per_grid, shuffle_frames)
 from strive_engine.sampling import SamplingSpec, filter_logits

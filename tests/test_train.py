@@ -295,12 +295,11 @@ def test_two_process_run_shows_progress_and_logs_each_line_once(tmp_path):
 def _trainer(tmp_path, syn_dir, extra=()):
     from strive_engine.config import load_config
     from strive_engine.parallel import init_distributed
-    from strive_engine.train import build_trainer
+    from strive_engine.trainer import build_trainer
 
     cfg = load_config([*SMALL, f"--data.synthetic_dir={syn_dir}", f"--run.output_dir={tmp_path}", *extra])
     env = init_distributed("gloo")
-    t, _ = build_trainer(cfg, env)
-    return t
+    return build_trainer(cfg, env)
 
 
 @pytest.fixture
@@ -313,26 +312,27 @@ def dist_cleanup():
 
 @pytest.mark.slow
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path, syn_dir, monkeypatch, dist_cleanup):
-    import strive_engine.step as step_mod
+    import strive_engine.update as update_mod
+    from strive_engine.step import rl_step
 
     t = _trainer(tmp_path, syn_dir)
     before = {n: p.detach().clone() for n, p in t.root.named_parameters()}
-    real = step_mod.policy_loss
+    real = update_mod.policy_loss
 
     def nan_loss(*a, **k):
         loss, stats = real(*a, **k)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(step_mod, "policy_loss", nan_loss)
-    m = step_mod.rl_step(t, 0)
-    assert m["nonfinite_skipped_updates"] == 1 and t.nonfinite_skips == 1
+    monkeypatch.setattr(update_mod, "policy_loss", nan_loss)
+    m = rl_step(t, 0)
+    assert m["nonfinite_skipped_updates"] == 1 and t.optim.nonfinite_skips == 1
     for n, p in t.root.named_parameters():  # the optimizer never saw the NaN step
         assert torch.equal(p.detach(), before[n]), n
-    assert not t.optimizer.state  # AdamW creates its state at the first real step
-    monkeypatch.setattr(step_mod, "policy_loss", real)
-    m = step_mod.rl_step(t, 1)
+    assert not t.optim.optimizer.state  # AdamW creates its state at the first real step
+    monkeypatch.setattr(update_mod, "policy_loss", real)
+    m = rl_step(t, 1)
     assert m["nonfinite_skipped_updates"] == 0 and m["nonfinite_skipped_total"] == 1
-    steps = {int(st["step"]) for st in t.optimizer.state.values()}
+    steps = {int(st["step"]) for st in t.optim.optimizer.state.values()}
     assert steps == {1}, steps  # exactly one optimizer step: the finite one
 
 
@@ -345,7 +345,7 @@ def test_sft_skips_and_counts_nonfinite_updates(tmp_path, syn_dir, monkeypatch, 
     real = sft_mod.masked_ce
     monkeypatch.setattr(sft_mod, "masked_ce", lambda *a, **k: real(*a, **k) * float("nan"))
     rows = []
-    sft_mod.run_sft(t, t.loader.records, log_fn=rows.append)
+    sft_mod.run_sft(t, log_fn=rows.append)
     assert [r["nonfinite_skipped_updates"] for r in rows] == [1, 1]
     assert rows[-1]["nonfinite_skipped_total"] == 2
     for n, p in t.root.named_parameters():
@@ -354,17 +354,18 @@ def test_sft_skips_and_counts_nonfinite_updates(tmp_path, syn_dir, monkeypatch, 
 
 @pytest.mark.slow
 def test_nan_rewards_get_zero_advantage_and_are_counted(tmp_path, syn_dir, monkeypatch, dist_cleanup):
+    import strive_engine.rewards as rewards_mod
     import strive_engine.step as step_mod
 
     t = _trainer(tmp_path, syn_dir)
-    real = step_mod.compute_rewards
+    real = rewards_mod.compute_rewards
 
     def some_nan(*a, **k):
         out = real(*a, **k)
         out.reward[0] = float("nan")
         return out
 
-    monkeypatch.setattr(step_mod, "compute_rewards", some_nan)
+    monkeypatch.setattr(rewards_mod, "compute_rewards", some_nan)
     m = step_mod.rl_step(t, 0)
     assert m["adv/nan_count"] == 1 and m["nonfinite_skipped_updates"] == 0 and m["loss"] == m["loss"]
 
@@ -387,21 +388,24 @@ def test_corrupt_video_mid_run_is_skipped_and_counted(tmp_path, dist_cleanup):
 def test_kl_to_frozen_reference(tmp_path, syn_dir, dist_cleanup):
     """beta > 0: a frozen copy of the policy gives ref log-probs; once the policy moves, the k3 KL is > 0 and
     the reference does not move with it."""
+    import dataclasses
+
     import strive_engine.step as step_mod
-    from strive_engine.train import build_reference
 
     t = _trainer(tmp_path, syn_dir, extra=["--algorithm.beta=0.1"])
-    with pytest.raises(RuntimeError, match=r"algorithm.beta = 0.1 > 0 needs the frozen reference"):
-        step_mod.rl_step(t, 0)  # no reference built: named, before any work
-    build_reference(t, None)
+    assert t.reference is not None  # built with the trainer, complete
+    with pytest.raises(ValueError, match=r"algorithm.beta = 0.1 > 0 needs the frozen reference"):
+        dataclasses.replace(t, reference=None)  # a Trainer without it cannot exist
     m0 = step_mod.rl_step(t, 0)
     assert m0["loss/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference
-    ref_before = {n: p.detach().clone() for n, p in t.ref_root.named_parameters()}
+    ref_before = {n: p.detach().clone() for n, p in t.reference.root.named_parameters()}
     with torch.no_grad():
         for p in t.root.parameters():  # move the policy (as training would)
             p.add_(0.05 * torch.randn_like(p))
     m1 = step_mod.rl_step(t, 1)
     assert m1["loss/kl"] > 1e-4
-    for n, p in t.ref_root.named_parameters():
+    for n, p in t.reference.root.named_parameters():
         assert torch.equal(p.detach(), ref_before[n]), n
-    assert all(not p.requires_grad for p in t.ref_root.parameters())
+    assert all(not p.requires_grad for p in t.reference.root.parameters())
+    t.reference.copy_from(t.root)  # what a fresh run does after the warm start: the KL is 0 again
+    assert step_mod.rl_step(t, 2)["loss/kl"] == pytest.approx(0.0, abs=1e-6)

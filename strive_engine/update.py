@@ -1,0 +1,109 @@
+"""Stage 8: the policy's log-probs of a rollout batch, and the policy update over it.
+
+    old_logp = policy_logprobs(t.policy, rb, cfg)                             # (N,) no grad, micro-batched
+    metrics = policy_update(t, rb, old_logp, row_adv, row_keep, ref_logp)    # mu epochs x mini-batches
+
+N is the number of scored completion tokens, packed row-major as `PolicyInputs.targets()` packs them. Call both
+inside the FSDP2 root (`t.root(fn)`, or through `t.root(policy, ...)` as the update does). Every rank makes the same
+sequence of calls into the sharded policy whatever its data: micro-batch counts are agreed with an all-reduce(max),
+and a rank with nothing to train on runs a zero-weight micro-batch instead of skipping it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from strive_engine.config import Config
+from strive_engine.loss import LossSpec, loss_normaliser, policy_loss, token_logprobs
+from strive_engine.parallel import all_reduce
+from strive_engine.policy import Policy
+from strive_engine.rollout import RolloutBatch
+from strive_engine.trainer import Trainer
+
+
+def policy_logprobs(policy: Policy, rb: RolloutBatch, cfg: Config) -> Tensor:
+    """(N,) log-probs of the rollout's completion tokens under `policy`, micro-batched, no grad."""
+    M = rb.inputs.num_rows
+    mbs = cfg.parallel.micro_batch_size or M
+    parts = []
+    for lo in range(0, M, mbs):  # row-major chunks: concatenation keeps the packing order
+        inputs = rb.inputs.select(torch.arange(lo, min(lo + mbs, M)))
+        targets = inputs.targets()
+        parts.append(policy(inputs, lambda h, w, b, y=targets: token_logprobs(h, w, y, cfg.rollout.temperature, b)))
+    return torch.cat(parts)
+
+
+def _row_token_counts(rb: RolloutBatch) -> Tensor:
+    """(M,) scored tokens per row, on the host (row bookkeeping stays on the CPU; found on an H200)."""
+    return rb.inputs.completion_mask[:, 1:].sum(1).long().cpu()
+
+
+def _packed(values: Tensor, counts: Tensor, rows: Tensor) -> Tensor:
+    """Entries of the selected rows from a row-major packed (N,) tensor."""
+    starts = torch.cumsum(counts, 0) - counts
+    idx = [torch.arange(int(starts[r]), int(starts[r] + counts[r])) for r in rows.tolist()]
+    return values[torch.cat(idx).to(values.device)] if idx else values[:0]
+
+
+def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor, row_adv: Tensor, row_keep: Tensor,
+                  ref_logp: Tensor | None = None) -> dict:
+    """algorithm.ppo_epochs x algorithm.minibatches optimizer steps over the kept rows (row_keep (M,) bool) with
+    per-row advantages row_adv (M,), each mini-batch in micro-batches of parallel.micro_batch_size rows. Times
+    "update" (forward + backward) and "optimizer"; returns the update's metrics (global over ranks)."""
+    cfg = t.cfg
+    spec = LossSpec.from_config(cfg.algorithm, cfg.rollout)
+    counts = _row_token_counts(rb)                                              # (M,)
+    train_rows = row_keep.nonzero().flatten()
+    mbs_cfg = cfg.parallel.micro_batch_size
+    update_losses, stats_acc, grad_norms, skipped = [], {}, [], 0
+    for _epoch in range(cfg.algorithm.ppo_epochs):
+        for mb_rows in torch.tensor_split(train_rows, cfg.algorithm.minibatches):
+            # The normaliser covers the whole mini-batch on every rank (all-reduced inside loss_normaliser).
+            mb_mask = rb.inputs.completion_mask[mb_rows][:, 1:]
+            norm = loss_normaliser(mb_mask, spec.loss_agg, spec.max_new_tokens)
+            mbs = mbs_cfg or max(len(mb_rows), 1)
+            n_micro = torch.tensor([float(math.ceil(len(mb_rows) / mbs))])
+            n_micro = max(int(all_reduce(n_micro, "max").item()), 1)
+            micro_losses = []
+            for i in range(n_micro):
+                rows = mb_rows[i * mbs:(i + 1) * mbs]
+                weight = 1.0
+                if rows.numel() == 0:  # keep collectives aligned: a zero-weight pass over row 0
+                    rows, weight = torch.zeros(1, dtype=torch.long), 0.0
+                inputs = rb.inputs.select(rows)
+                if not cfg.model.freeze_vision:  # gradients must reach the vision tower: run it again
+                    inputs = inputs.without_visual()
+                targets = inputs.targets()
+                old = _packed(old_logp, counts, rows)
+                adv = row_adv[rows].repeat_interleave(counts[rows]).to(old.device)
+                mask = torch.full_like(old, weight)
+                seq_ids = torch.repeat_interleave(torch.arange(len(rows)), counts[rows]).to(old.device)
+
+                ref = _packed(ref_logp, counts, rows) if ref_logp is not None else None
+
+                def head(h, w, b, targets=targets, old=old, adv=adv, mask=mask, seq_ids=seq_ids, ref=ref):
+                    return policy_loss(h, w, targets, old, adv, mask, spec, norm, seq_ids=seq_ids, ref_logp=ref,
+                                       bias=b)
+
+                with t.timer("update"):
+                    loss, stats = t.root(t.policy, inputs, head)
+                    loss.backward()
+                micro_losses.append(loss.detach())
+                for k, v in stats.items():
+                    stats_acc.setdefault(k, []).append(v.detach().float())
+            with t.timer("optimizer"):
+                loss_sum = torch.stack(micro_losses).sum()  # this rank's (scaled) share of the mini-batch loss
+                gn, ok = t.optim.step(loss_sum)
+            update_losses.append(loss_sum)
+            skipped += 0 if ok else 1
+            grad_norms.append(float(gn))
+    # loss.py's convention: a rank's loss is world_size x its share, so the global loss is the mean over ranks.
+    per_update = all_reduce(torch.stack(update_losses).float()) / t.env.world_size  # (updates,)
+    out = {"loss": float(per_update.mean()),
+           "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+           "nonfinite_skipped_updates": skipped, "nonfinite_skipped_total": t.optim.nonfinite_skips}
+    for k, v in stats_acc.items():
+        out[f"loss/{k}"] = float(torch.stack(v).mean())
+    return out
