@@ -27,28 +27,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from strive_engine.config import KeyframeConfig
+from strive_engine.scorer_base import FrameScorer, ScorerError  # noqa: F401 (part of this module's API)
 from strive_kernels import CLIP_MEAN, CLIP_STD, keyframe_sample, variant_patchify
-
-
-class ScorerError(ValueError):
-    """The frame scorer cannot be built or used (missing folder, model without a vision tower, ...)."""
-
-
-class FrameScorer(Protocol):
-    """Embeds frames and questions into one space where cosine similarity means relevance."""
-
-    def embed_frames(self, frames: Tensor) -> Tensor:  # uint8 (P, H, W, 3) -> (P, D)
-        ...
-
-    def embed_text(self, texts: Sequence[str]) -> Tensor:  # B strings -> (B, D)
-        ...
 
 
 def _features(out) -> Tensor:

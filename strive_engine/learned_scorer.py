@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from strive_engine.keyframes import ScorerError
+from strive_engine.scorer_base import ScorerError
 
 MODEL_TYPE = "strive_learned_scorer"
 FORMAT_VERSION = 1
