@@ -347,7 +347,8 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
            "step_spread": _spread(step_times), "build_s": build_s,
            "backend": {"kernels": os.environ.get("STRIVE_KERNELS_BACKEND", "auto"),
                        "rollout": getattr(cfg.rollout, "backend", "hf"),
-                       "cuda_graph": getattr(cfg.rollout, "cuda_graph", False) and env.device.type == "cuda"},
+                       "cuda_graph": (getattr(cfg.rollout, "cuda_graph", False) and env.device.type == "cuda"
+                                      and getattr(cfg.rollout, "backend", "hf") == "native")},  # HF: never
            "questions_per_s": B * steps / wall, "rollouts_per_s": B * K * G * steps / wall,
            "gen_tokens_per_s": gen / wall, "train_tokens_per_s": trained / wall,
            "update_seq_tokens_per_s": forwarded / wall,
