@@ -374,13 +374,11 @@ def export_dtype(choice: str, source: str, trained: torch.dtype) -> torch.dtype:
 def _write_processor_config(out: Path, hf_model: nn.Module, settings) -> None:
     """A random-weight model has no source to copy from: write the Qwen2-VL image processor config its vision
     tower and the run's pixel bounds imply, so AutoImageProcessor loads the export like a hub checkpoint."""
-    from strive_kernels import CLIP_MEAN, CLIP_STD
-
     g = VisionGeometry.from_config(hf_model.config)
     pixels = settings.variants if settings is not None else None
     cfg = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": g.patch,
            "temporal_patch_size": g.temporal_patch, "merge_size": g.merge,
-           "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+           "image_mean": list(g.mean), "image_std": list(g.std),
            "min_pixels": int(pixels.min_pixels) if pixels else 3136,
            "max_pixels": int(pixels.max_pixels) if pixels else 12845056}
     (out / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2))

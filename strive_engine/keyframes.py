@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from strive_engine.config import KeyframeConfig
 from strive_engine.scorer_base import FrameScorer, ScorerError  # noqa: F401 (part of this module's API)
+from strive_engine.variants import pixel_norm
 from strive_kernels import CLIP_MEAN, CLIP_STD, keyframe_sample, variant_patchify
 
 
@@ -80,6 +81,7 @@ class PolicyScorer:
         vc = hf.config.vision_config
         self.patch, self.merge = int(vc.patch_size), int(vc.spatial_merge_size)
         self.temporal_patch = int(getattr(vc, "temporal_patch_size", 2))
+        self.mean, self.std = pixel_norm(hf.config)
         self.embed = hf.get_input_embeddings()
         self.tokenizer = tokenizer
         self.score_side = int(score_side)
@@ -108,7 +110,7 @@ class PolicyScorer:
             idx = torch.arange(p0, p0 + n).repeat_interleave(self.temporal_patch).view(n, self.temporal_patch)
             boxes = torch.tensor([[0.0, 0.0, float(W), float(H)]]).expand(n, 4).contiguous()
             out_hw = torch.tensor([[h, w]], dtype=torch.int64).expand(n, 2).contiguous()
-            pv, grid = patchify(frames, idx, boxes, out_hw, CLIP_MEAN, CLIP_STD, temporal_patch=self.temporal_patch,
+            pv, grid = patchify(frames, idx, boxes, out_hw, self.mean, self.std, temporal_patch=self.temporal_patch,
                                 patch=self.patch, merge=self.merge)
             pv = pv.to(device=device, dtype=weight.dtype if weight is not None else pv.dtype)
             tokens = _features(self.visual(pv, grid_thw=grid.to(device)))  # (n * tokens_per_frame, hidden)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from strive_engine.config import VariantConfig
-from strive_kernels import variant_patchify
+from strive_kernels import CLIP_MEAN, CLIP_STD, variant_patchify
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -122,10 +122,23 @@ def variant_sizes(boxes: torch.Tensor, cfg: VariantConfig, factor: int = 28) -> 
     return torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2)
 
 
+# HF's processors normalise Qwen3-VL's pixels with IMAGENET_STANDARD_MEAN/STD (0.5), Qwen2-VL's and Qwen2.5-VL's
+# with OPENAI_CLIP_MEAN/STD (transformers.image_utils).
+HALF = (0.5, 0.5, 0.5)
+
+
+def pixel_norm(model_config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the model family's HF processor normalises pixels with: Qwen3-VL 0.5 / 0.5, Qwen2-VL and
+    Qwen2.5-VL the OpenAI CLIP values."""
+    if str(getattr(model_config, "model_type", "")).startswith("qwen3_vl"):
+        return HALF, HALF
+    return tuple(CLIP_MEAN), tuple(CLIP_STD)
+
+
 def build_variants(frames: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, cfg: VariantConfig,
                    out_dtype: torch.dtype = torch.float32, *, temporal_patch: int = 2, patch: int = 14,
-                   merge: int = 2) -> VariantBatch:
-    """Crop, resize, normalise (CLIP mean/std) and patchify every variant in one op call.
+                   merge: int = 2, mean=CLIP_MEAN, std=CLIP_STD) -> VariantBatch:
+    """Crop, resize, normalise (mean/std: the model's, see `pixel_norm`) and patchify every variant in one op call.
 
     frames uint8 (P, H, W, 3) on CPU or CUDA; indices (K, F); boxes (K, 4) (see `sample_crop_boxes`).
     Output size per variant = smart_resize(crop h, crop w, patch * merge, cfg.min_pixels, cfg.max_pixels);
@@ -134,7 +147,7 @@ def build_variants(frames: torch.Tensor, indices: torch.Tensor, boxes: torch.Ten
     indices = torch.as_tensor(indices).to("cpu", torch.int64)
     boxes = torch.as_tensor(boxes).to("cpu", torch.float32)
     out_hw = variant_sizes(boxes, cfg, patch * merge)
-    pixel_values, grid_thw = variant_patchify(frames, indices, boxes, out_hw, temporal_patch=temporal_patch,
+    pixel_values, grid_thw = variant_patchify(frames, indices, boxes, out_hw, mean, std, temporal_patch=temporal_patch,
                                               patch=patch, merge=merge, out_dtype=out_dtype,
                                               backend=cfg.backend)
     return VariantBatch(pixel_values, grid_thw, out_hw, boxes, indices)

@@ -10,7 +10,8 @@ at full frame. All of them go through `ViewBuilder`:
     reqs = views.canonical(records, pools, num_frames)         # one canonical view per question
 
 The geometry is the model's (`VisionGeometry`): Qwen2-VL and Qwen2.5-VL cut 14-pixel patches, Qwen3-VL 16-pixel
-ones; both merge 2x2 patches into one token and pair frames into temporal patches of 2. Output frame sizes are
+ones (and normalise pixels with 0.5 / 0.5 where the older two use CLIP's mean / std); both merge 2x2 patches into
+one token and pair frames into temporal patches of 2. Output frame sizes are
 multiples of patch * merge (smart_resize within variants.min_pixels / max_pixels), patch rows hold
 3 * temporal_patch * patch^2 values, and `second_per_grid_ts` is temporal_patch times the frames' mean spacing.
 """
@@ -26,25 +27,29 @@ from torch import Tensor
 from strive_engine.config import VariantConfig
 from strive_engine.keyframes import canonical_indices
 from strive_engine.rollout import RolloutRequest, second_per_grid
-from strive_engine.variants import build_variants
+from strive_engine.variants import build_variants, pixel_norm
 from strive_engine.video import DecodedVideo
+from strive_kernels import CLIP_MEAN, CLIP_STD
 
 
 @dataclass(frozen=True)
 class VisionGeometry:
     """How the model's vision tower cuts a video: `patch` pixels square, `merge` x `merge` patches per token,
-    `temporal_patch` frames per temporal patch."""
+    `temporal_patch` frames per temporal patch; pixels normalised with `mean` / `std` (the family's processor's)."""
 
     patch: int
     merge: int
     temporal_patch: int
+    mean: tuple[float, ...] = tuple(CLIP_MEAN)
+    std: tuple[float, ...] = tuple(CLIP_STD)
 
     @classmethod
     def from_config(cls, config: Any) -> "VisionGeometry":
-        """From an HF Qwen-VL config (its `vision_config`)."""
+        """From an HF Qwen-VL config (its `vision_config`; the normalisation from its `model_type`)."""
         vc = config.vision_config
+        mean, std = pixel_norm(config)
         return cls(patch=int(vc.patch_size), merge=int(vc.spatial_merge_size),
-                   temporal_patch=int(getattr(vc, "temporal_patch_size", 2)))
+                   temporal_patch=int(getattr(vc, "temporal_patch_size", 2)), mean=mean, std=std)
 
 
 def full_frame(pool: DecodedVideo) -> Tensor:
@@ -71,7 +76,7 @@ class ViewBuilder:
         g = self.geometry
         indices = indices.to(torch.long)
         vb = build_variants(pool.frames, indices.to(pool.frames.device), boxes, self.cfg,
-                            temporal_patch=g.temporal_patch, patch=g.patch, merge=g.merge)
+                            temporal_patch=g.temporal_patch, patch=g.patch, merge=g.merge, mean=g.mean, std=g.std)
         out = []
         for k, (pix, grid) in enumerate(vb.split()):
             ts = pool.timestamps[indices[k].cpu()]                                # (F,) seconds of the shown frames

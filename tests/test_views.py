@@ -32,28 +32,55 @@ def _pool(P=12, H=40, W=72, fps=8.0, seed=0):
     return DecodedVideo(frames=frames, indices=torch.arange(0, 2 * P, 2), timestamps=ts, info=info)
 
 
-def test_geometry_is_the_models():
+def _qwen3_config():
     from transformers import AutoConfig
 
+    return AutoConfig.for_model("qwen3_vl", **json.loads(json.dumps({k: v for k, v in QWEN3_TINY.items()
+                                                                     if k != "model_type"})))
+
+
+def test_export_of_a_random_weight_qwen3_vl_declares_its_processor(tmp_path):
+    """The preprocessor config written for a random-weight export carries the model's patch and normalisation,
+    and HF's image processor loads it with them."""
+    from types import SimpleNamespace
+
+    from transformers import AutoImageProcessor
+
+    from strive_engine.checkpoint import _write_processor_config
+
+    _write_processor_config(tmp_path, SimpleNamespace(config=_qwen3_config()), None)
+    proc = AutoImageProcessor.from_pretrained(tmp_path, local_files_only=True, use_fast=False)
+    assert proc.patch_size == 16 and list(proc.image_mean) == [0.5] * 3 and list(proc.image_std) == [0.5] * 3
+
+
+def test_geometry_is_the_models():
     from strive_engine.config import ModelConfig
     from strive_engine.model import build_tiny_config
     from strive_engine.tokenizer import build_tokenizer
 
-    q3 = AutoConfig.for_model("qwen3_vl", **json.loads(json.dumps({k: v for k, v in QWEN3_TINY.items()
-                                                                       if k != "model_type"})))
-    assert VisionGeometry.from_config(q3) == VisionGeometry(patch=16, merge=2, temporal_patch=2)
+    from transformers.image_utils import (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN,
+                                          OPENAI_CLIP_STD)
+
+    q3 = _qwen3_config()
+    # the normalisation of each family's HF processor: Qwen3-VL's (Qwen3VLVideoProcessor) IMAGENET_STANDARD,
+    # Qwen2-VL's and Qwen2.5-VL's OPENAI_CLIP
+    assert VisionGeometry.from_config(q3) == VisionGeometry(patch=16, merge=2, temporal_patch=2,
+                                                            mean=tuple(IMAGENET_STANDARD_MEAN),
+                                                            std=tuple(IMAGENET_STANDARD_STD))
     mc = ModelConfig()
     q25 = build_tiny_config(mc, build_tokenizer(mc))
-    assert VisionGeometry.from_config(q25) == VisionGeometry(patch=14, merge=2, temporal_patch=2)
+    assert VisionGeometry.from_config(q25) == VisionGeometry(patch=14, merge=2, temporal_patch=2,
+                                                             mean=tuple(OPENAI_CLIP_MEAN), std=tuple(OPENAI_CLIP_STD))
 
 
-@pytest.mark.parametrize("patch", [14, 16])
-def test_views_in_the_models_geometry(patch):
+@pytest.mark.parametrize("patch,norm", [(14, "clip"), (16, "half")])
+def test_views_in_the_models_geometry(patch, norm):
     """Every view is patchified at the builder's geometry (rows of 3 * 2 * patch^2 values, output sizes multiples
-    of patch * merge), equal to the op's twin on the same frames and boxes; seconds per temporal patch from the
-    shown frames' timestamps."""
+    of patch * merge, the geometry's normalisation), equal to the op's twin on the same frames and boxes; seconds
+    per temporal patch from the shown frames' timestamps."""
     cfg = VariantConfig(min_pixels=28 * 28, max_pixels=64 * 64)
-    views = ViewBuilder(VisionGeometry(patch=patch, merge=2, temporal_patch=2), cfg)
+    mean_std = {"clip": {}, "half": {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}}[norm]
+    views = ViewBuilder(VisionGeometry(patch=patch, merge=2, temporal_patch=2, **mean_std), cfg)
     pools = [_pool(seed=0), _pool(P=6, H=64, W=48, seed=1)]
     idx = [torch.tensor([[0, 3, 5, 11], [1, 2, 7, 9]]), canonical_indices(6, 4)]
     boxes = [torch.tensor([[0.0, 0.0, 72.0, 40.0], [10.0, 4.0, 50.0, 36.0]]), full_frame(pools[1])]
@@ -68,8 +95,10 @@ def test_views_in_the_models_geometry(patch):
             assert h % 2 == 0 and w % 2 == 0  # whole merged tokens: output size multiple of patch * 2
             out_hw = torch.tensor([[h * patch, w * patch]])
             want, grid = variant_patchify_reference(pool.frames, idx[b][v:v + 1], boxes[b][v:v + 1], out_hw,
-                                                    temporal_patch=2, patch=patch, merge=2)
+                                                    temporal_patch=2, patch=patch, merge=2, **mean_std)
             torch.testing.assert_close(r.pixel_values, want, rtol=0, atol=1e-6)
+            if norm == "half":  # (x / 255 - 0.5) / 0.5 spans [-1, 1]; CLIP's would reach beyond 1.9
+                assert r.pixel_values.min() >= -1 - 1e-6 and r.pixel_values.max() <= 1 + 1e-6
             shown = pool.timestamps[idx[b][v]]
             assert r.second_per_grid_ts == pytest.approx(2 * float(shown[-1] - shown[0]) / 3)
             k += 1
@@ -119,7 +148,7 @@ def test_qwen3_vl_gets_16_pixel_patches_through_rl_sft_and_evaluate(tmp_path, mo
 
     def spy(*a, **k):
         vb = real(*a, **k)
-        built.append((k["patch"], vb.pixel_values.shape[1], vb.grid_thw, vb.out_hw))
+        built.append((k["patch"], vb.pixel_values.shape[1], vb.grid_thw, vb.out_hw, tuple(k["mean"] + k["std"])))
         return vb
 
     monkeypatch.setattr(views_mod, "build_variants", spy)
@@ -127,8 +156,8 @@ def test_qwen3_vl_gets_16_pixel_patches_through_rl_sft_and_evaluate(tmp_path, mo
 
     def check(stage, n):
         assert len(built) == n, (stage, built)
-        for patch, width, grid, out_hw in built:
-            assert patch == 16 and width == 1536, stage
+        for patch, width, grid, out_hw, mean_std in built:
+            assert patch == 16 and width == 1536 and mean_std == (0.5,) * 6, stage  # Qwen3-VL's normalisation
             assert torch.equal(grid[:, 1:] * 16, out_hw) and bool((out_hw % 32 == 0).all()), stage
         built.clear()
 
