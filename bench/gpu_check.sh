@@ -13,6 +13,11 @@
 #                       DALI parts unpacked to /tmp/sd and /tmp/site, see ../shared/device/pack_dali.sh)
 #            gpu3b      bench/throughput.py --recipe gpu_3b, one timed step
 #            legacy     the older kernel sweeps (logprob memtrace keyframe advantage variant)
+#            ablation   issue 20 item 4: bench/ablation.py on the small-object task with the gpu_small model,
+#                       K=4 x G=4, 112x112 views; GPU_ABLATION_STEPS (300), _SEEDS (0,1,2,3,4), _SFT (2000).
+#                       The full run is ~25 runs x (SFT + 300 steps at ~1.5 s): hours, not a 15-minute lease;
+#                       (raise GPU_CHECK_BUDGET_S to match); GPU_ABLATION_STEPS=20 GPU_ABLATION_SEEDS=0
+#                       GPU_ABLATION_SFT=100 is a smoke run
 #   default: build decode rollout throughput kernels14
 #   GPU_CHECK_BUDGET_S=540   whole-script wall-clock budget; later stages shrink to fit
 #
@@ -108,6 +113,14 @@ for s in $STAGES; do
     wait_build
     run_py bench_throughput_3b 240 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
       --out "$OUTDIR/throughput_3b" ;;
+  ablation)
+    wait_build
+    run_py ablation "${GPU_ABLATION_TIMEOUT_S:-36000}" bench/ablation.py --recipe gpu_small \
+      --steps "${GPU_ABLATION_STEPS:-300}" --seeds "${GPU_ABLATION_SEEDS:-0,1,2,3,4}" \
+      --sft-steps "${GPU_ABLATION_SFT:-2000}" --rollout.num_generations=4 \
+      --variants.min_pixels=12544 --variants.max_pixels=12544 --out /tmp/ablation_gpu_small \
+      --results-dir "$OUTDIR" --name "ablation-$(date -u +%F)-gpu_small"
+    tail -12 "$OUTDIR/ablation.log" | cut -c1-200 ;;
   legacy)
     run_py bench_logprob 150 bench/bench_logprob.py --quick
     run_py bench_keyframe 100 bench/bench_keyframe.py --quick --sweep
