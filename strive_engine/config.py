@@ -72,7 +72,8 @@ class DataConfig:
     synthetic_tasks: str = doc("brief_colour,first_shape,flash_count", "comma-separated task mix of the synthetic set "
                                    "(also small_colour, small_count: the small-object family, brief and small "
                                    "evidence named by the question, and their warm-up variants small_colour_long, "
-                                   "small_count_long; use with synthetic_seconds=8)")
+                                   "small_count_long (big, no distractor) and small_colour_hold, small_count_hold "
+                                   "(small, with the distractor); use with synthetic_seconds=8)")
     synthetic_seconds: float = doc(6.0, "length of the synthetic clips (8 frames per second: 6.0 = 48 frames)")
     batch_size: int = doc(2, "questions per rank per step (B); each expands to K variants x G answers")
     shuffle: bool = doc(True, "reshuffle the records every epoch (seeded, identical on every rank)")
@@ -90,7 +91,7 @@ class DataConfig:
         _require(self.synthetic_seconds * 8 >= 24, "data.synthetic_seconds",
                  f"must give >= 24 frames at 8 fps (>= 3.0 s), got {self.synthetic_seconds}")
         known = ("brief_colour", "first_shape", "flash_count", "small_colour", "small_count", "small_colour_long",
-                 "small_count_long")
+                 "small_count_long", "small_colour_hold", "small_count_hold")  # synthetic_tasks.ALL_TASKS
         tasks = [t.strip() for t in self.synthetic_tasks.split(",") if t.strip()]
         _require(bool(tasks) and all(t in known for t in tasks), "data.synthetic_tasks",
                  f"{self.synthetic_tasks!r}: give a comma-separated subset of {', '.join(known)}")

@@ -15,7 +15,7 @@ evidence while question-aware keyframe sampling can find it. Three tasks, in equ
   flash_count   (numerical) "How many times does the square flash?" A square is lit 1-3 times for
                 ~1/10 of the clip each, while two other shapes stay on.
 
-Four more tasks form the *small-object family* (`SMALL_TASKS`, never in the default mix): the evidence
+Six more tasks form the *small-object family* (`SMALL_TASKS`, never in the default mix): the evidence
 is brief (1-2 frames of the clip: with 64 frames, evenly spaced F=8 sampling sees it in a minority of clips),
 small (at most 3 % of the frame area, at a random position, so a crop around it multiplies its pixels) and
 named by the question, beside a distractor event of another shape and colour (so only a question-aware frame
@@ -31,6 +31,8 @@ scorer finds it):
                 centred (like the demo's events), shown for T/8 frames or more per event (8-9 of 64, so evenly
                 spaced F=8 frames always see it), with no distractor. A curriculum: a tiny model learns to read
                 colours and count flashes there, then meets the small, brief evidence in RL.
+  small_colour_hold, small_count_hold  warm-up variants that keep everything but the brevity: small objects
+                at random positions and the distractor, every event (the distractor's too) T/8 frames or more.
 
 Answers are balanced inside each split (letters A-D uniform per task, colours/shapes uniform, counts
 1-3 uniform, each within one), so only looking at the video beats chance. Shapes are big, solid and

@@ -10,8 +10,10 @@ import numpy as np
 
 TASKS = ("brief_colour", "first_shape", "flash_count")  # the default mix
 # The small-object family (brief, small, named by the question); the _long variants are its warm-up (big, long events,
-# no distractor: see strive_engine.synthetic's docstring).
-SMALL_TASKS = ("small_colour", "small_count", "small_colour_long", "small_count_long")
+# no distractor: see strive_engine.synthetic's docstring); the _hold variants a warm-up that keeps everything but the
+# brevity (small objects at random positions, a distractor, events as long as _long's).
+SMALL_TASKS = ("small_colour", "small_count", "small_colour_long", "small_count_long", "small_colour_hold",
+               "small_count_hold")
 ALL_TASKS = TASKS + SMALL_TASKS
 # Saturated and far apart in RGB, so they survive 4:2:0 chroma subsampling and downscaling.
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 64, 255), "yellow": (255, 255, 0),
@@ -240,13 +242,13 @@ def _brief_window(rng, T: int, L: int, margin: int, taken: list[int]) -> int:
 
 
 def _small_colour(canvas: Canvas, T: int, fps: float, rng, letter: str, colour: str, kind: str,
-                  fixed: bool = False, long: bool = False) -> dict:
+                  fixed: bool = False, long: bool = False, hold: bool = False) -> dict:
     r, margin = small_radius(canvas.w, canvas.h), max(1, T // 16)
     palette = FIXED_COLOURS if fixed else tuple(COLOURS)
     others = [c for c in palette if c != colour]
     d_colour, o1, o2 = (others[i] for i in rng.permutation(len(others))[:3])
     d_kind = [k for k in SHAPES if k != kind][int(rng.integers(0, len(SHAPES) - 1))]
-    lo = T // 8 if long else 1  # brief: 1-2 frames each; long: T/8 to T/8 + 1 frames
+    lo = T // 8 if long or hold else 1  # brief: 1-2 frames each; long / hold: T/8 to T/8 + 1 frames
     L, Ld = lo + int(rng.integers(0, 2)), lo + int(rng.integers(0, 2))
     start = _brief_window(rng, T, L, margin, [])
     d_start = _brief_window(rng, T, Ld, margin, list(range(start, start + L)))
@@ -264,12 +266,13 @@ def _small_colour(canvas: Canvas, T: int, fps: float, rng, letter: str, colour: 
 
 
 def _small_count(canvas: Canvas, T: int, fps: float, rng, count: int, colour: str, fixed: bool = False,
-                 long: bool = False) -> dict:
+                 long: bool = False, hold: bool = False) -> dict:
     r, margin = small_radius(canvas.w, canvas.h), max(1, T // 16)
     palette = FIXED_COLOURS if fixed else tuple(COLOURS)
     d_colour = [c for c in palette if c != colour][int(rng.integers(0, len(palette) - 1))]
-    Lf = T // 8 if long else 1  # frames per flash
-    gap = max(3, T // 8) + (Lf if long else 0)  # flash starts this far apart: separate events
+    held = long or hold
+    Lf = T // 8 if held else 1  # frames per flash
+    gap = max(3, T // 8) + (Lf if held else 0)  # flash starts this far apart: separate events
     for _ in range(500):
         flashes = sorted(int(t) for t in rng.choice(np.arange(margin, T - margin - Lf + 1), count, replace=False))
         if all(b - a >= gap for a, b in zip(flashes, flashes[1:])):
@@ -280,7 +283,7 @@ def _small_count(canvas: Canvas, T: int, fps: float, rng, count: int, colour: st
         try:
             d_flashes.append(_brief_window(rng, T, Lf, margin, taken + [t + i for t in d_flashes for i in range(Lf)]))
         except ValueError:
-            if not (long and j):  # a long clip may have no room for the distractor's second flash: one it is
+            if not (held and j):  # a long clip may have no room for the distractor's second flash: one it is
                 raise
     (ty, tx), (dy, dx), *statics = _place(rng, canvas, r, 4)
     _small_statics(canvas, rng, r, statics, T)
@@ -304,7 +307,9 @@ def _balanced(values, m: int, rng) -> list:
 _TASKS = {"brief_colour": _brief_colour, "first_shape": _first_shape, "flash_count": _flash_count,
           "small_colour": _small_colour, "small_count": _small_count,
           "small_colour_long": functools.partial(_small_colour, long=True),
-          "small_count_long": functools.partial(_small_count, long=True)}
+          "small_count_long": functools.partial(_small_count, long=True),
+          "small_colour_hold": functools.partial(_small_colour, hold=True),
+          "small_count_hold": functools.partial(_small_count, hold=True)}
 
 
 def _small_draws(tasks: list[str], rng, fixed: bool) -> dict:

@@ -337,6 +337,8 @@ def set_small(tmp_path_factory):  # 64 frames (8 s at 8 fps), both option layout
     generate_synthetic(d / "shuffled", 6, 8, tasks=SMALL, seconds=8.0, options="shuffled", codecs=("vp9", "h264"))
     generate_synthetic(d / "long", 8, 9, tasks=("small_colour_long", "small_count_long"), seconds=8.0,
                        codecs=("h264", "mjpeg"))
+    generate_synthetic(d / "hold", 8, 10, tasks=("small_colour_hold", "small_count_hold"), seconds=8.0,
+                       codecs=("vp9", "mjpeg"))
     return d
 
 
@@ -367,24 +369,24 @@ def _best_shape(mask: np.ndarray, r: int) -> tuple[str, float]:
 
 def test_small_family_videos_decode_and_match_their_answers(set_small):
     """Every clip decodes to 64 frames; the named object is visible exactly in the evidence frames (1-2 of 64; the
-    _long variants: 8-9 frames per event, so the canonical F=8 view always sees each event), is small (<= 3 % of
-    the frame; the warm-up _long variants: big) and is the named shape/colour; a distractor of another colour
-    flashes at other frames (none in the warm-up); the answer (colour, or number of flashes) is what the pixels
-    show."""
+    _long and _hold variants: 8-9 frames per event, so the canonical F=8 view always sees each event), is small
+    (<= 3 % of the frame; the warm-up _long variants: big) and is the named shape/colour; a distractor of another
+    colour flashes at other frames (none in the _long warm-up; as long as the named object's events in _hold); the
+    answer (colour, or number of flashes) is what the pixels show."""
     from strive_engine.synthetic import small_radius
 
     r = small_radius(112, 112)
     view = _CANONICAL_64_8
     checked = Counter()
-    for layout in ("fixed", "shuffled", "long"):
+    for layout in ("fixed", "shuffled", "long", "hold"):
         d = set_small / layout
         for rec in _records(d):
             frames = _frames(d, rec)
             T, H, W, _ = frames.shape
             assert T == rec["num_frames"] == 64
             ev = [t for s, e in rec["evidence"] for t in range(s, e)]
-            long = rec["task"].endswith("_long")
-            if long:
+            long, hold = rec["task"].endswith("_long"), rec["task"].endswith("_hold")
+            if long or hold:
                 assert all(8 <= e - s <= 9 and view & set(range(s, e)) for s, e in rec["evidence"]), rec["evidence"]
             else:
                 assert 1 <= len(ev) <= 2, rec["evidence"]
@@ -398,7 +400,7 @@ def test_small_family_videos_decode_and_match_their_answers(set_small):
                 named = rec["problem"].removeprefix("How many times does the small ").removesuffix(" square flash?")
                 kind = "square"
                 assert int(_answer(rec)) == len(rec["evidence"])
-                assert all(e - s == (8 if long else 1) for s, e in rec["evidence"])
+                assert all(e - s == (8 if long or hold else 1) for s, e in rec["evidence"])
             assert named in COLOURS and kind in SHAPES, rec["problem"]
             count, masks = _blobs(frames, named)
             assert ((count >= 40) == on).all(), (rec["path"], np.flatnonzero(count >= 40).tolist(), ev)
@@ -415,13 +417,13 @@ def test_small_family_videos_decode_and_match_their_answers(set_small):
                 checked[(layout, rec["task"])] += 1
                 continue
             d_on = _blobs(frames, others[0])[0] >= 40
-            assert 1 <= d_on.sum() <= 2 and not (d_on & on).any()
+            assert (8 <= d_on.sum() <= 18 if hold else 1 <= d_on.sum() <= 2) and not (d_on & on).any(), d_on.sum()
             if rec["task"].startswith("small_colour"):  # a wrong option, drawn as another shape
                 assert others[0] in [_option(rec, o[0]) for o in rec["options"]] and others[0] != answer
                 d_mask = _blobs(frames, others[0])[1][np.flatnonzero(d_on)[0]]
                 assert _best_shape(d_mask, r)[0] != kind
             checked[(layout, rec["task"])] += 1
-    assert min(checked.values()) >= 2 and len(checked) == 6, checked
+    assert min(checked.values()) >= 2 and len(checked) == 8, checked
 
 
 def test_small_family_is_balanced_and_mostly_missed_by_uniform_frames(tmp_path):
@@ -441,3 +443,13 @@ def test_small_family_is_balanced_and_mostly_missed_by_uniform_frames(tmp_path):
     view = _CANONICAL_64_8
     seen = [any(t in view for s, e in r["evidence"] for t in range(s, e)) for r in recs]
     assert 0.05 < sum(seen) / len(seen) < 0.4, sum(seen) / len(seen)
+
+
+def test_the_config_takes_every_task_and_names_the_known_ones():
+    from strive_engine.config import ConfigError, DataConfig
+    from strive_engine.synthetic_tasks import ALL_TASKS
+
+    assert DataConfig(synthetic_tasks=",".join(ALL_TASKS)).synthetic_tasks == ",".join(ALL_TASKS)
+    with pytest.raises(ConfigError, match="small_count_hold") as e:
+        DataConfig(synthetic_tasks="small_colour,small_colour_brief")
+    assert all(t in str(e.value) for t in ALL_TASKS)
