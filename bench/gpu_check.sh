@@ -14,7 +14,8 @@
 #            gpu3b      bench/throughput.py --recipe gpu_3b, one timed step
 #            legacy     the older kernel sweeps (logprob memtrace keyframe advantage variant)
 #            ablation   issue 20 item 4: bench/ablation.py on the small-object task with the gpu_small model,
-#                       K=4 x G=4, 112x112 views; GPU_ABLATION_STEPS (300), _SEEDS (0,1,2,3,4), _SFT (2000).
+#                       K=4 x G=4, 112x112 views, the small-object (_hold) warm-up; GPU_ABLATION_STEPS (300),
+#                       _SEEDS (0,1,2,3,4), _SFT (2000).
 #                       The full run is ~25 runs x (SFT + 300 steps at ~1.5 s): hours, not a 15-minute lease;
 #                       (raise GPU_CHECK_BUDGET_S to match); GPU_ABLATION_STEPS=20 GPU_ABLATION_SEEDS=0
 #                       GPU_ABLATION_SFT=100 is a smoke run
@@ -117,7 +118,7 @@ for s in $STAGES; do
     wait_build
     run_py ablation "${GPU_ABLATION_TIMEOUT_S:-36000}" bench/ablation.py --recipe gpu_small \
       --steps "${GPU_ABLATION_STEPS:-300}" --seeds "${GPU_ABLATION_SEEDS:-0,1,2,3,4}" \
-      --sft-steps "${GPU_ABLATION_SFT:-2000}" --rollout.num_generations=4 \
+      --sft-steps "${GPU_ABLATION_SFT:-2000}" --warm-up hold --rollout.num_generations=4 \
       --variants.min_pixels=12544 --variants.max_pixels=12544 --out /tmp/ablation_gpu_small \
       --results-dir "$OUTDIR" --name "ablation-$(date -u +%F)-gpu_small"
     tail -12 "$OUTDIR/ablation.log" | cut -c1-200 ;;

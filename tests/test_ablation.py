@@ -73,3 +73,24 @@ def test_every_arm_runs_end_to_end(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "tiny.json").read_text())["summary"] == rec["summary"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_hold_warm_up_trains_the_warm_start_on_small_objects(tmp_path):
+    """--warm-up hold: the warm start learns on small_*_hold (small objects, the distractor, long events) in a folder
+    of its own, and the arms start from it."""
+    out, results = tmp_path / "work", tmp_path / "results"
+    cmd = [sys.executable, str(ROOT / "bench" / "ablation.py"), "--steps", "1", "--seeds", "0", "--sft-steps", "1",
+           "--scorer-epochs", "1", "--arms", "strive", "--warm-up", "hold", "--out", str(out), "--results-dir",
+           str(results), "--name", "tiny", "--no-eval-importance", *TINY]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=800,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rec = json.loads((results / "tiny.json").read_text())
+    assert rec["warm_up"] == "hold" and not (out / "warm_start").exists()
+    warm_cfg = json.loads((out / "warm_start_hold" / "hf" / "strive_settings.json").read_text())["config"]["data"]
+    assert warm_cfg["synthetic_tasks"] == "small_colour_hold,small_count_hold" and warm_cfg["synthetic_seed"] == 1
+    arm_cfg = json.loads((out / "strive_seed0" / "hf" / "strive_settings.json").read_text())["config"]
+    assert arm_cfg["model"]["path"] == str(out / "warm_start_hold" / "hf")
+    assert arm_cfg["data"]["synthetic_tasks"] == "small_colour,small_count"
