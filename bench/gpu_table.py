@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 KEEP = re.compile(r"(ms|_us|us$|GiB|TFLOP|gbps|GBps|TBps|speedup|fraction|ratio|per_frame|max_abs|_diff|_s$|_s\.|"
-                  r"per_s|sweep|mfu|share|spread)", re.I)
+                  r"per_s|sweep|mfu|share|spread|calls)", re.I)
 
 
 def leaves(obj, prefix=""):

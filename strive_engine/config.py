@@ -187,6 +187,10 @@ class ModelConfig:
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32: dtype of the weights")
     attn_implementation: str = doc("auto", "auto (flash_attention_2 if importable on CUDA, else sdpa) | "
                                            "flash_attention_2 | sdpa | eager")
+    vision_attention: str = doc("segmented", "segmented (the vision tower's window/frame attention batched by "
+                                             "segment length: one SDPA call per distinct length, exact; see "
+                                             "strive_engine.vision_attention) | hf (transformers' loop: one call "
+                                             "per window). Only under sdpa; flash_attention_2 is varlen already")
     liger: bool = doc(True, "apply liger-kernel's Qwen-VL patches (RMSNorm, SwiGLU, mRoPE) on CUDA when installed")
     freeze_vision: bool = doc(False, "train without the vision tower (its weights fixed): every forward of a step "
                                      "then reuses the rollout's visual tokens. false = Video-R1's choice (its GRPO "
@@ -210,6 +214,7 @@ class ModelConfig:
     def __post_init__(self):
         _choice(self.dtype, ("auto", "bfloat16", "float32"), "model.dtype")
         _choice(self.attn_implementation, ("auto", "flash_attention_2", "sdpa", "eager"), "model.attn_implementation")
+        _choice(self.vision_attention, ("segmented", "hf"), "model.vision_attention")
         _choice(self.tokenizer, ("offline", "qwen"), "model.tokenizer")
         _choice(self.init, ("exact", "device"), "model.init")
         for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_vision_depth", "tiny_vision_hidden_size"):

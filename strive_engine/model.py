@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from strive_engine import vision_attention
 from strive_engine.tokenizer import build_tokenizer, special_token_ids
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,8 @@ def build_model(cfg: Any, device: torch.device | str, *, meta: bool = False) -> 
         if not meta:
             init_weights(model, seed=torch.initial_seed(), on_device=cfg.init == "device")
     apply_liger(model, device, cfg.liger)
+    if getattr(cfg, "vision_attention", "segmented") == "segmented":
+        vision_attention.install(model)
     if getattr(cfg, "freeze_vision", False):
         model.model.visual.requires_grad_(False)  # no optimizer state, no gradient, its tokens reused in a step
     model.eval()

@@ -288,3 +288,19 @@ def test_gpu_table_lists_metrics_sweeps_and_errors(tmp_path):
         assert f"| bench_throughput | fast.{leaf} | {value} |" in rows
     assert not any("fast.steps" in r or "stages.update.s |" in r for r in rows)
     assert not any("shape" in r or "note" in r or "input_sets" in r for r in rows)
+
+
+def test_vision_and_rollout_benches_run_tiny(tmp_path):
+    """bench_vision.py and bench_rollout.py --tiny as users run them: the segmented vision attention makes fewer
+    SDPA calls than transformers' loop for the same (bitwise, on the CPU) output, and the rollout bench's JSON
+    carries both vision timings next to the native engine's and HF's."""
+    _script("bench/bench_vision.py", ["--width", "16", "--heads", "2", "--videos", "2", "--grid", "2,20,12",
+                                      "--reps", "1", "--backward", "--out", str(tmp_path / "v.json")])
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["segmented_calls"] < v["hf_loop_calls"] and v["max_abs_diff"] == 0.0
+    assert v["segmented_fwd_bwd_ms"] > 0 and v["hf_loop_fwd_bwd_ms"] > 0
+    _script("bench/bench_rollout.py", ["--tiny", "--out", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["vision_tower"]["segmented_ms"] > 0 and r["vision_tower"]["hf_loop_ms"] > 0
+    assert r["native"]["decode_steps"] > 0 and r["hf"]["decode_steps_timed"] > 0
+    assert r["logits_check"]["max_rel_err"] < 1e-4
