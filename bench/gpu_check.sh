@@ -7,7 +7,7 @@
 #            build_bg   start that build in the background (niced); later stages that need it wait for it
 #            decode     GPU tests of the native decode engine and its kernels, the visual-token reuse
 #            vision     bench/bench_vision.py: the 3B vision tower (16 videos of 8x30x26 patches), its attention
-#                       batched by segment length vs transformers' per-window loop, forward and forward+backward
+#                       batched by segment length vs transformers' per-window loop; forward + backward on 2 videos
 #            rollout    bench/bench_rollout.py: native engine vs HF generate at the Qwen2.5-VL-3B shape
 #            throughput bench/throughput.py --recipe gpu_small: fast vs torch twins, and the HF rollout backend
 #            kernels14  issue 14's kernel checks: log-prob engine shapes + memory, public-call costs, GPU tests
@@ -91,8 +91,11 @@ for s in $STAGES; do
       tests/test_decode.py tests/test_policy.py tests/test_vision_attention.py \
       -k "not evaluate_agrees and not fsdp and not rl_step" ;;
   vision)
-    run_py bench_vision 60 bench/bench_vision.py --backward --out "$OUTDIR/vision.json"
-    grep -E "^(calls|fwd|forward)" "$OUTDIR/bench_vision.log" ;;
+    run_py bench_vision 60 bench/bench_vision.py --out "$OUTDIR/vision.json"
+    grep -E "^(calls|fwd|forward)" "$OUTDIR/bench_vision.log"
+    # forward + backward keeps all 32 blocks' activations (about 15 GB per video at width 1,280, estimated): 2 videos
+    run_py bench_vision_bwd 60 bench/bench_vision.py --videos 2 --backward --out "$OUTDIR/vision_bwd.json"
+    grep -E "^(calls|fwd|forward)" "$OUTDIR/bench_vision_bwd.log" ;;
   rollout)
     wait_build
     run_py bench_rollout 200 bench/bench_rollout.py --out "$OUTDIR/rollout_full.json"

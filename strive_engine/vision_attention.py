@@ -41,20 +41,21 @@ class Plan:
         bounds = cu_seqlens.tolist()  # the one host sync, as in transformers' loop
         if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds[:-1], bounds[1:])):
             raise ValueError(f"cu_seqlens must start at 0 and not decrease, got {bounds[:8]}...")
-        starts: dict[int, list[int]] = {}
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            if b > a:
-                starts.setdefault(b - a, []).append(a)
+        cu = torch.tensor(bounds)
+        lengths, starts = cu[1:] - cu[:-1], cu[:-1]
+        keep = lengths > 0
+        by_length = torch.argsort(lengths[keep], stable=True)  # segments by length, in token order within one
+        lengths, starts = lengths[keep][by_length], starts[keep][by_length]
         self.total = bounds[-1]
-        self.groups = [(length, len(s)) for length, s in sorted(starts.items())]
-        order = [a + i for length, s in sorted(starts.items()) for a in s for i in range(length)]
+        values, counts = torch.unique_consecutive(lengths, return_counts=True)
+        self.groups = list(zip(values.tolist(), counts.tolist()))
+        first = torch.repeat_interleave(starts - (torch.cumsum(lengths, 0) - lengths), lengths)
+        perm = first + torch.arange(self.total)  # token i of the grouped order is token perm[i] of the input
         self.perm: Tensor | None = None
         self.inverse: Tensor | None = None
-        if order != list(range(self.total)):
-            device = cu_seqlens.device
-            self.perm = torch.tensor(order, device=device)
-            self.inverse = torch.empty_like(self.perm)
-            self.inverse[self.perm] = torch.arange(self.total, device=device)
+        if not torch.equal(perm, torch.arange(self.total)):
+            self.perm = perm.to(cu_seqlens.device)
+            self.inverse = torch.argsort(perm).to(cu_seqlens.device)
 
 
 def plan_for(cu_seqlens: Tensor) -> Plan:
@@ -100,6 +101,8 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale
             o = F.scaled_dot_product_attention(*(t[c:c + per_call].transpose(1, 2) for t in (qs, ks, vs)),
                                                scale=scale)                     # (n, heads, L, D)
             outs.append(o.transpose(1, 2).reshape(-1, heads, dim))
+    if not outs:  # no tokens
+        return torch.empty_like(q)
     out = torch.cat(outs) if len(outs) > 1 else outs[0]
     return out if plan.perm is None else _Permute.apply(out, plan.inverse, plan.perm)
 

@@ -113,7 +113,7 @@ def _loop_reference(q, k, v, cu, scale):
     return out
 
 
-@pytest.mark.parametrize("lengths", [[5, 3, 5, 0, 7, 3, 5], [4, 4, 4], [1], [6, 2, 2, 6, 1]])
+@pytest.mark.parametrize("lengths", [[5, 3, 5, 0, 7, 3, 5], [4, 4, 4], [1], [6, 2, 2, 6, 1], [0, 0], []])
 def test_segment_attention_against_a_loop_in_fp64(lengths, monkeypatch):
     """Unordered lengths, empty segments, single tokens; and the per-call score budget split into several calls."""
     cu = torch.tensor([0] + lengths).cumsum(0)
