@@ -17,6 +17,17 @@ def summarise(times_s: list[float], unit: str = "ms") -> dict:
             "reps": len(times_s)}
 
 
+def emit(rec: dict, out: str = "") -> dict:
+    """A bench's record: written to `out` when given, and printed as the last stdout line (one JSON object)."""
+    import json
+    from pathlib import Path
+
+    if out:
+        Path(out).write_text(json.dumps(rec, indent=1))
+    print(json.dumps(rec))
+    return rec
+
+
 def timeit(fn, reps: int, warmup: int = 1, sync=lambda: None, unit: str = "ms") -> dict:
     """Host wall time of fn() over `reps` calls after `warmup` ones; `sync` (e.g. torch.cuda.synchronize) ends
     each call."""

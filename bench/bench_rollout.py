@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
-import json
 import platform
 import sys
 import time
@@ -43,6 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _timing import emit  # noqa: E402  (bench/ is on sys.path: the script's folder)
 
 
 def build(args):
@@ -366,10 +366,7 @@ def main(argv=None) -> dict:
           f"{native['capture_ms']:.1f} ms; logits max rel err {check['max_rel_err']:.2e} over {check['steps']} steps")
     print(f"vision tower {vision['segmented_ms']:.1f} ms segmented vs {vision['hf_loop_ms']:.1f} ms transformers' "
           f"loop ({vision['speedup']:.2f}x)")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rec, indent=1))
-    print(json.dumps(rec))
-    return rec
+    return emit(rec, args.out)
 
 
 if __name__ == "__main__":

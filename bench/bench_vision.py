@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _timing import timeit  # noqa: E402
+from _timing import emit, timeit  # noqa: E402
 
 
 def median_ms(fn, reps: int) -> float:
@@ -103,10 +102,7 @@ def main(argv=None) -> dict:
     for key in ("calls", "fwd_ms") + (("fwd_bwd_ms",) if args.backward else ()):
         print(f"{key:16s}{rec['hf_loop_' + key]:12.1f}{rec['segmented_' + key]:12.1f}")
     print(f"forward {rec['fwd_speedup']:.2f}x; outputs differ by at most {rec['max_abs_diff']:.2e}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(rec, indent=1))
-    print(json.dumps(rec))
-    return rec
+    return emit(rec, args.out)
 
 
 if __name__ == "__main__":
