@@ -112,7 +112,8 @@ for s in $STAGES; do
     run_py bench_logprob_engine 100 bench/bench_logprob.py --engine --quick --trace-dir "$OUTDIR"
     run_py bench_keyframe_engine 40 bench/bench_keyframe.py --engine-sizes --quick
     run_py bench_advantage_engine 40 bench/bench_advantage.py --engine-sizes --quick
-    run_tests kernels14 90 tests/kernels/test_logprob.py tests/kernels/test_keyframe.py \
+    run_tests kernels14 90 tests/kernels/test_logprob.py tests/kernels/test_logprob_resources.py \
+      tests/kernels/test_keyframe.py \
       tests/kernels/test_advantage.py -k "gpu or one_compile or allocates_no or value_check or layout_check" ;;
   dali)
     wait_build
