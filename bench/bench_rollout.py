@@ -42,7 +42,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _timing import emit  # noqa: E402  (bench/ is on sys.path: the script's folder)
+from _timing import emit, timeit  # noqa: E402  (bench/ is on sys.path: the script's folder)
 
 
 def build(args):
@@ -182,8 +182,6 @@ def run_vision(policy, prompts, device, reps: int = 3) -> dict:
     """Median ms of the vision tower over the prompts' videos, segmented attention vs transformers' loop."""
     from dataclasses import replace
 
-    from bench_vision import median_ms
-
     from strive_engine import vision_attention
 
     p = replace(prompts.to(device), visual=None)
@@ -192,7 +190,7 @@ def run_vision(policy, prompts, device, reps: int = 3) -> dict:
     for name in ("hf_loop", "segmented"):
         (vision_attention.install if name == "segmented" else vision_attention.uninstall)(policy.hf)
         with torch.no_grad():
-            res[f"{name}_ms"] = median_ms(lambda: policy.visual_tokens(p), reps)
+            res[f"{name}_ms"] = timeit(lambda: policy.visual_tokens(p), reps, sync=sync)["median_ms"]
     res["speedup"] = res["hf_loop_ms"] / res["segmented_ms"]
     return res
 
