@@ -19,9 +19,12 @@ Measured on an H200: ~28 ms per decode step for a 0.17 B model whose weights are
    shared prefix (read once per step for all G rows) and each row's suffix, a static cache of max_new_tokens
    slots. GQA is handled there.
 3. Positions. The prompt's mRoPE positions come from the model's get_rope_index (every family's own rules, with
-   Qwen3-VL's timestamps and interleaving). A generated token is text: its three mRoPE axes are equal, to
-   max(prompt position) + 1 + t, so its rotary angles are the plain 1-D ones at that position for every family
-   (the per-axis sections and Qwen3-VL's interleaving select among equal values).
+   Qwen3-VL's timestamps and interleaving). A generated token is text: its three mRoPE axes are equal, to the
+   prompt's last position + 1 + t (the prompt ends with text), so its rotary angles are the plain 1-D ones at
+   that position for every family (the per-axis sections and Qwen3-VL's interleaving select among equal values).
+   That is where HF generate puts it and where `Policy.positions` scores it. It is not always max(prompt
+   position) + 1: transformers >= 5.3 places text after a video at the video's start + max(h, w) / merge, below
+   its temporal positions when (t - 1) x interval exceeds that (a long video; tests/test_decode.py).
 4. Sampling on the device (strive_engine.sampling): no sync, graph-capturable; each sampled token's log-prob
    under the sampling distribution is recorded.
 5. Stopping on the device: a row is finished once it has produced any EOS id; later tokens are pad with
@@ -61,7 +64,7 @@ class DecodeError(ValueError):
 @dataclass
 class Prefix:
     """The prompts of R requests after prefill: K/V per layer (R, Hkv, Lp, D), left-padded (columns < start[r]
-    are padding), start (R,) int32, next_pos (R,) int64 = max prompt position + 1, logits (R, V) of the first
+    are padding), start (R,) int32, next_pos (R,) int64 = last prompt position + 1, logits (R, V) of the first
     new token, visual: the requests' merged visual tokens."""
 
     keys: list[Tensor]
@@ -176,7 +179,7 @@ class DecodeEngine:
         keys, values = _cache_tensors(out.past_key_values, len(self.layers))
         logits = self.lm_head(out.last_hidden_state[:, -1])                      # (R, V): left-padded prompts
         valid = mask.bool()
-        next_pos = pos.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1        # (R,)
+        next_pos = pos[:, :, -1].amax(0) + 1                     # (R,) after the last token (left-padded prompts)
         start = (mask.shape[1] - valid.sum(1)).to(torch.int32)                    # (R,)
         return Prefix(keys, values, start, next_pos.long(), logits, prompts.visual)
 

@@ -7,13 +7,16 @@
 the root module's own parameters (embeddings, final norm, lm_head) only inside the root's forward. It runs
 the vision tower once per *distinct* video (the G rows of one (question, variant) share it), copies the
 merged visual tokens into the `<|video_pad|>` slots of every row that uses the video, builds mRoPE positions
-with the model's own `get_rope_index`, and hands the hidden states that predict completion tokens to
-`head_fn` packed as (N, H) — the [N, V] logits are the head's business (strive_kernels.fused_logprob_loss).
+(`Policy.positions`), and hands the hidden states that predict completion tokens to `head_fn` packed as (N, H)
+— the [N, V] logits are the head's business (strive_kernels.fused_logprob_loss).
 
-Visual tokens once per step: a batch may carry the merged visual tokens of its videos (`PolicyInputs.visual`,
-computed by the rollout's prefill); the forward then skips the vision tower. That is exact wherever the vision
-weights are those that made them and no gradient must reach the tower: the old log-probs of the same step
-always, the update and the frozen reference when `model.freeze_vision` (see strive_engine.step).
+Positions, one rule for every forward (rollout prefill, old log-probs, reference, update, SFT): a row's prompt
+(its attended tokens before its first completion token) is placed by the model's own `get_rope_index` (each
+family's rules: Qwen2.5-VL's seconds per temporal patch, Qwen3-VL's timestamps), and every token after it is text
+at the prompt's last position + 1 + j — where HF generate and the native decode engine put generated tokens, and
+what `get_rope_index` over the whole row gives. The prompt's positions are computed on the host once per distinct
+prompt (the G rows of a request share one, instead of HF's Python loop with 4 device syncs per row), and a
+rollout batch carries them (`PolicyInputs.position_ids`) for the step's other forwards (tests/test_positions.py).
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ class PolicyInputs:
     second_per_grid_ts (V,) float seconds per temporal patch; video_index (M,) int64: the video of each row.
     visual: the videos' merged visual tokens when already computed with the current vision weights (the
     forward then skips the vision tower; see the module docstring), else None.
+    position_ids: (3, M, L) int64 mRoPE positions by `Policy.positions` when already computed, else None.
     """
 
     input_ids: Tensor
@@ -66,6 +70,7 @@ class PolicyInputs:
     second_per_grid_ts: Tensor
     video_index: Tensor
     visual: VisualTokens | None = None
+    position_ids: Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -120,11 +125,12 @@ class PolicyInputs:
             n, t_offs = patches // merge2, offs // merge2
             tok = torch.cat([torch.arange(int(t_offs[v]), int(t_offs[v] + n[v])) for v in vids.tolist()])
             visual = self.visual.take(tok.to(self.visual.merged.device))
+        pos = None if self.position_ids is None else self.position_ids[:, rows.to(self.position_ids.device), lo:hi]
         return PolicyInputs(input_ids=self.input_ids[rows, lo:hi], attention_mask=am[:, lo:hi],
                             completion_mask=self.completion_mask[rows, lo:hi],
                             pixel_values_videos=self.pixel_values_videos[pix.to(self.pixel_values_videos.device)],
                             video_grid_thw=self.video_grid_thw[vids], second_per_grid_ts=self.second_per_grid_ts[vids],
-                            video_index=new_index, visual=visual)
+                            video_index=new_index, visual=visual, position_ids=pos)
 
     def validate(self, merge_size: int = 2, video_token_id: int | None = None) -> None:
         """Shape and consistency checks; ValueError naming the first inconsistency."""
@@ -148,6 +154,8 @@ class PolicyInputs:
         if self.visual is not None and self.visual.merged.shape[0] * merge_size**2 != n_pix:
             raise ValueError(f"PolicyInputs.visual has {self.visual.merged.shape[0]} tokens, video_grid_thw implies "
                              f"{n_pix // merge_size**2}")
+        if self.position_ids is not None and tuple(self.position_ids.shape) != (3, M, L):
+            raise ValueError(f"PolicyInputs.position_ids has shape {tuple(self.position_ids.shape)}, want {(3, M, L)}")
         if M and bool(self.completion_mask[:, 0].any()):
             raise ValueError("PolicyInputs.completion_mask[:, 0] must be 0 (the first token has no predecessor)")
         if bool((self.completion_mask.bool() & ~self.attention_mask.bool()).any()):
@@ -203,9 +211,10 @@ class Policy(nn.Module):
         slots = input_ids == self.hf.config.video_token_id if video_slots is None else video_slots
         return slots.to(torch.int32) * 2
 
-    def position_ids(self, input_ids: Tensor, attention_mask: Tensor, video_grid_thw: Tensor,
-                     second_per_grid_ts: Tensor, video_slots: Tensor | None = None) -> Tensor:
-        """(3, M, L) mRoPE positions from the model's get_rope_index; grid/seconds given per row (M, 3), (M,)."""
+    def rope_index(self, input_ids: Tensor, attention_mask: Tensor, video_grid_thw: Tensor,
+                   second_per_grid_ts: Tensor, video_slots: Tensor | None = None) -> Tensor:
+        """(3, M, L) mRoPE positions from the model's get_rope_index over whole rows (0 where attention_mask is 0);
+        grid/seconds given per row (M, 3), (M,). The forwards use `positions`, which applies it to the prompts."""
         wanted = dict(input_ids=input_ids, attention_mask=attention_mask, video_grid_thw=video_grid_thw,
                       image_grid_thw=None, second_per_grid_ts=second_per_grid_ts,
                       mm_token_type_ids=self.mm_token_type_ids(input_ids, video_slots))
@@ -214,6 +223,44 @@ class Policy(nn.Module):
             kw.pop("second_per_grid_ts", None)  # Qwen3-VL encodes time as timestamp text instead
         pos, _ = self.hf.model.get_rope_index(**kw)
         return pos
+
+    def positions(self, inputs: PolicyInputs, video_slots: Tensor | None = None) -> Tensor:
+        """(3, M, L) int64 mRoPE positions of `inputs` on its device (those it carries, else computed): the
+        prompt by `rope_index`, once per distinct prompt, the tokens after it at the prompt's last position + 1 + j;
+        0 on padding (the module docstring has the rule)."""
+        if inputs.position_ids is not None:
+            return inputs.position_ids
+        slots = inputs.video_slots(self.hf.config.video_token_id, self.merge_size) if video_slots is None \
+            else video_slots
+        host = torch.stack([inputs.input_ids.long(), inputs.attention_mask.long(), inputs.completion_mask.long(),
+                            slots.long()]).cpu()                                  # one copy to the host
+        ids, mask, comp, slots = host[0], host[1].bool(), host[2].bool(), host[3].bool()
+        M, L = ids.shape
+        cols = torch.arange(L)
+        end = torch.where(comp.any(1), comp.int().argmax(1), torch.full((M,), L))  # (M,) first completion column
+        prompt = mask & (cols[None] < end[:, None])                                # (M, L)
+        vid = inputs.video_index.cpu()
+        slot_of: dict[tuple, int] = {}
+        lead, first = [], []                         # row -> its distinct prompt; the first row of each prompt
+        for m, (v, row) in enumerate(zip(vid.tolist(), ids.masked_fill(~prompt, -1).numpy())):
+            u = slot_of.setdefault((v, row.tobytes()), len(slot_of))
+            if u == len(first):
+                first.append(m)
+            lead.append(u)
+        lead, first = torch.tensor(lead), torch.tensor(first)
+        pos = torch.zeros(3, len(first), L, dtype=torch.long)
+        has = prompt[first].any(1)
+        if bool(has.any()):
+            u = first[has]
+            pos[:, has] = self.rope_index(ids[u], prompt[u].long(), inputs.video_grid_thw.cpu()[vid[u]],
+                                          inputs.second_per_grid_ts.cpu()[vid[u]], slots[u] & prompt[u]).cpu()
+        last = L - 1 - prompt[first].flip(1).int().argmax(1)                     # (U,) last prompt column
+        nxt = pos[:, torch.arange(len(first)), last].amax(0) + has.long()        # (U,) last prompt position + 1
+        out = pos[:, lead]                                                         # (3, M, L)
+        after = mask & ~prompt                                                     # (M, L) the tokens after it
+        j = after.long().cumsum(1) - 1
+        out = torch.where(after[None], (nxt[lead][:, None] + j)[None], out)
+        return out.to(inputs.input_ids.device)
 
     def video_features(self, pixel_values: Tensor, grid_thw: Tensor) -> tuple[Tensor, list[Tensor] | None]:
         """Vision tower over all distinct videos at once -> merged tokens (sum_v n_v, H) and, for Qwen3-VL,
@@ -252,8 +299,7 @@ class Policy(nn.Module):
         merged, deep = vis.merged, vis.deepstack
         rows = inputs.row_token_index(self.merge_size)                           # (sum_m n_{v(m)},)
         embeds = embeds.masked_scatter(video_mask.unsqueeze(-1), merged[rows].to(embeds.dtype))
-        pos = self.position_ids(ids, mask, inputs.video_grid_thw[inputs.video_index],
-                                inputs.second_per_grid_ts[inputs.video_index], video_mask)  # (3, M, L)
+        pos = self.positions(inputs, video_mask)                                 # (3, M, L)
         extra: dict[str, Any] = {}
         if deep is not None:
             extra = dict(visual_pos_masks=video_mask, deepstack_visual_embeds=[d[rows] for d in deep])

@@ -223,6 +223,7 @@ def generate_rollouts(policy: Policy, tokenizer: Any, requests: Sequence[Rollout
             visual = None
     batch = _assemble(tokenizer, prompts, comp, logprobs, G, eos_ids, pad_id, device)
     batch.inputs.visual = visual  # the prefill's visual tokens: the old log-probs skip the vision tower
+    batch.inputs.position_ids = policy.positions(batch.inputs)  # once per step, for every later forward
     return batch
 
 

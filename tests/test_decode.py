@@ -47,9 +47,15 @@ def sharpened(pol, factor=5.0):
                 p.copy_(s)
 
 
-def _requests(kind, seed=0):
+def _requests(kind, seed=0, long=False):
+    """Three requests of different prompt lengths; long: videos of 8 / 6 / 4 temporal patches, 8 s each, whose
+    temporal positions (Qwen2.5-VL) run past the text after them."""
     d = 1536 if kind == "qwen3_vl" else 1176
     g = torch.Generator().manual_seed(seed)
+    if long:
+        return [RolloutRequest(q, torch.randn(t * h * h, d, generator=g), torch.tensor([t, h, h]), 8.0,
+                               timestamps=[8.0 * i + 2.0 for i in range(t)] if kind == "qwen3_vl" else None)
+                for q, t, h in ((MCQ, 8, 4), (NUMQ, 6, 6), (NUMQ, 4, 4))]
     return [RolloutRequest(MCQ, torch.randn(32, d, generator=g), torch.tensor([2, 4, 4]), 1.0,
                            timestamps=[0.1, 1.1] if kind == "qwen3_vl" else None),
             RolloutRequest(NUMQ, torch.randn(72, d, generator=g), torch.tensor([2, 6, 6]), 0.5,
@@ -105,16 +111,18 @@ def _hf_generate(pol, prompts, G, T, eos, pad, forced=None, temperature=1.0):
     return out.sequences[:, x.shape[1]:], torch.stack(out.logits, 1).float()
 
 
+@pytest.mark.parametrize("long", [False, True], ids=["short-video", "long-video"])
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
-def test_logits_match_hf_generate(tiny, kind):
+def test_logits_match_hf_generate(tiny, kind, long):
     """Per-step fp32 logits equal HF generate's (output_logits) for 3 requests of different prompt lengths, G=2,
     24 steps: greedy (identical tokens) and sampled at T=1.3 (HF forced along the native samples). A wrong
-    decode position changes the logits even where the greedy token survives."""
+    decode position changes the logits even where the greedy token survives; the long videos are the case where
+    the prompt's maximum position is not its last (the engine decoded from the maximum before)."""
     pol0, tok = tiny
     pol = pol0 if kind == "qwen2_5_vl" else _tiny_other(kind, tok)
     ids = special_token_ids(tok)
     eos, pad = [ids["eos_token_id"]], ids["pad_token_id"]
-    reqs = _requests(kind)
+    reqs = _requests(kind, long=long)
     prompts = _prompts(pol, tok, reqs)
     assert len(set(prompts.attention_mask.sum(1).tolist())) == 3        # three prompt lengths
     G, T = 2, 25

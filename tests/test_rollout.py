@@ -171,7 +171,7 @@ def test_eos_masking_and_truncation(tiny):
     class Scripted:
         def __init__(self, p):
             self.p, self.hf, self.config, self.merge_size = p, p.hf, p.config, p.merge_size
-            self.mm_token_type_ids = p.mm_token_type_ids
+            self.mm_token_type_ids, self.positions = p.mm_token_type_ids, p.positions
 
         def generate(self, input_ids, **kw):
             gen = torch.tensor(scripted[:input_ids.shape[0]])
@@ -319,6 +319,7 @@ def test_generated_vision_tokens_are_text_like_in_generate(tiny):
         def __init__(self, p):
             self.hf, self.config, self.merge_size, self.mm_token_type_ids = p.hf, p.config, p.merge_size, \
                 p.mm_token_type_ids
+            self.positions = p.positions
 
         def generate(self, input_ids, **kw):
             Force.start = input_ids.shape[1]
