@@ -174,6 +174,43 @@ def test_policy_scorer_frames(tiny_qwen):
     assert torch.allclose(e[2], feats.float().mean(0), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_policy_scorer_pools_in_one_tower_call(tiny_qwen, kind, tmp_path_factory, monkeypatch):
+    """All pools of a step (different sizes and resolutions) in one vision-tower call, each run of frames one grid
+    row (n, h, w): every frame's embedding equals the frame scored alone (fp32), for the three Qwen towers
+    (Qwen2.5-VL's windows, Qwen3-VL's interpolated position embeddings); frames_per_call splits the calls."""
+    if kind == "qwen2_5_vl":
+        model = tiny_qwen
+    else:
+        from strive_engine.config import ModelConfig
+        from strive_engine.model import build_model
+        from test_rollout import _tiny_other
+
+        _, tok = build_model(ModelConfig(tokenizer_dir=str(tmp_path_factory.mktemp("tok") / "t"), tiny_hidden_size=64,
+                                         tiny_layers=1, tiny_heads=4, tiny_vision_depth=1,
+                                         tiny_vision_hidden_size=32), "cpu")
+        model = _tiny_other(kind, tok).hf.eval()
+    pools = [_frames(5, seed=1), _frames(3, 56, 40, seed=2), _frames(6, 96, 128, seed=3)]
+    sc = PolicyScorer(model, CharTokenizer(), score_side=56)
+    calls = []
+    real = sc.visual.forward
+    monkeypatch.setattr(sc.visual, "forward", lambda pv, grid_thw, **kw: calls.append(grid_thw.tolist()) or
+                        real(pv, grid_thw=grid_thw, **kw))
+    got = sc.embed_pools(pools)
+    assert len(calls) == 1 and [row[0] for row in calls[0]] == [5, 3, 6]
+    for pool, e in zip(pools, got):
+        alone = torch.cat([sc.embed_frames(pool[i:i + 1]) for i in range(pool.shape[0])])
+        assert e.shape == alone.shape
+        torch.testing.assert_close(e, alone, rtol=1e-5, atol=1e-5)
+    calls.clear()
+    split = PolicyScorer(model, CharTokenizer(), score_side=56, frames_per_call=4)
+    monkeypatch.setattr(split.visual, "forward", lambda pv, grid_thw, **kw: calls.append(grid_thw.tolist()) or
+                        real(pv, grid_thw=grid_thw, **kw))
+    for e, f in zip(split.embed_pools(pools), got):
+        torch.testing.assert_close(e, f, rtol=1e-5, atol=1e-5)
+    assert [[row[0] for row in c] for c in calls] == [[4], [1, 3], [4], [2]]
+
+
 def test_policy_scorer_text(tiny_qwen):
     sc = PolicyScorer(tiny_qwen, CharTokenizer())
     q = sc.embed_text(["ab", "", "b"])
