@@ -5,6 +5,7 @@
     python bench/throughput.py --recipe gpu_small --steps 8 --compare      # 0.17 B random-weight model (GPU)
     python bench/throughput.py --recipe gpu_3b --steps 2 --skip-checkpoint  # Qwen2.5-VL-3B shapes (one H200)
     python bench/throughput.py --profile                # + a torch.profiler trace of one more step
+    python bench/throughput.py --count-ops              # + ATen ops and device->host reads per stage, one more step
     python bench/throughput.py --save                   # + append the record to bench/results/throughput.jsonl
     python bench/throughput.py --rollout.num_generations=8 ...             # any config override
 
@@ -21,6 +22,12 @@ stage. Also: the update's MFU as 6 x parameters x tokens forwarded /
 time / matmul ceiling and old log-probs' as 2 x ..., the same from the FLOP model, the rollout backend that
 ran (printed), questions/s, rollouts/s, generated and trained tokens/s. The rollout's spread says whether the
 steps were enough: its median should repeat within 10% (printed as ok / noisy).
+
+`--count-ops` runs one more step under a dispatch mode and reports, per stage, the ATen ops that are not views
+(each one kernel launch on a GPU, unless a CUDA graph replays it) and the device->host reads (a `.item()`,
+`nonzero`, a copy to the host: each one a sync on CUDA; on a CPU run every such read is counted, host bookkeeping
+included). A stage that runs far below its FLOP or byte floor at a small model's sizes is bound by these; they
+are counted the same on the CPU, so a change to them can be checked without a GPU.
 
 `--compare` runs the same steps again in a child process with STRIVE_KERNELS_BACKEND=reference (same seed,
 same data) and prints the ratio per stage. A table goes to stdout and one JSON object is the last line. The
@@ -90,6 +97,8 @@ import torch  # noqa: E402
 
 from flops import (CallRecord, measure_ceilings, model_shape, policy_call_flops, rollout_work,  # noqa: E402
                    vision_flops)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 from strive_engine.metrics import STAGES, StageTimer  # noqa: E402
 
 HOST_BOUND = {"decode": "host: video decoder", "reward": "host: Python", "advantage": "launch latency",
@@ -114,6 +123,38 @@ def _versions() -> dict:
 
 
 # -------------------------------------------------------------------------------------- instrumentation
+
+
+_HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+
+
+class OpCounter(TorchDispatchMode):
+    """ATen ops (views excluded) and device->host reads per stage of `timer` (see --count-ops)."""
+
+    def __init__(self, timer: "BenchTimer"):
+        super().__init__()
+        self.timer = timer
+        self.ops: dict[str, int] = defaultdict(int)
+        self.reads: dict[str, int] = defaultdict(int)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not func.is_view and func.namespace != "profiler":  # record_function's markers launch nothing
+            stage = self.timer.current
+            self.ops[stage] += 1
+            name = func.__name__.split(".")[0]
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            on_host = first is None or first.device.type == "cpu"
+            cuda_run = torch.cuda.is_available()
+            to_host = name == "_to_copy" and not on_host and str(kwargs.get("device", "")) == "cpu"
+            if to_host or (name in _HOST_READS and (not on_host or not cuda_run)):
+                self.reads[stage] += 1
+        return out
+
+    def record(self) -> dict[str, dict[str, int]]:
+        return {s: {"ops": n, "host_reads": self.reads.get(s, 0)} for s, n in sorted(self.ops.items())}
+
 
 
 class BenchTimer(StageTimer):
@@ -208,8 +249,10 @@ def step_work(shape, calls: list[CallRecord], vision, cfg, elem: int) -> dict[st
 # ---------------------------------------------------------------------------------------------- measure
 
 
-def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path | None, batches):
-    """Warm-up steps, timed steps (one row and one work record each), then optionally one profiled step."""
+def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path | None, batches,
+                       count_ops: bool = False):
+    """Warm-up steps, timed steps (one row and one work record each), then optionally one profiled step and one
+    step under the op counter (its record in t.op_counts)."""
     from strive_engine.step import rl_step
 
     rec = WorkRecorder([t.policy] + ([t.reference.policy] if t.reference is not None else []), t.timer)
@@ -231,6 +274,12 @@ def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path 
         rec.collect()
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(profile_path))
+    if count_ops:
+        counter = OpCounter(t.timer)
+        with counter:
+            rl_step(t, warmup + steps + (profile_path is not None), batches)
+        rec.collect()
+        t.op_counts = counter.record()
     return rows, works, wall
 
 
@@ -254,7 +303,7 @@ def _checkpoint_seconds(t, cfg, env, step: int) -> dict:
 
 
 def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = False,
-            profile_path: Path | None = None) -> dict:
+            profile_path: Path | None = None, count_ops: bool = False) -> dict:
     """Build the trainer from the config in argv, time `steps` RL steps after `warmup` ones, explain them."""
     import functools
 
@@ -277,7 +326,7 @@ def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = Fa
                                                      pool_frames=cfg.video.pool_frames, device=env.device),
                          depth=cfg.video.prefetch_batches)
     try:
-        rows, works, wall = _trainer_step_loop(t, cfg, env, warmup, steps, profile_path, batches)
+        rows, works, wall = _trainer_step_loop(t, cfg, env, warmup, steps, profile_path, batches, count_ops)
         ckpt = None if skip_checkpoint else _checkpoint_seconds(t, cfg, env, warmup + steps)
     finally:
         batches.close()
@@ -286,7 +335,10 @@ def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = Fa
     elem = 2 if env.device.type == "cuda" else 4
     stage_work = [step_work(shape, calls, vision, cfg, elem) for calls, vision in works]
     destroy_distributed()
-    return explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt, build_s, argv)
+    out = explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt, build_s, argv)
+    if count_ops:
+        out["ops"] = t.op_counts
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- explain
@@ -407,6 +459,11 @@ def _table(fast: dict, ref: dict | None) -> str:
                  + (f"; reference's rollout {ref['stages_s'].get('rollout', 0):.4f} s" if ref else ""))
     mem = fast["memory"]
     lines.append("memory: " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()))
+    if "ops" in fast:
+        where = "device->host reads" if fast["shape"]["device"].startswith("cuda") else \
+            "host reads (CPU run: host bookkeeping included)"
+        lines.append(f"ATen ops (not views) / {where}, one step: " + ", ".join(
+            f"{s} {v['ops']}/{v['host_reads']}" for s, v in sorted(fast["ops"].items(), key=lambda kv: -kv[1]["ops"])))
     for k in ("step_s", "questions_per_s", "rollouts_per_s", "gen_tokens_per_s", "train_tokens_per_s",
               "update_seq_tokens_per_s"):
         row = f"{k:<24} {fast[k]:>10.3f}"
@@ -424,6 +481,8 @@ def _child(argv: list[str], args, backend: str, stamp: str) -> dict:
         cmd.append("--skip-checkpoint")
     if args.profile:
         cmd += ["--_trace", str(Path(args.out) / f"throughput-trace-{backend}-{stamp}.json")]
+    if args.count_ops:
+        cmd.append("--count-ops")
     out = subprocess.run(cmd + argv, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"child run ({backend}) failed:\n{out.stderr[-3000:]}")
@@ -438,6 +497,8 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true", help="also run with every kernel's pure-torch twin")
     ap.add_argument("--profile", action="store_true", help="write a torch.profiler trace of one more step to --out")
     ap.add_argument("--skip-checkpoint", action="store_true", help="do not time a checkpoint save (big models)")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count ATen ops and device->host reads per stage in one more step")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="where the record (and trace) go")
     ap.add_argument("--save", action="store_true", help="also append the record to bench/results/throughput.jsonl")
     ap.add_argument("--results-dir", default=str(ROOT / "bench" / "results"), help=argparse.SUPPRESS)
@@ -449,7 +510,8 @@ def main() -> None:
         ap.error("--steps must be >= 1")
     if args._child:  # the parent already added the output folder
         trace = Path(args._trace) if args._trace else None
-        rec = measure(["--recipe", args.recipe, *rest], args.steps, args.warmup, args.skip_checkpoint, trace)
+        rec = measure(["--recipe", args.recipe, *rest], args.steps, args.warmup, args.skip_checkpoint, trace,
+                      args.count_ops)
         print(json.dumps({**rec, **({"trace": str(trace)} if trace else {})}))
         return
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")

@@ -108,29 +108,34 @@ class PolicyInputs:
         """The sub-batch of `rows` (e.g. a micro-batch): only the videos they use are kept (re-indexed), and
         columns that are padding in every kept row are trimmed. Positions are unchanged by the trimming
         (they come from the attention mask), so the result scores exactly as inside the full batch."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device).reshape(-1)
+        # The bookkeeping runs on host copies (three small reads; on CUDA an int() per video was a sync each).
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()
         if rows.numel() == 0:
             raise ValueError("PolicyInputs.select: no rows selected")
-        vids, new_index = torch.unique(self.video_index[rows], sorted=True, return_inverse=True)
-        patches = self.video_grid_thw.prod(-1)                                   # (V,) pixel rows per video
+        dev = self.input_ids.device
+        vids, new_index = torch.unique(self.video_index.cpu()[rows], sorted=True, return_inverse=True)
+        patches = self.video_grid_thw.cpu().prod(-1)                             # (V,) pixel rows per video
         offs = torch.cumsum(patches, 0) - patches
-        pix = torch.cat([torch.arange(int(offs[v]), int(offs[v] + patches[v]), device=patches.device)
-                         for v in vids.tolist()])
-        am = self.attention_mask[rows]
-        used = am.bool().any(0).nonzero().flatten()
+        starts, lens = offs[vids], patches[vids]
+        pix = torch.arange(int(lens.sum())) - (torch.cumsum(lens, 0) - lens).repeat_interleave(lens) \
+            + starts.repeat_interleave(lens)                                     # the kept videos' pixel rows
+        rows_d = rows.to(dev)
+        am = self.attention_mask[rows_d]
+        used = am.bool().any(0).cpu().nonzero().flatten()
         lo, hi = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, am.shape[1])
         visual = None
         if self.visual is not None:  # the kept videos' tokens: patches / merge^2 rows each
             merge2 = int(patches.sum()) // self.visual.merged.shape[0]
-            n, t_offs = patches // merge2, offs // merge2
-            tok = torch.cat([torch.arange(int(t_offs[v]), int(t_offs[v] + n[v])) for v in vids.tolist()])
+            tok = pix.view(-1, merge2)[:, 0] // merge2                            # token rows of the kept videos
             visual = self.visual.take(tok.to(self.visual.merged.device))
         pos = None if self.position_ids is None else self.position_ids[:, rows.to(self.position_ids.device), lo:hi]
-        return PolicyInputs(input_ids=self.input_ids[rows, lo:hi], attention_mask=am[:, lo:hi],
-                            completion_mask=self.completion_mask[rows, lo:hi],
+        vids_d = vids.to(self.video_grid_thw.device)
+        return PolicyInputs(input_ids=self.input_ids[rows_d, lo:hi], attention_mask=am[:, lo:hi],
+                            completion_mask=self.completion_mask[rows_d, lo:hi],
                             pixel_values_videos=self.pixel_values_videos[pix.to(self.pixel_values_videos.device)],
-                            video_grid_thw=self.video_grid_thw[vids], second_per_grid_ts=self.second_per_grid_ts[vids],
-                            video_index=new_index, visual=visual, position_ids=pos)
+                            video_grid_thw=self.video_grid_thw[vids_d],
+                            second_per_grid_ts=self.second_per_grid_ts[vids.to(self.second_per_grid_ts.device)],
+                            video_index=new_index.to(self.video_index.device), visual=visual, position_ids=pos)
 
     def validate(self, merge_size: int = 2, video_token_id: int | None = None) -> None:
         """Shape and consistency checks; ValueError naming the first inconsistency."""

@@ -53,7 +53,8 @@ def test_throughput_compare_with_kl_reference():
     before = _tracked_files_state()
     with tempfile.TemporaryDirectory() as tmp:
         syn = Path(tmp) / "syn"
-        res = _script("bench/throughput.py", ["--steps", "2", "--warmup", "0", "--compare", "--profile", *TINY,
+        res = _script("bench/throughput.py", ["--steps", "2", "--warmup", "0", "--compare", "--profile",
+                                              "--count-ops", *TINY,
                                               f"--data.synthetic_dir={syn}", "--algorithm.beta=0.05"])
     rec = json.loads(res.stdout.strip().splitlines()[-1])
     for side in ("fast", "reference"):
@@ -83,9 +84,13 @@ def test_throughput_compare_with_kl_reference():
         assert r["mfu"]["update_PT"] > 0 and r["mfu"]["update_model"] == r["stages"]["update"]["fraction"]
         assert r["backend"]["kernels"] == ("auto" if side == "fast" else "reference")
         assert sum(v["share"] for v in r["stages"].values()) < 1.05
+        ops = r["ops"]  # --count-ops: one more step, per stage
+        assert {"keyframes", "rollout", "old_logp", "update", "optimizer"} <= set(ops)
+        assert ops["update"]["ops"] > ops["old_logp"]["ops"] > 0 and ops["optimizer"]["host_reads"] >= 0
     assert rec["speedup_step"] == pytest.approx(rec["reference"]["step_s"] / rec["fast"]["step_s"])
     assert {"torch", "git_sha", "date", "cpu_count"} <= set(rec)
     assert "ref_logp" in res.stdout and "speed-up" in res.stdout and "rollout backend:" in res.stdout
+    assert "ATen ops (not views)" in res.stdout
     # the record and the traces went to runs/bench, which git ignores; no tracked file changed
     written = [Path(p) for p in rec["written_to"]]
     assert written == [ROOT / "runs" / "bench" / "throughput.jsonl"]
@@ -100,6 +105,26 @@ def test_throughput_compare_with_kl_reference():
         assert not changed, f"the bench changed tracked files: {changed}"
         ignored = subprocess.run(["git", "check-ignore", "-q", str(written[0])], cwd=ROOT).returncode
         assert ignored == 0
+
+
+def test_op_counter_counts_launches_and_host_reads_per_stage(monkeypatch):
+    """--count-ops' counter: non-view ATen ops and host reads, attributed to the timer's current stage."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+
+    tp = importlib.import_module("throughput")
+    timer = tp.BenchTimer(sync=False)
+    counter = tp.OpCounter(timer)
+    with counter:
+        with timer("keyframes"):
+            a = torch.ones(6)                      # ones
+            b = (a.view(2, 3) + 1).t()             # add (view and t are views: not launches)
+            float(b.sum())                         # sum, _local_scalar_dense (a host read)
+        with timer("update"):
+            (a * 2).nonzero()                      # mul, nonzero (a host read: its size)
+        torch.zeros(1)                             # outside any stage
+    assert counter.record() == {"keyframes": {"ops": 4, "host_reads": 1}, "update": {"ops": 2, "host_reads": 1},
+                                "other": {"ops": 1, "host_reads": 0}}
 
 
 def test_throughput_save_appends_to_results_only_when_asked(tmp_path, monkeypatch):
