@@ -136,6 +136,7 @@ class OpCounter(TorchDispatchMode):
         self.timer = timer
         self.ops: dict[str, int] = defaultdict(int)
         self.reads: dict[str, int] = defaultdict(int)
+        self.cuda_run = torch.cuda.is_available()  # a CPU run counts every host read (see --count-ops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -146,9 +147,8 @@ class OpCounter(TorchDispatchMode):
             name = func.__name__.split(".")[0]
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
             on_host = first is None or first.device.type == "cpu"
-            cuda_run = torch.cuda.is_available()
             to_host = name == "_to_copy" and not on_host and str(kwargs.get("device", "")) == "cpu"
-            if to_host or (name in _HOST_READS and (not on_host or not cuda_run)):
+            if to_host or (name in _HOST_READS and (not on_host or not self.cuda_run)):
                 self.reads[stage] += 1
         return out
 

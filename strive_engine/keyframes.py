@@ -106,7 +106,7 @@ class PolicyScorer:
         of one pool enters the tower as one grid row (n, h, w): each frame is a temporal patch (itself twice),
         and the Qwen towers attend, window and place rotary angles within a temporal patch, so this is the tower
         on n one-frame clips — with HF's per-grid-row Python loops (rotary and window indices) run once per run
-        instead of once per frame (~4,000 of the keyframe stage's 7,500 ops at gpu_small)."""
+        instead of once per frame (keyframe stage at gpu_small: 4,364 -> 1,168 ops; bench/TUNING.md)."""
         for frames in pools:
             _check_frames(frames)
         patchify = self.patchify or variant_patchify  # the C++/CUDA op; its own twin where the op is not built
