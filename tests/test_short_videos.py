@@ -10,6 +10,7 @@
 import json
 import os
 import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -184,7 +185,10 @@ def test_a_run_without_decodable_videos_stops_with_the_reasons(tmp_path):
     (tmp_path / "v").mkdir()
     rows = []
     for i in range(3):
-        (tmp_path / "v" / f"{i}.mp4").write_bytes(os.urandom(2000))
+        # an MP4 'ftyp' box, then seeded garbage: the probe settles on MOV and fails (VideoCorrupt). Bare random
+        # bytes are not a fixed input: about 1 in 150 probes as an lrc subtitle file (NoVideoStream).
+        (tmp_path / "v" / f"{i}.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom\x00\x00\x02\x00isomiso2"
+                                                  + random.Random(i).randbytes(2000))
         rows.append({"problem": "q?", "problem_type": "multiple choice", "options": ["A. a", "B. b"],
                      "solution": "<answer>A</answer>", "path": f"v/{i}.mp4", "data_type": "video"})
     (tmp_path / "r.json").write_text(json.dumps(rows))
