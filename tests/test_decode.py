@@ -141,6 +141,45 @@ def test_logits_match_hf_generate(tiny, kind, long):
             assert len(set(out.tokens[0, :n].tolist())) > 5            # the comparison covers varied tokens
 
 
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_stacked_qkv_equals_three_projections(tiny, kind):
+    """pack_qkv (one GEMM per layer over the stacked q/k/v weights and biases; q, k, v strided views of its output)
+    gives the logits and tokens of the three projections, with Qwen2's biases and Qwen3-VL's q/k norms; the copy
+    is taken per generate call, so a changed weight is used by the same engine's next call."""
+    pol0, tok = tiny
+    pol = pol0 if kind == "qwen2_5_vl" else _tiny_other(kind, tok)
+    attn = pol.hf.model.language_model.layers[-1].self_attn
+    assert (attn.k_proj.bias is not None) == (kind != "qwen3_vl")
+    ids = special_token_ids(tok)
+    eos, pad = [ids["eos_token_id"]], ids["pad_token_id"]
+    prompts = _prompts(pol, tok, _requests(kind))
+    packed, plain = DecodeEngine(pol), DecodeEngine(pol, pack_qkv=False)
+
+    def both():
+        runs = []
+        for engine in (packed, plain):
+            torch.manual_seed(2)
+            runs.append(engine.generate(prompts, 2, SamplingSpec(temperature=1.3), 12, eos, pad, keep_logits=True,
+                                        check_every=1000))
+        torch.testing.assert_close(runs[0].logits, runs[1].logits, **TOL)
+        torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, **TOL)
+        assert torch.equal(runs[0].tokens, runs[1].tokens)
+        return runs[0]
+
+    with torch.no_grad(), sharpened(pol):
+        st = packed.new_state(packed.prefill(prompts), 2, 4, SamplingSpec(), eos, pad)
+        assert len(st.qkv) == len(packed.layers) and st.qkv[0][0].shape[0] == (
+            packed.num_heads + 2 * packed.num_kv_heads) * packed.head_dim
+        first = both()
+        saved = attn.v_proj.weight.detach().clone()
+        attn.v_proj.weight.mul_(-2.0)                  # v only: the last block of the stacked copy
+        try:
+            second = both()
+        finally:
+            attn.v_proj.weight.copy_(saved)
+    assert (first.logits - second.logits).abs().max() > 1e-3   # the change reached the packed engine
+
+
 def test_rollout_native_equals_hf_greedy_and_scores_match_policy(tiny):
     """generate_rollouts with either backend: identical greedy batches; native sampling log-probs equal
     Policy.forward's on the returned inputs (the trainer's old log-probs)."""
