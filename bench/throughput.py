@@ -87,7 +87,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,6 +95,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from _profile import format_stage_profile, stage_profile  # noqa: E402
 from flops import (CallRecord, measure_ceilings, model_shape, policy_call_flops, rollout_work,  # noqa: E402
                    vision_flops)
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -136,6 +137,7 @@ class OpCounter(TorchDispatchMode):
         self.timer = timer
         self.ops: dict[str, int] = defaultdict(int)
         self.reads: dict[str, int] = defaultdict(int)
+        self.names: dict[str, Counter] = defaultdict(Counter)  # per stage: ATen op name -> count
         self.cuda_run = torch.cuda.is_available()  # a CPU run counts every host read (see --count-ops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -145,6 +147,7 @@ class OpCounter(TorchDispatchMode):
             stage = self.timer.current
             self.ops[stage] += 1
             name = func.__name__.split(".")[0]
+            self.names[stage][name] += 1
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
             on_host = first is None or first.device.type == "cpu"
             to_host = name == "_to_copy" and not on_host and str(kwargs.get("device", "")) == "cpu"
@@ -154,6 +157,10 @@ class OpCounter(TorchDispatchMode):
 
     def record(self) -> dict[str, dict[str, int]]:
         return {s: {"ops": n, "host_reads": self.reads.get(s, 0)} for s, n in sorted(self.ops.items())}
+
+    def top(self, n: int = 12) -> dict[str, list[tuple[str, int]]]:
+        """Each stage's n most frequent ops: where its launches come from."""
+        return {s: c.most_common(n) for s, c in sorted(self.names.items())}
 
 
 
@@ -274,12 +281,14 @@ def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path 
         rec.collect()
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(profile_path))
+        t.stage_profile = stage_profile(prof.events())
     if count_ops:
         counter = OpCounter(t.timer)
         with counter:
             rl_step(t, warmup + steps + (profile_path is not None), batches)
         rec.collect()
         t.op_counts = counter.record()
+        t.op_top = counter.top()
     return rows, works, wall
 
 
@@ -336,8 +345,11 @@ def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = Fa
     stage_work = [step_work(shape, calls, vision, cfg, elem) for calls, vision in works]
     destroy_distributed()
     out = explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt, build_s, argv)
+    if profile_path is not None:
+        out["profile"] = t.stage_profile
     if count_ops:
         out["ops"] = t.op_counts
+        out["ops_top"] = t.op_top
     return out
 
 
@@ -464,6 +476,11 @@ def _table(fast: dict, ref: dict | None) -> str:
             "host reads (CPU run: host bookkeeping included)"
         lines.append(f"ATen ops (not views) / {where}, one step: " + ", ".join(
             f"{s} {v['ops']}/{v['host_reads']}" for s, v in sorted(fast["ops"].items(), key=lambda kv: -kv[1]["ops"])))
+        for s in ("update", "old_logp", "keyframes"):
+            if s in fast.get("ops_top", {}):
+                lines.append(f"  {s} most frequent: " + ", ".join(f"{n} {c}" for n, c in fast["ops_top"][s][:8]))
+    if "profile" in fast:
+        lines += format_stage_profile(fast["profile"], fast["shape"]["device"].startswith("cuda"))
     for k in ("step_s", "questions_per_s", "rollouts_per_s", "gen_tokens_per_s", "train_tokens_per_s",
               "update_seq_tokens_per_s"):
         row = f"{k:<24} {fast[k]:>10.3f}"

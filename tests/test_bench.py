@@ -87,10 +87,13 @@ def test_throughput_compare_with_kl_reference():
         ops = r["ops"]  # --count-ops: one more step, per stage
         assert {"keyframes", "rollout", "old_logp", "update", "optimizer"} <= set(ops)
         assert ops["update"]["ops"] > ops["old_logp"]["ops"] > 0 and ops["optimizer"]["host_reads"] >= 0
+        prof = r["profile"]  # --profile: the profiled step's stages, its ops attributed to them
+        assert {"rollout", "old_logp", "update", "optimizer"} <= set(prof)
+        assert prof["update"]["host_ops"] > prof["optimizer"]["host_ops"] > 0 and prof["update"]["wall_ms"] > 0
     assert rec["speedup_step"] == pytest.approx(rec["reference"]["step_s"] / rec["fast"]["step_s"])
     assert {"torch", "git_sha", "date", "cpu_count"} <= set(rec)
     assert "ref_logp" in res.stdout and "speed-up" in res.stdout and "rollout backend:" in res.stdout
-    assert "ATen ops (not views)" in res.stdout
+    assert "ATen ops (not views)" in res.stdout and "profiled step:" in res.stdout and "update most frequent" in res.stdout
     # the record and the traces went to runs/bench, which git ignores; no tracked file changed
     written = [Path(p) for p in rec["written_to"]]
     assert written == [ROOT / "runs" / "bench" / "throughput.jsonl"]
@@ -125,6 +128,52 @@ def test_op_counter_counts_launches_and_host_reads_per_stage(monkeypatch):
         torch.zeros(1)                             # outside any stage
     assert counter.record() == {"keyframes": {"ops": 4, "host_reads": 1}, "update": {"ops": 2, "host_reads": 1},
                                 "other": {"ops": 1, "host_reads": 0}}
+
+
+def test_stage_profile_attributes_host_ops_and_device_time_per_stage(monkeypatch):
+    """--profile's per-stage table: host ATen calls go to the innermost stage range holding their start (a real
+    CPU profile); device events (faked: no GPU here) go by their device start, graph kernels that no host op
+    owns included, device-side copies of the stage annotations left out; busy = device time / wall."""
+    from types import SimpleNamespace as NS
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+
+    bp = importlib.import_module("_profile")
+    x = torch.randn(48, 48, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("stage/update"):
+            (x @ x).relu().sum().backward()
+            with record_function("stage/optimizer"):
+                x.data.add_(x.grad)
+        torch.ones(3)                                      # outside every stage: left out
+        with record_function("stage/old_logp"):
+            torch.mm(x, x)
+    p = bp.stage_profile(prof.events())
+    assert set(p) == {"update", "optimizer", "old_logp"}
+    assert "mm" in dict(p["update"]["top_ops"]) and "mm" in dict(p["old_logp"]["top_ops"])
+    assert dict(p["optimizer"]["top_ops"]).keys() == {"add_"} and "add_" not in dict(p["old_logp"]["top_ops"])
+    assert all(v["device_ms"] == 0 and v["kernels"] == 0 and v["wall_ms"] > 0 for v in p.values())
+    assert p["update"]["wall_ms"] > p["optimizer"]["wall_ms"]
+
+    def ev(name, start, end, dev="CPU"):
+        return NS(name=name, time_range=NS(start=start, end=end), device_type=f"DeviceType.{dev}",
+                  self_cpu_time_total=0.0 if dev != "CPU" else end - start, cpu_children=[],
+                  is_user_annotation=name.startswith("stage/"))
+    fake = [ev("stage/rollout", 0, 1000), ev("stage/update", 1000, 3000), ev("aten::mm", 10, 20),
+            ev("stage/rollout", 5, 990, "CUDA"),                          # the annotation's device copy
+            ev("gemm_a", 30, 530, "CUDA"), ev("gemm_a", 600, 700, "CUDA"),  # graph replay: no host op
+            ev("softmax", 1500, 1600, "CUDA"), ev("late", 3500, 3600, "CUDA")]
+    q = bp.stage_profile(fake)
+    assert q["rollout"]["device_ms"] == pytest.approx(0.6) and q["rollout"]["kernels"] == 2
+    assert q["rollout"]["busy"] == pytest.approx(0.6) and q["rollout"]["top_kernels"] == [["gemm_a", 0.6]]
+    assert q["update"]["kernels"] == 1 and q["update"]["busy"] == pytest.approx(0.05)
+    assert q["rollout"]["host_ops"] == 1 and q["update"]["host_ops"] == 0
+    lines = bp.format_stage_profile(q, device=True)
+    assert len(lines) == 3 and [ln.split()[0] for ln in lines[1:]] == ["update", "rollout"]  # by wall time
+    assert "gemm_a 0.60 ms" in lines[2] and "softmax 0.10 ms" in lines[1]
 
 
 def test_throughput_save_appends_to_results_only_when_asked(tmp_path, monkeypatch):
