@@ -84,6 +84,13 @@ class _Permute(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
+def _pieces(tensors, sizes: list[int]) -> list[list[Tensor]]:
+    """[[t's piece i for t in tensors] for each size i] along dim 0; the tensors themselves when one piece."""
+    if len(sizes) == 1:
+        return [list(tensors)]
+    return [list(p) for p in zip(*(t.split(sizes) for t in tensors))]
+
+
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale: float) -> Tensor:
     """Attention of (N, heads, D) q/k/v within each segment [cu_seqlens[i], cu_seqlens[i+1]) -> (N, heads, D)."""
     plan = plan_for(cu_seqlens)
@@ -92,13 +99,15 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, scale
     heads, dim = q.shape[1], q.shape[2]
     if plan.perm is not None:  # each length's segments contiguous
         q, k, v = (_Permute.apply(t, plan.perm, plan.inverse) for t in (q, k, v))
-    outs, offset = [], 0
-    for length, count in plan.groups:
-        qs, ks, vs = (t[offset:offset + count * length].view(count, length, heads, dim) for t in (q, k, v))
-        offset += count * length
+    outs = []
+    # Pieces by split, not slicing: a slice's backward is a zero-filled full-size gradient plus a copy (and the
+    # groups' gradients are then summed), split's is one cat of the pieces' gradients.
+    groups = _pieces((q, k, v), [count * length for length, count in plan.groups])
+    for (length, count), qkv in zip(plan.groups, groups):
         per_call = max(1, SCORE_BUDGET // (heads * length * length * 4))
-        for c in range(0, count, per_call):
-            o = F.scaled_dot_product_attention(*(t[c:c + per_call].transpose(1, 2) for t in (qs, ks, vs)),
+        qkv = [t.view(count, length, heads, dim) for t in qkv]
+        for qs, ks, vs in _pieces(qkv, [min(per_call, count - c) for c in range(0, count, per_call)]):
+            o = F.scaled_dot_product_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
                                                scale=scale)                     # (n, heads, L, D)
             outs.append(o.transpose(1, 2).reshape(-1, heads, dim))
     if not outs:  # no tokens

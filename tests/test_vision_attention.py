@@ -126,6 +126,37 @@ def test_segment_attention_against_a_loop_in_fp64(lengths, monkeypatch):
     torch.testing.assert_close(va.segment_attention(q, k, v, cu.clone(), 0.3), ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("one_segment_per_call", [False, True])
+def test_segment_attention_backward_equals_the_loop_and_slices_nothing(one_segment_per_call, monkeypatch):
+    """Gradients of q, k, v equal the loop's (fp64) with several lengths, and with several calls per length; the
+    groups and calls are split, not sliced: no SliceBackward in the graph (each slice's backward zero-fills a
+    full-size gradient, copies into it, and the pieces' gradients are then summed)."""
+    lengths = [5, 3, 5, 0, 7, 3, 5]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    if one_segment_per_call:
+        monkeypatch.setattr(va, "SCORE_BUDGET", 1)
+    monkeypatch.setattr(va, "_PLANS", {})
+    g = torch.Generator().manual_seed(3)
+    leaves = [torch.randn(int(cu[-1]), 3, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    w = torch.randn(int(cu[-1]), 3, 8, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (va.segment_attention, _loop_reference):
+        qkv = [t.clone().requires_grad_() for t in leaves]
+        out = fn(*qkv, cu, 0.3)
+        if fn is va.segment_attention:
+            kinds, todo, seen = set(), [out.grad_fn], set()
+            while todo:
+                node = todo.pop()
+                if node is not None and node not in seen:
+                    seen.add(node)
+                    kinds.add(type(node).__name__)
+                    todo += [f for f, _ in node.next_functions]
+            assert "SliceBackward0" not in kinds and "SplitWithSizesBackward0" in kinds, kinds
+        grads.append(torch.autograd.grad((out * w).sum(), qkv))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_cu_seqlens_are_named():
     q = torch.randn(6, 2, 4)
     with pytest.raises(ValueError, match="covers 5 tokens but the sequence has 6"):
