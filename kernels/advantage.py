@@ -32,7 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from strive_kernels import _backend
-from strive_kernels._backend import check_values, resolve
+from strive_kernels._backend import cdiv, check_values, next_pow2, resolve
 from strive_kernels.reference.advantage import (
     ADVANTAGE_MODES,
     AdvantageInputError,
@@ -291,8 +291,8 @@ def group_advantages_forward(rewards: Tensor, group_ids: Tensor, variant_ids: Te
         block = _block()
         one = n <= 2 * block
         if one:  # the window is the whole batch
-            block = max(16, triton.next_power_of_2(n))
-        T = triton.cdiv(n, block)
+            block = max(16, next_pow2(n))
+        T = cdiv(n, block)
         win = block if one else 2 * block
         part = torch.empty(T, NPART, dtype=torch.float32, device=dev)
         r, g, v = rewards.contiguous(), group_ids.contiguous(), variant_ids.contiguous()
@@ -300,7 +300,7 @@ def group_advantages_forward(rewards: Tensor, group_ids: Tensor, variant_ids: Te
                                 ONE_PROGRAM=one, num_warps=1 if win <= 128 else min(8, win // 64))
         if not one:
             _finalize_kernel[(1,)](part, stats, counts, adv, T, n, float(eps), MODE=mode_id,
-                                   TP=triton.next_power_of_2(T), num_warps=4)
+                                   TP=next_pow2(T), num_warps=4)
     return adv, GroupStats(*stats.unbind(), *counts.unbind())
 
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from strive_kernels._backend import resolve
+from strive_kernels._backend import next_pow2, resolve
 from strive_kernels.reference.decode_attention import (
     DecodeAttentionInputError,
     check_decode_attention_inputs,
@@ -179,8 +179,8 @@ def shared_prefix_attention_triton(q: Tensor, k_prefix: Tensor, v_prefix: Tensor
         if t.stride(-1) != 1:
             raise DecodeAttentionInputError(f"{name} must have a unit stride in D, got strides {t.stride()}")
     BLOCK_N, BLOCK_T = 64, 32
-    QB = max(16, triton.next_power_of_2(G * n_rep))
-    QS = max(16, triton.next_power_of_2(n_rep))
+    QB = max(16, next_pow2(G * n_rep))
+    QS = max(16, next_pow2(n_rep))
     S, split = plan_splits(R, Hkv, Lp, BLOCK_N, _num_sms(q.device))
     m = torch.empty(R * Hkv * S * QB, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from strive_kernels._backend import resolve
+from strive_kernels._backend import cdiv, next_pow2, resolve
 from strive_kernels.reference.decode_layer import add_rmsnorm_reference, rope_reference, silu_mul_reference
 
 __all__ = ["add_rmsnorm", "rope_cache", "silu_mul"]
@@ -121,7 +121,7 @@ def add_rmsnorm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, *,
     h = torch.empty_like(x)
     y = torch.empty_like(x) if delta is not None else x
     _add_rmsnorm_kernel[(M,)](x, delta if delta is not None else x, weight, y, h, H, float(eps),
-                              HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(H),
+                              HAS_DELTA=delta is not None, BLOCK=next_pow2(H),
                               num_warps=4 if H <= 4096 else 8)
     return y, h
 
@@ -158,5 +158,5 @@ def silu_mul(gate: Tensor, up: Tensor, *, backend: str = "auto") -> Tensor:
     y = torch.empty_like(gate)
     N = gate.numel()
     BLOCK = 1024
-    _silu_mul_kernel[(triton.cdiv(N, BLOCK),)](gate, up, y, N, BLOCK=BLOCK, num_warps=4)
+    _silu_mul_kernel[(cdiv(N, BLOCK),)](gate, up, y, N, BLOCK=BLOCK, num_warps=4)
     return y

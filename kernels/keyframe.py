@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from strive_kernels._backend import check_values, resolve
+from strive_kernels._backend import cdiv, check_values, next_pow2, resolve
 
 from strive_kernels.reference.keyframe import (
     COS_EPS,
@@ -152,8 +152,8 @@ def keyframe_sample_forward(frame_emb: Tensor, question_emb: Tensor, offsets: Te
     B, K, F = len(sizes), num_variants, num_frames
     total, D = frame_emb.shape
     pmax = max(sizes)
-    rows = min(triton.next_power_of_2(rows_per_program), triton.next_power_of_2(pmax))
-    S = triton.cdiv(pmax, rows)
+    rows = min(next_pow2(rows_per_program), next_pow2(pmax))
+    S = cdiv(pmax, rows)
     fe = frame_emb if frame_emb.stride(1) == 1 else frame_emb.contiguous()
     qe = question_emb if question_emb.stride(1) == 1 else question_emb.contiguous()
     off = _device_offsets(offsets, dev)
@@ -161,10 +161,10 @@ def keyframe_sample_forward(frame_emb: Tensor, question_emb: Tensor, offsets: Te
     imp = torch.empty(total, dtype=torch.float32, device=dev)
     idx = torch.empty(B, K, F, dtype=torch.int64, device=dev)
     tickets = torch.zeros(B if S > 1 else 1, dtype=torch.int32, device=dev)
-    block_d = min(128, triton.next_power_of_2(D))
+    block_d = min(128, next_pow2(D))
     _keyframe_kernel[(B, S)](fe, qe, off, scores, imp, idx, tickets, D, fe.stride(0), qe.stride(0), K, F,
                              float(temperature), float(uniform_mix), seed, S=S, ROWS=rows, BLOCK_D=block_d,
-                             P_BLOCK=triton.next_power_of_2(pmax), K_BLOCK=triton.next_power_of_2(K),
+                             P_BLOCK=next_pow2(pmax), K_BLOCK=next_pow2(K),
                              CANON=bool(canonical_first), num_warps=num_warps)
     return idx, scores, imp
 

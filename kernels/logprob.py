@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from strive_kernels._backend import interpreting, resolve
+from strive_kernels._backend import cdiv, interpreting, next_pow2, resolve
 from strive_kernels.reference.logprob import (LOSS_AGGREGATIONS, LossOutput, LossParams, LossSpec, NativePass,
                                               TokenInputs, build_output, check_matrices, check_targets,
                                               prepare_tokens, summarise)
@@ -257,10 +257,10 @@ class TritonPass:
 
     def __init__(self, tok: TokenInputs, params: LossParams, vocab: int, rows: int, device, logprobs_only=False):
         self.tok, self.p, self.vocab = tok, params, vocab
-        self.block_v = min(BLOCK_V_MAX, triton.next_power_of_2(vocab))
-        self.split = self.block_v * min(TILES_PER_SPLIT, triton.cdiv(vocab, self.block_v))
-        self.nsplit = triton.cdiv(vocab, self.split)
-        self.nsplit_p2 = max(2, triton.next_power_of_2(self.nsplit))
+        self.block_v = min(BLOCK_V_MAX, next_pow2(vocab))
+        self.split = self.block_v * min(TILES_PER_SPLIT, cdiv(vocab, self.block_v))
+        self.nsplit = cdiv(vocab, self.split)
+        self.nsplit_p2 = max(2, next_pow2(self.nsplit))
         self.num_warps = 4 if self.block_v <= 2048 else 8
         ws = torch.empty(3, rows * self.nsplit + 1, dtype=torch.float32, device=device)
         self.m, self.s, self.t = ws[0], ws[1], ws[2]
@@ -303,7 +303,7 @@ def scale_(x: torch.Tensor, g: torch.Tensor) -> None:
     if x.numel() == 0:
         return
     block = 4096
-    progs = triton.cdiv(x.numel(), block)
+    progs = cdiv(x.numel(), block)
     if x.is_cuda:  # persistent grid: at most a few waves of programs
         progs = min(progs, 8 * torch.cuda.get_device_properties(x.device).multi_processor_count)
     _scale_kernel[(progs,)](x, g.reshape(1), x.numel(), BLOCK=block,

@@ -111,3 +111,15 @@ def test_variants_config_uses_the_vocabulary():
             VariantConfig(backend=old)
     with pytest.raises(ConfigError, match="variants.backend: 'triton' is not one of 'auto', 'native', 'reference'"):
         VariantConfig(backend="triton")
+
+
+def test_host_launch_arithmetic_equals_triton():
+    """next_pow2 / cdiv (plain ints: triton's are constexpr functions, ~3 us a host call) give triton's values."""
+    import triton
+
+    from strive_kernels._backend import cdiv, next_pow2
+
+    for n in list(range(0, 70)) + [1023, 1024, 1025, 151_936, 2**31 - 1, 2**31, 2**40 + 3]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
