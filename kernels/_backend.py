@@ -143,7 +143,7 @@ def check_values(requested: bool | None, on_device: bool) -> bool:
     return not on_device or debug_checks()
 
 
-# Host-side launch arithmetic. triton.next_power_of_2 and triton.cdiv are constexpr functions since triton 3.5:
+# Host-side launch arithmetic. triton.next_power_of_2 and triton.cdiv are constexpr functions in triton 3.7:
 # each host call unwraps its arguments through the JIT's wrapper (~2 us apiece on a 2-core VM, 6 of them per
 # keyframe_sample call), so the launch paths use these plain equivalents.
 
