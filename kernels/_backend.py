@@ -144,7 +144,7 @@ def check_values(requested: bool | None, on_device: bool) -> bool:
 
 
 # Host-side launch arithmetic. triton.next_power_of_2 and triton.cdiv are constexpr functions in triton 3.7:
-# each host call unwraps its arguments through the JIT's wrapper (~2 us apiece on a 2-core VM, 6 of them per
+# each host call unwraps its arguments through the JIT's wrapper (3.5 us apiece on a 2-core VM, 6 of them per
 # keyframe_sample call), so the launch paths use these plain equivalents.
 
 def next_pow2(n: int) -> int:
