@@ -135,9 +135,8 @@ class OpCounter(TorchDispatchMode):
     def __init__(self, timer: "BenchTimer"):
         super().__init__()
         self.timer = timer
-        self.ops: dict[str, int] = defaultdict(int)
-        self.reads: dict[str, int] = defaultdict(int)
         self.names: dict[str, Counter] = defaultdict(Counter)  # per stage: ATen op name -> count
+        self.reads: dict[str, int] = defaultdict(int)
         self.cuda_run = torch.cuda.is_available()  # a CPU run counts every host read (see --count-ops)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -145,7 +144,6 @@ class OpCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         if not func.is_view and func.namespace != "profiler":  # record_function's markers launch nothing
             stage = self.timer.current
-            self.ops[stage] += 1
             name = func.__name__.split(".")[0]
             self.names[stage][name] += 1
             first = next((a for a in args if isinstance(a, torch.Tensor)), None)
@@ -156,7 +154,7 @@ class OpCounter(TorchDispatchMode):
         return out
 
     def record(self) -> dict[str, dict[str, int]]:
-        return {s: {"ops": n, "host_reads": self.reads.get(s, 0)} for s, n in sorted(self.ops.items())}
+        return {s: {"ops": c.total(), "host_reads": self.reads.get(s, 0)} for s, c in sorted(self.names.items())}
 
     def top(self, n: int = 12) -> dict[str, list[tuple[str, int]]]:
         """Each stage's n most frequent ops: where its launches come from."""
