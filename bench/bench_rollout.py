@@ -220,6 +220,52 @@ def run_native(policy, prompts, G: int, T: int, device, reps: int = 2, pack_qkv:
     return res
 
 
+def _plan_before_2026_12_06(R: int, Hkv: int, Lp: int, block_n: int, sms: int) -> tuple[int, int]:
+    """The prefix kernel's split plan until 2026-12-06 (about 2 programs per SM, at least 4 blocks each): 288
+    programs for 264 resident at this bench's shape, i.e. 1.09 waves."""
+    want = max(1, -(-2 * sms // max(R * Hkv, 1)))
+    S = min(want, max(1, -(-Lp // (4 * block_n))))
+    split = -(-(-(-Lp // S)) // block_n) * block_n
+    return (-(-Lp // split) if Lp else 1), split
+
+
+def prefix_plans(policy, prompts, G: int, T: int, device, calls: int = 200, rounds: int = 3) -> dict | None:
+    """The prefix attention kernel alone at this bench's decode shape (one layer's K/V, suffix half full), the
+    planned splits against the plan before 2026-12-06; CUDA events around `calls` back-to-back calls, rounds
+    alternating, the best round of each. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from strive_kernels import decode_attention as da
+
+    c = policy.config.get_text_config()
+    R, Lp = prompts.input_ids.shape
+    Hq, Hkv = c.num_attention_heads, c.num_key_value_heads
+    D = getattr(c, "head_dim", None) or c.hidden_size // Hq
+    dt = policy.hf.dtype
+    q = torch.randn(R, G, Hq, D, device=device, dtype=dt)
+    kp, vp = (torch.randn(R, Hkv, Lp, D, device=device, dtype=dt) for _ in range(2))
+    ks, vs = (torch.randn(R, G, Hkv, T, D, device=device, dtype=dt) for _ in range(2))
+    start = (Lp - prompts.attention_mask.sum(1)).to(dtype=torch.int32, device=device)
+    n = torch.tensor([T // 2], device=device, dtype=torch.long)  # the engine passes t + 1 as int64
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    plans = {"planned": da.plan_splits(R, Hkv, Lp, 64, sms), "before": _plan_before_2026_12_06(R, Hkv, Lp, 64, sms)}
+    best = {k: float("inf") for k in plans}
+    for _ in range(rounds):
+        for name, plan in plans.items():
+            call = lambda: da.shared_prefix_attention_triton(q, kp, vp, start, ks, vs, n, splits=plan)  # noqa: E731
+            call()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(calls):
+                call()
+            b.record()
+            b.synchronize()
+            best[name] = min(best[name], 1e3 * a.elapsed_time(b) / calls)
+    kv_bytes = 2 * int(prompts.attention_mask.sum()) * Hkv * D * kp.element_size()
+    return {name: {"splits": list(plans[name]), "us": best[name], "prompt_kv_GBps": kv_bytes / best[name] / 1e3}
+            for name in plans} | {"speedup": best["before"] / best["planned"]}
+
+
 def profile_step(policy, prompts, G: int, device, steps: int = 3) -> list[dict]:
     """Device time by kernel over `steps` eager decode steps (torch.profiler): where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -321,6 +367,7 @@ def main(argv=None) -> dict:
     # the engine's one weight copy (q/k/v stacked per call) against reading the three projections in place
     unpacked = run_native(policy, prompts, args.G, args.new_tokens, args.device, reps=1, pack_qkv=False)
     prof = profile_step(policy, prompts, args.G, args.device)
+    plans = prefix_plans(policy, prompts, args.G, args.new_tokens, args.device)
     vision = run_vision(policy, prompts, args.device)  # leaves the segmented attention installed
     hf = None
     if not args.skip_hf:  # stock transformers: its per-window loop in the vision tower
@@ -344,7 +391,7 @@ def main(argv=None) -> dict:
                      "new_tokens": T, "params_B": sum(p.numel() for p in policy.parameters()) / 1e9},
            "build_s": build_s, "copy_GBps": bw / 1e9, "step_bytes_GB": {k: v / 1e9 for k, v in nb.items()},
            "floor_ms_per_step": floor_ms, "native": native, "native_unpacked_qkv": unpacked, "hf": hf, "vision_tower": vision, "logits_check": check,
-           "eager_step_kernels": prof}
+           "eager_step_kernels": prof, "prefix_attention_plans": plans}
     native["tokens_per_s"] = tok_s(native, native["decode_ms_per_step"])
     native["fraction_of_floor"] = floor_ms / native["decode_ms_per_step"]
     if hf is not None:
@@ -367,6 +414,10 @@ def main(argv=None) -> dict:
     print(f"decode ms/step with q/k/v stacked {native['decode_ms_per_step']:.3f}, as three GEMMs "
           f"{unpacked['decode_ms_per_step']:.3f} ({unpacked['decode_ms_per_step'] / native['decode_ms_per_step']:.2f}x); "
           f"peak extra GiB {native['peak_extra_GiB']:.3f} vs {unpacked['peak_extra_GiB']:.3f}")
+    if plans:
+        print(f"prefix attention per layer: planned splits {plans['planned']['splits']} {plans['planned']['us']:.1f} us "
+              f"({plans['planned']['prompt_kv_GBps']:.0f} GB/s of prompt K/V), the plan before 2026-12-06 "
+              f"{plans['before']['splits']} {plans['before']['us']:.1f} us ({plans['speedup']:.2f}x)")
     print(f"vision tower {vision['segmented_ms']:.1f} ms segmented vs {vision['hf_loop_ms']:.1f} ms transformers' "
           f"loop ({vision['speedup']:.2f}x)")
     return emit(rec, args.out)

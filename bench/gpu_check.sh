@@ -8,7 +8,9 @@
 #            decode     GPU tests of the native decode engine and its kernels, the visual-token reuse
 #            vision     bench/bench_vision.py: the 3B vision tower (16 videos of 8x30x26 patches), its attention
 #                       batched by segment length vs transformers' per-window loop; forward + backward on 2 videos
-#            rollout    bench/bench_rollout.py: native engine vs HF generate at the Qwen2.5-VL-3B shape
+#            rollout    bench/kernel_resources.py --only decode (compile-only occupancy of the decode kernels with
+#                       this image's triton), then bench/bench_rollout.py: native engine vs HF generate at the
+#                       Qwen2.5-VL-3B shape, and the prefix attention kernel with its split plan vs the old one
 #            throughput bench/throughput.py --recipe gpu_small: fast vs torch twins; ATen ops / device syncs per
 #                       stage (--count-ops) and one profiled step (each stage's device busy fraction and top
 #                       kernels); the update at micro-batch 128 instead of 32; the HF rollout backend
@@ -99,9 +101,13 @@ for s in $STAGES; do
     run_py bench_vision_bwd 60 bench/bench_vision.py --videos 2 --backward --out "$OUTDIR/vision_bwd.json"
     grep -E "^(calls|fwd|forward)" "$OUTDIR/bench_vision_bwd.log" ;;
   rollout)
+    # the decode kernels compiled by this image's triton for sm_90: registers, spills, programs per SM, waves
+    # (what plan_splits assumes; seconds, compile only)
+    run_py kernel_resources 60 bench/kernel_resources.py --only decode --out "$OUTDIR/kernel_resources.json"
+    grep -E "_prefix_kernel|_suffix_kernel" "$OUTDIR/kernel_resources.log"
     wait_build
     run_py bench_rollout 200 bench/bench_rollout.py --out "$OUTDIR/rollout_full.json"
-    grep -E "^(prefill|decode|tokens|of floor|peak|floor)" "$OUTDIR/bench_rollout.log" ;;
+    grep -E "^(prefill|decode|tokens|of floor|peak|floor|prefix)" "$OUTDIR/bench_rollout.log" ;;
   throughput)
     wait_build
     run_py bench_throughput 170 bench/throughput.py --recipe gpu_small --steps 6 --warmup 2 --compare \

@@ -155,3 +155,11 @@ def next_pow2(n: int) -> int:
 def cdiv(a: int, b: int) -> int:
     """triton.cdiv: ceil(a / b) for ints, b > 0."""
     return -(-a // b)
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device (launch grids are sized by it), None elsewhere.
+    bench/kernel_resources.py stands in a GPU's count here to see the grids a GPU would get."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None

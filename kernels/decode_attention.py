@@ -12,12 +12,14 @@ Two launches, flash-decoding style:
     _prefix_kernel   grid (R * Hkv, S): program (r, h, s) takes the G * n_rep queries of request r and K/V head
                      h (one (QB, D) tile: the prefix is read once for all G rows) against prefix columns
                      [s * SPLIT, (s + 1) * SPLIT), online softmax, and writes a partial (m, l, acc) in fp32.
-                     S splits keep every SM streaming when R * Hkv is small.
+                     S splits keep every SM streaming when R * Hkv is small; `plan_splits` picks S so that
+                     the grid fills whole waves of resident programs.
     _suffix_kernel   grid (R * G * Hkv,): program (r, g, h) takes row (r, g)'s n_rep queries against its own
                      suffix slots [0, suffix_len) (the length is read on the device: a CUDA graph replays the
                      step unchanged), merges the S prefix partials of those queries and writes the output.
 
-Partials: S x (R * Hkv * QB) x (D + 2) fp32, a few MB, written once and read once.
+Partials: S x (R * Hkv * QB) x (D + 2) fp32, written once and read once: 7.5 MB per layer at the 3B rollout
+shape (S = 7), against 34 MB of prompt K/V.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from strive_kernels import _backend
 from strive_kernels._backend import next_pow2, resolve
 from strive_kernels.reference.decode_attention import (
     DecodeAttentionInputError,
@@ -147,19 +150,36 @@ def _suffix_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
 
 
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a couple of splits, enough to exercise the merge
+    return _backend.sm_count(device) or 4  # the interpreter: a few splits, enough to exercise the merge
 
 
-def plan_splits(R: int, Hkv: int, Lp: int, block_n: int, num_sms: int) -> tuple[int, int]:
-    """(S, SPLIT): enough prefix programs to give every SM about two, each at least 4 blocks of columns."""
-    want = max(1, -(-2 * num_sms // max(R * Hkv, 1)))
-    most = max(1, -(-Lp // (4 * block_n)))
-    S = min(want, most)
-    split = -(-Lp // S)
-    split = -(-split // block_n) * block_n
-    return -(-Lp // split) if Lp else 1, split
+# _prefix_kernel's programs resident per SM at the launch config below (QB=64, D=128, BLOCK_N=64, 8 warps) on
+# sm_90: 121 registers and 113 KiB of shared memory (3 pipeline stages) fit two (bench/kernel_resources.py;
+# tests/test_bench.py checks this number against the compiled kernel).
+PREFIX_PROGRAMS_PER_SM = 2
+# A program's fixed cost, in blocks of BLOCK_N columns of K/V read: loading q, writing its (QB, D) fp32 partial,
+# and the suffix kernel reading it back (each about the size of one K + V block at the 3B shape).
+_PROGRAM_OVERHEAD_BLOCKS = 2
+
+
+def plan_splits(R: int, Hkv: int, Lp: int, block_n: int, num_sms: int,
+                per_sm: int = PREFIX_PROGRAMS_PER_SM) -> tuple[int, int]:
+    """(S, SPLIT): split each (request, K/V head)'s prefix of Lp columns into S pieces of SPLIT columns (a multiple
+    of block_n), choosing the S that finishes soonest. The R * Hkv * S programs run in waves of num_sms * per_sm;
+    a wave lasts as long as a program: its ceil(Lp / block_n / S) blocks plus a fixed cost (q, the partial). A
+    grid just over a whole number of waves runs its last wave on a sliver of the GPU (the plan before 2026-12-06
+    gave 288 programs for 264 slots at the 3B rollout shape: 1.09 waves); ties go to fewer splits (less partial
+    traffic). Deterministic in its arguments."""
+    blocks = max(1, -(-Lp // block_n))
+    slots = max(1, num_sms * per_sm)
+    best = None
+    for want in range(1, blocks + 1):
+        per = -(-blocks // want)
+        S = -(-blocks // per)  # no empty split
+        cost = -(-R * Hkv * S // slots) * (per + _PROGRAM_OVERHEAD_BLOCKS)
+        if best is None or cost < best[0]:
+            best = (cost, S, per)
+    return best[1], best[2] * block_n
 
 
 def _triton_supported(q: Tensor, D: int, n_rep: int) -> bool:
@@ -169,7 +189,8 @@ def _triton_supported(q: Tensor, D: int, n_rep: int) -> bool:
 
 def shared_prefix_attention_triton(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_start: Tensor,
                                    k_suffix: Tensor, v_suffix: Tensor, suffix_len: Tensor,
-                                   scale: float | None = None) -> Tensor:
+                                   scale: float | None = None, splits: tuple[int, int] | None = None) -> Tensor:
+    """The two launches. splits: (S, SPLIT) to override `plan_splits` (benches and tests; S * SPLIT >= Lp)."""
     R, G, Hq, Hkv, D, Lp, T = check_decode_attention_inputs(q, k_prefix, v_prefix, prefix_start, k_suffix,
                                                             v_suffix, suffix_len)
     n_rep = Hq // Hkv
@@ -181,7 +202,9 @@ def shared_prefix_attention_triton(q: Tensor, k_prefix: Tensor, v_prefix: Tensor
     BLOCK_N, BLOCK_T = 64, 32
     QB = max(16, next_pow2(G * n_rep))
     QS = max(16, next_pow2(n_rep))
-    S, split = plan_splits(R, Hkv, Lp, BLOCK_N, _num_sms(q.device))
+    S, split = splits or plan_splits(R, Hkv, Lp, BLOCK_N, _num_sms(q.device))
+    if S < 1 or split < 1 or S * split < Lp:
+        raise DecodeAttentionInputError(f"splits {(S, split)} do not cover the prefix of {Lp} columns")
     m = torch.empty(R * Hkv * S * QB, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(R * Hkv * S * QB, D, device=q.device, dtype=torch.float32)

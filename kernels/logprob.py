@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from strive_kernels import _backend
 from strive_kernels._backend import cdiv, interpreting, next_pow2, resolve
 from strive_kernels.reference.logprob import (LOSS_AGGREGATIONS, LossOutput, LossParams, LossSpec, NativePass,
                                               TokenInputs, build_output, check_matrices, check_targets,
@@ -304,8 +305,9 @@ def scale_(x: torch.Tensor, g: torch.Tensor) -> None:
         return
     block = 4096
     progs = cdiv(x.numel(), block)
-    if x.is_cuda:  # persistent grid: at most a few waves of programs
-        progs = min(progs, 8 * torch.cuda.get_device_properties(x.device).multi_processor_count)
+    sms = _backend.sm_count(x.device)
+    if sms:  # persistent grid: at most a few waves of programs
+        progs = min(progs, 8 * sms)
     _scale_kernel[(progs,)](x, g.reshape(1), x.numel(), BLOCK=block,
                             ROUND_BF16=interpreting() and x.dtype == torch.bfloat16, num_warps=8)
 

@@ -378,3 +378,30 @@ def test_vision_and_rollout_benches_run_tiny(tmp_path):
     assert r["vision_tower"]["segmented_ms"] > 0 and r["vision_tower"]["hf_loop_ms"] > 0
     assert r["native"]["decode_steps"] > 0 and r["hf"]["decode_steps_timed"] > 0
     assert r["logits_check"]["max_rel_err"] < 1e-4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 with a stand-in driver: a CPU machine's check")
+def test_kernel_resources_of_the_decode_kernels_on_sm90(tmp_path):
+    """bench/kernel_resources.py compiles the decode kernels for an H100 / H200 through the engine's launch code
+    (no GPU): nothing spills, and the prefix kernel fits the PREFIX_PROGRAMS_PER_SM that plan_splits assumes, so
+    its grid at the 3B rollout shape fills one wave (the number the planner uses is the compiled kernel's)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from strive_kernels.decode_attention import PREFIX_PROGRAMS_PER_SM
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(ROOT / "bench/kernel_resources.py"), "--only", "decode", "--out",
+                          str(tmp_path / "k.json")], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rec = json.loads((tmp_path / "k.json").read_text())
+    by = {x["kernel"]: x for x in rec["launches"]}
+    assert set(by) == {"_prefix_kernel", "_suffix_kernel", "_add_rmsnorm_kernel", "_rope_cache_kernel",
+                       "_silu_mul_kernel"}
+    assert all(x["spill_bytes"] == 0 and 0 < x["regs"] <= 255 for x in rec["launches"])
+    pre = by["_prefix_kernel"]
+    assert pre["blocks_per_sm"] == PREFIX_PROGRAMS_PER_SM, pre
+    assert pre["grid"] == [32, 7, 1] and pre["waves"] <= 1.0, pre
+    # the occupancy arithmetic on the compiled numbers: registers per warp in units of 256, 1 KiB reserved
+    per_warp = -(-pre["regs"] * 32 // 256) * 256
+    fit = min(65_536 // per_warp // pre["num_warps"], 233_472 // (pre["smem_bytes"] + 1024), 2048 // (32 * pre["num_warps"]))
+    assert fit == pre["blocks_per_sm"]
+    assert "_prefix_kernel" in res.stdout and "waves" in res.stdout

@@ -67,6 +67,46 @@ def test_all_padding_but_one_column_and_long_suffix(device):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [(1, 192), (3, 64), (2, 128), (4, 64)])
+def test_triton_any_split_plan_equals_fp64(splits, device):
+    """The result does not depend on how the prefix is split: one split, one block per split, a last split of
+    padding only (the left-padded prompt starts after it), more splits than the planner would choose."""
+    x = make(2, 3, 4, 2, 16, 150, 9, 4, device=device, seed=11)
+    x["prefix_start"] = torch.tensor([140, 3], device=device)
+    want = expanded({k: v.cpu() for k, v in x.items()})
+    from strive_kernels.decode_attention import shared_prefix_attention_triton
+    got = shared_prefix_attention_triton(**x, splits=splits).double().cpu()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_split_plans_that_miss_the_prefix_are_refused():
+    from strive_kernels.decode_attention import shared_prefix_attention_triton
+    x = make(1, 2, 2, 1, 16, 150, 4, 1)
+    with pytest.raises(DecodeAttentionInputError, match=r"splits \(2, 64\) do not cover the prefix of 150"):
+        shared_prefix_attention_triton(**x, splits=(2, 64))
+
+
+def _waves(programs: int, slots: int) -> int:
+    return -(-programs // slots)
+
+
+def test_split_plan_fills_whole_waves():
+    """plan_splits: every split non-empty and a multiple of the block, the prefix covered, and at the 3B rollout
+    shape (16 requests x 2 K/V heads, prompts of 2,112, 132 SMs x 2 programs) one wave of 224 programs of 5
+    blocks, where the previous plan (splits of 4 blocks for about 2 programs per SM) launched 288: 1.09 waves."""
+    from strive_kernels.decode_attention import PREFIX_PROGRAMS_PER_SM as per_sm, plan_splits
+
+    assert plan_splits(16, 2, 2112, 64, 132) == (7, 320)
+    for R, Hkv, Lp, sms in [(16, 2, 2112, 132), (1, 1, 1, 132), (3, 4, 777, 114), (64, 8, 9000, 132),
+                            (1, 2, 200, 4), (8, 2, 64 * 33, 132), (2, 2, 0, 4)]:
+        S, split = plan_splits(R, Hkv, Lp, 64, sms)
+        assert split % 64 == 0 and S * split >= Lp and (S - 1) * split < max(Lp, 1), (R, Hkv, Lp, S, split)
+        # the cheapest plan under the planner's model: waves x (blocks per split + the fixed cost of 2)
+        blocks = max(1, -(-Lp // 64))
+        cost = _waves(R * Hkv * S, sms * per_sm) * (split // 64 + 2)
+        assert all(cost <= _waves(R * Hkv * -(-blocks // p), sms * per_sm) * (p + 2) for p in range(1, blocks + 1))
+
+
 def test_bad_inputs_are_named():
     x = make(2, 2, 4, 2, 16, 8, 4, 2)
     with pytest.raises(DecodeAttentionInputError, match="multiple of the K/V heads"):
