@@ -121,11 +121,28 @@ class CallRecord:
     video_index: list[int] = field(default_factory=list)  # row -> video of this call
     grids: list[tuple[int, int, int]] = field(default_factory=list)
     pixel_bytes: int = 0
+    # when the call ran rows of one prompt as one sequence (strive_engine.prompt_sharing): per sequence, the
+    # prompt's tokens and each completion's
+    shared: list[tuple[int, list[int]]] = field(default_factory=list)
+
+    @property
+    def forwarded(self) -> int:
+        """Tokens the language model ran over."""
+        if self.shared:
+            return sum(p + sum(cs) for p, cs in self.shared)
+        return sum(self.seq_lens)
 
 
 def policy_call_flops(shape: ModelShape, rec: CallRecord) -> float:
-    """Forward FLOPs of the language model and head for one Policy.forward call (vision counted apart)."""
-    return sum(sum(lm_flops(shape, s)) for s in rec.seq_lens) + head_flops(shape, sum(rec.scored))
+    """Forward FLOPs of the language model and head for one Policy.forward call (vision counted apart). A shared
+    prompt counts once; its attention counts the pairs its block mask allows (the prompt causal, each completion
+    over the prompt and itself causal)."""
+    if rec.shared:
+        pairs = sum(p * p / 2 + sum(c * p + c * c / 2 for c in cs) for p, cs in rec.shared)
+        lm = 2.0 * shape.lm_linear * rec.forwarded + 4.0 * shape.layers * shape.attn_width * pairs
+    else:
+        lm = sum(sum(lm_flops(shape, s)) for s in rec.seq_lens)
+    return lm + head_flops(shape, sum(rec.scored))
 
 
 def rollout_work(shape: ModelShape, rows: list[CallRecord], max_batch: int, elem: int,

@@ -13,7 +13,8 @@
 #                       Qwen2.5-VL-3B shape, and the prefix attention kernel with its split plan vs the old one
 #            throughput bench/throughput.py --recipe gpu_small: fast vs torch twins; ATen ops / device syncs per
 #                       stage (--count-ops) and one profiled step (each stage's device busy fraction and top
-#                       kernels); the update at micro-batch 128 instead of 32; the HF rollout backend
+#                       kernels); the update at micro-batch 128 instead of 32; one row per answer
+#                       (--model.share_prompts=false); the HF rollout backend
 #            kernels14  issue 14's kernel checks: log-prob engine shapes + memory, public-call costs, GPU tests
 #            dali       DALI / NVDEC: colour, bad files, concurrency tests and bench_decode --quick (needs the
 #                       DALI parts unpacked to /tmp/sd and /tmp/site, see ../shared/device/pack_dali.sh)
@@ -122,6 +123,10 @@ for s in $STAGES; do
     run_py bench_throughput_mbs 80 bench/throughput.py --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
       --parallel.micro_batch_size=128 --out "$OUTDIR/throughput_mbs"
     grep -E "^(update|old_logp|step_s|memory)" "$OUTDIR/bench_throughput_mbs.log" | head -4
+    # one row per answer instead of each prompt once (model.share_prompts, measured on the CPU only so far)
+    run_py bench_throughput_rows 70 bench/throughput.py --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
+      --model.share_prompts=false --out "$OUTDIR/throughput_rows"
+    grep -E "^(update|old_logp|step_s)" "$OUTDIR/bench_throughput_rows.log" | head -3
     # last (the budget trims it first): HF generate as the rollout backend, transformers' vision loop
     run_py bench_throughput_hf 90 bench/throughput.py --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
       --rollout.backend=hf --model.vision_attention=hf --out "$OUTDIR/throughput_hf"

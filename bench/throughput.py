@@ -49,7 +49,10 @@ layers, A = attention width (heads x head_dim), L = decoder layers, D = vision w
       + window blocks: sum over windows of 4 n_w^2 D   (windows of 4 x 4 merged tokens = 64 patches)
       + full blocks:   t x 4 (h w)^2 D                  (Qwen2.5-VL attends within each temporal patch)
   old / reference log-probs: the language model + head forward on every row (no padding counted), the vision
-      tower as it ran (forward hooks; nothing when visual tokens are reused)
+      tower as it ran (forward hooks; nothing when visual tokens are reused). When the policy runs the rows of
+      one prompt as one sequence (model.share_prompts), the prompt counts once and the attention counts the
+      pairs its block mask allows: P^2 / 2 + sum over completions of (c P + c^2 / 2), times 4 L A; "tokens" are
+      the tokens the model ran over, "row_tokens" those of the rows (what one row per completion runs).
   keyframes: the vision tower as the policy scorer ran it
   update (forward + backward) = 3 x forward of the language model and head; the vision tower 3 x when it
       is trained, 1 x when frozen. Activation checkpointing recomputes one more forward: not counted (model
@@ -101,6 +104,7 @@ from flops import (CallRecord, measure_ceilings, model_shape, policy_call_flops,
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from strive_engine.metrics import STAGES, StageTimer  # noqa: E402
+from strive_engine.prompt_sharing import prompt_groups  # noqa: E402
 
 HOST_BOUND = {"decode": "host: video decoder", "reward": "host: Python", "advantage": "launch latency",
               "checkpoint": "disk"}
@@ -206,7 +210,7 @@ class WorkRecorder:
 
     def _on_policy(self, module, args, kwargs):
         inputs = args[0] if args else kwargs["inputs"]
-        self._policy.append((self.timer.current, inputs))
+        self._policy.append((self.timer.current, inputs, getattr(module, "share_prompts", False)))
 
     def _on_vision(self, module, args, kwargs):
         grid = args[1] if len(args) > 1 else kwargs.get("grid_thw")
@@ -214,11 +218,15 @@ class WorkRecorder:
 
     def collect(self) -> tuple[list[CallRecord], list[tuple[str, tuple[int, int, int]]]]:
         calls = []
-        for stage, x in self._policy:
+        for stage, x, share in self._policy:
             pix = x.pixel_values_videos
+            groups = prompt_groups(x.input_ids, x.attention_mask, x.completion_mask, x.video_index) if share else None
+            shared = [] if groups is None else [
+                (int((seg == 0).sum()), [int((seg == k).sum()) for k in range(1, int(seg.max()) + 1)])
+                for seg in groups.segment]
             calls.append(CallRecord(stage, x.attention_mask.sum(1).tolist(), x.completion_mask.sum(1).tolist(),
                                     x.video_index.tolist(), [tuple(g) for g in x.video_grid_thw.tolist()],
-                                    pixel_bytes=pix.shape[1] * pix.element_size()))
+                                    pixel_bytes=pix.shape[1] * pix.element_size(), shared=shared))
         vision = [(stage, tuple(g)) for stage, grid in self._vision if grid is not None for g in grid.tolist()]
         self._policy, self._vision = [], []
         return calls, vision
@@ -226,14 +234,16 @@ class WorkRecorder:
 
 def step_work(shape, calls: list[CallRecord], vision, cfg, elem: int) -> dict[str, dict[str, float]]:
     """FLOPs and bytes of each stage of one step (bench/flops.py's models on the shapes the hooks saw)."""
-    work: dict[str, dict[str, float]] = defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "tokens": 0.0})
+    work: dict[str, dict[str, float]] = defaultdict(lambda: {"flops": 0.0, "bytes": 0.0, "tokens": 0.0,
+                                                             "row_tokens": 0.0})
     vis_by_stage: dict[str, float] = defaultdict(float)
     for stage, grid in vision:
         vis_by_stage[stage] += sum(vision_flops(shape, grid))
     for rec in calls:
         mult = 3.0 if rec.stage == "update" else 1.0
         work[rec.stage]["flops"] += mult * policy_call_flops(shape, rec)
-        work[rec.stage]["tokens"] += sum(rec.seq_lens)
+        work[rec.stage]["tokens"] += rec.forwarded
+        work[rec.stage]["row_tokens"] += sum(rec.seq_lens)
     for stage, f in vis_by_stage.items():
         if stage != "rollout":  # the rollout's floor counts each video once, below
             work[stage]["flops"] += f * (3.0 if stage == "update" and shape.vision_trained else 1.0)
@@ -371,6 +381,9 @@ def _stage_row(stage: str, secs: list[float], work: list[dict], ceilings: dict, 
         return row
     t_f = flops / ceilings["matmul_flops_per_s"]
     t_b = nbytes / ceilings["copy_bytes_per_s"]
+    tokens, row_tokens = (sum(w.get(k, 0.0) for w in work) / len(work) for k in ("tokens", "row_tokens"))
+    if tokens:  # the policy's forwards: tokens run over, and the rows' tokens (fewer run when prompts are shared)
+        row.update(tokens=tokens, row_tokens=row_tokens)
     row.update(bound="FLOPs" if t_f >= t_b else "bytes", flops=flops / len(work), bytes=nbytes / len(work),
                tflops_per_s=flops / total_s / 1e12, gb_per_s=nbytes / total_s / 1e9,
                floor_s=(t_f + t_b) / len(work), fraction=(t_f + t_b) / total_s)

@@ -192,6 +192,8 @@ class ModelConfig:
                                              "strive_engine.vision_attention) | hf (transformers' loop: one call "
                                              "per window). Only under sdpa; flash_attention_2 is varlen already")
     liger: bool = doc(True, "apply liger-kernel's Qwen-VL patches (RMSNorm, SwiGLU, mRoPE) on CUDA when installed")
+    share_prompts: bool = doc(True, "rows with one prompt run as one sequence, the prompt once (exact; sdpa / eager "
+                                    "only: strive_engine.prompt_sharing). false = one row per completion")
     freeze_vision: bool = doc(False, "train without the vision tower (its weights fixed): every forward of a step "
                                      "then reuses the rollout's visual tokens. false = Video-R1's choice (its GRPO "
                                      "trainer updates every parameter); the old log-probs reuse them either way")

@@ -8,7 +8,9 @@ the root module's own parameters (embeddings, final norm, lm_head) only inside t
 the vision tower once per *distinct* video (the G rows of one (question, variant) share it), copies the
 merged visual tokens into the `<|video_pad|>` slots of every row that uses the video, builds mRoPE positions
 (`Policy.positions`), and hands the hidden states that predict completion tokens to `head_fn` packed as (N, H)
-— the [N, V] logits are the head's business (strive_kernels.fused_logprob_loss).
+— the [N, V] logits are the head's business (strive_kernels.fused_logprob_loss). Rows that share a prompt (the G
+answers of a (question, variant)) run as one sequence with the prompt once (`share_prompts`, the default under
+sdpa / eager: strive_engine.prompt_sharing; the same hidden states and gradients).
 
 Positions, one rule for every forward (rollout prefill, old log-probs, reference, update, SFT): a row's prompt
 (its attended tokens before its first completion token) is placed by the model's own `get_rope_index` (each
@@ -27,6 +29,22 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from strive_engine.prompt_sharing import PromptGroups, block_mask, prompt_groups
+
+
+def video_token_index(video_grid_thw: Tensor, video_index: Tensor, merge_size: int) -> Tensor:
+    """(sum_m n_{v(m)},) index into the merged visual tokens of the videos of `video_grid_thw` (V, 3), sequence
+    after sequence: sequence m takes the n_v tokens of its video v = video_index[m]."""
+    n = video_grid_thw.prod(-1) // merge_size**2                                 # (V,) merged tokens per video
+    offs = torch.cumsum(n, 0) - n                                                # (V,) first token of each video
+    lens = n[video_index]                                                        # (M,)
+    starts = torch.cumsum(lens, 0) - lens                                        # (M,) first slot of each row
+    total = int(lens.sum())
+    ar = torch.arange(total, device=n.device)
+    return ar - starts.repeat_interleave(lens, output_size=total) + offs[video_index].repeat_interleave(
+        lens, output_size=total)
+
 
 @dataclass
 class VisualTokens:
@@ -95,14 +113,7 @@ class PolicyInputs:
     def row_token_index(self, merge_size: int = 2) -> Tensor:
         """(sum_m n_{v(m)},) index into the merged visual tokens of all videos, row after row: row m takes
         the n_v tokens of its video v = video_index[m] (so rows sharing a video share its tokens)."""
-        n = self.video_grid_thw.prod(-1) // merge_size**2                       # (V,) merged tokens per video
-        offs = torch.cumsum(n, 0) - n                                            # (V,) first token of each video
-        lens = n[self.video_index]                                               # (M,)
-        starts = torch.cumsum(lens, 0) - lens                                    # (M,) first slot of each row
-        total = int(lens.sum())
-        ar = torch.arange(total, device=n.device)
-        return ar - starts.repeat_interleave(lens, output_size=total) + offs[self.video_index].repeat_interleave(
-            lens, output_size=total)
+        return video_token_index(self.video_grid_thw, self.video_index, merge_size)
 
     def select(self, rows: Tensor | list[int]) -> "PolicyInputs":
         """The sub-batch of `rows` (e.g. a micro-batch): only the videos they use are kept (re-indexed), and
@@ -191,9 +202,12 @@ class PolicyInputs:
 class Policy(nn.Module):
     """The HF model with the whole update (vision, LM, head) in one forward; the FSDP2 root."""
 
-    def __init__(self, hf_model: nn.Module):
+    def __init__(self, hf_model: nn.Module, share_prompts: bool = True):
         super().__init__()
         self.hf = hf_model
+        # one copy of each prompt per forward (strive_engine.prompt_sharing); its block mask needs sdpa / eager
+        attn = getattr(hf_model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
+        self.share_prompts = bool(share_prompts) and attn in ("sdpa", "eager")
         self._qwen3 = hf_model.config.model_type == "qwen3_vl"
         params = inspect.signature(hf_model.model.get_rope_index).parameters
         self._rope_kwargs = set(params) | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params.values()) else set())
@@ -296,29 +310,55 @@ class Policy(nn.Module):
         video slots (M, L, H), mRoPE positions (3, M, L), and the extra keyword arguments of the language model
         (Qwen3-VL's deepstack features). The vision tower runs once per distinct video."""
         inputs.validate(self.merge_size, self.hf.config.video_token_id)
-        ids, mask = inputs.input_ids, inputs.attention_mask                      # (M, L)
-        inner = self.hf.model
-        embeds = inner.get_input_embeddings()(ids)                               # (M, L, H)
         video_mask = inputs.video_slots(self.hf.config.video_token_id, self.merge_size)  # (M, L)
+        embeds, extra = self._embed(inputs, inputs.input_ids, video_mask, inputs.video_index)
+        return embeds, self.positions(inputs, video_mask), extra
+
+    def _embed(self, inputs: PolicyInputs, ids: Tensor, video_mask: Tensor, video_index: Tensor
+               ) -> tuple[Tensor, dict[str, Any]]:
+        """Embeddings of the sequences `ids` (S, L) with the merged visual tokens of video video_index[s] in the
+        video slots of sequence s (video_mask (S, L)), and the language model's extra arguments (deepstack)."""
         vis = self.visual_tokens(inputs)
-        merged, deep = vis.merged, vis.deepstack
-        rows = inputs.row_token_index(self.merge_size)                           # (sum_m n_{v(m)},)
-        embeds = embeds.masked_scatter(video_mask.unsqueeze(-1), merged[rows].to(embeds.dtype))
-        pos = self.positions(inputs, video_mask)                                 # (3, M, L)
+        tok = video_token_index(inputs.video_grid_thw, video_index, self.merge_size)  # (sum_s n_{v(s)},)
+        embeds = self.hf.model.get_input_embeddings()(ids)                       # (S, L, H)
+        embeds = embeds.masked_scatter(video_mask.unsqueeze(-1), vis.merged[tok].to(embeds.dtype))
         extra: dict[str, Any] = {}
-        if deep is not None:
-            extra = dict(visual_pos_masks=video_mask, deepstack_visual_embeds=[d[rows] for d in deep])
-        return embeds, pos, extra
+        if vis.deepstack is not None:
+            extra = dict(visual_pos_masks=video_mask, deepstack_visual_embeds=[d[tok] for d in vis.deepstack])
+        return embeds, extra
 
     def forward(self, inputs: PolicyInputs, head_fn: Callable[[Tensor, Tensor, Tensor | None], Any]) -> Any:
         """Hidden states predicting the completion tokens, packed (N, H), passed to
-        head_fn(hidden, lm_head.weight (V, H), lm_head.bias or None); returns what head_fn returns."""
-        embeds, pos, extra = self.input_embeddings(inputs)
-        out = self.hf.model.language_model(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
-                                           position_ids=pos, use_cache=False, **extra)
-        hidden = out.last_hidden_state                                           # (M, L, H), final norm applied
-        # Position t predicts token t+1: keep the positions whose *next* token is a scored completion token.
-        sel = inputs.completion_mask[:, 1:].bool()                               # (M, L-1)
-        packed = hidden[:, :-1][sel]                                             # (N, H)
+        head_fn(hidden, lm_head.weight (V, H), lm_head.bias or None); returns what head_fn returns. Rows that
+        share a prompt run as one sequence when `share_prompts` (same result: strive_engine.prompt_sharing)."""
+        groups = prompt_groups(inputs.input_ids, inputs.attention_mask, inputs.completion_mask,
+                               inputs.video_index) if self.share_prompts else None
+        if groups is not None:
+            packed = self._shared_hidden(inputs, groups)
+        else:
+            embeds, pos, extra = self.input_embeddings(inputs)
+            out = self.hf.model.language_model(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
+                                               position_ids=pos, use_cache=False, **extra)
+            hidden = out.last_hidden_state                                       # (M, L, H), final norm applied
+            # Position t predicts token t+1: keep the positions whose *next* token is a scored completion token.
+            sel = inputs.completion_mask[:, 1:].bool()                           # (M, L-1)
+            packed = hidden[:, :-1][sel]                                         # (N, H)
         head = self.hf.lm_head
         return head_fn(packed, head.weight, head.bias)
+
+    def _shared_hidden(self, inputs: PolicyInputs, groups: PromptGroups) -> Tensor:
+        """(N, H) the scored tokens' predicting hidden states, the rows of each prompt run as one sequence."""
+        inputs.validate(self.merge_size, self.hf.config.video_token_id)
+        dev = inputs.input_ids.device
+        src, valid = groups.src.to(dev), groups.valid.to(dev)                   # (U, Lg)
+        row_slots = inputs.video_slots(self.hf.config.video_token_id, self.merge_size)  # (M, L)
+        video_mask = row_slots.reshape(-1)[src] & valid                          # (U, Lg): in the prompts only
+        pos = self.positions(inputs, row_slots)                                  # (3, M, L)
+        pos = pos.reshape(3, -1)[:, src] * valid                                 # (3, U, Lg)
+        embeds, extra = self._embed(inputs, inputs.input_ids.reshape(-1)[src], video_mask,
+                                    groups.video.to(inputs.video_index.device))  # (U, Lg, H)
+        mask = block_mask(groups, embeds.dtype, dev)                             # (U, 1, Lg, Lg)
+        out = self.hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
+                                           use_cache=False, **extra)
+        hidden = out.last_hidden_state                                           # (U, Lg, H)
+        return hidden.reshape(-1, hidden.shape[-1])[groups.predictor.to(dev)]

@@ -59,7 +59,7 @@ def build_sharded_policy(cfg: Config, env: DistEnv, activation_checkpointing: bo
     hf, tokenizer = build_model(model_cfg, env.device)
     if activation_checkpointing:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = Policy(hf)
+    policy = Policy(hf, share_prompts=cfg.model.share_prompts)
     root = apply_fsdp(policy, hf, mixed_precision=mp, reshard_after_forward=cfg.parallel.reshard_after_forward,
                       device=env.device)
     return hf, tokenizer, policy, root

@@ -224,6 +224,17 @@ def test_flop_models_equal_torch_flop_counter(tmp_path, monkeypatch):
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model.lm_head(torch.randn(9, 64))
     assert fc.get_total_flops() == fl.head_flops(shape, 9)
+    # one prompt of 6 tokens shared by completions of 3 and 5 (strive_engine.prompt_sharing): 14 tokens run, the
+    # linear part as counted; eager runs the whole 14 x 14 score matrix under the block mask, the model counts the
+    # pairs the mask allows
+    rec = fl.CallRecord("update", seq_lens=[9, 11], scored=[3, 5], shared=[(6, [3, 5])])
+    assert rec.forwarded == 14
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.model.language_model(inputs_embeds=torch.randn(1, 14, 64), attention_mask=torch.zeros(1, 1, 14, 14))
+    lin, attn = fl.lm_flops(shape, 14)
+    assert fc.get_total_flops() == lin + 2 * attn
+    pairs = 6 * 6 / 2 + (3 * 6 + 3 * 3 / 2) + (5 * 6 + 5 * 5 / 2)
+    assert fl.policy_call_flops(shape, rec) == lin + 4 * shape.layers * shape.attn_width * pairs + fl.head_flops(shape, 8)
 
 
 def test_rollout_work_by_hand(monkeypatch):
@@ -380,7 +391,7 @@ def test_vision_and_rollout_benches_run_tiny(tmp_path):
     assert r["logits_check"]["max_rel_err"] < 1e-4
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 with a stand-in driver: a CPU machine's check")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 with a stand-in driver: a CPU check")
 def test_kernel_resources_of_the_decode_kernels_on_sm90(tmp_path):
     """bench/kernel_resources.py compiles the decode kernels for an H100 / H200 through the engine's launch code
     (no GPU): nothing spills, and the prefix kernel fits the PREFIX_PROGRAMS_PER_SM that plan_splits assumes, so
@@ -402,6 +413,7 @@ def test_kernel_resources_of_the_decode_kernels_on_sm90(tmp_path):
     assert pre["grid"] == [32, 7, 1] and pre["waves"] <= 1.0, pre
     # the occupancy arithmetic on the compiled numbers: registers per warp in units of 256, 1 KiB reserved
     per_warp = -(-pre["regs"] * 32 // 256) * 256
-    fit = min(65_536 // per_warp // pre["num_warps"], 233_472 // (pre["smem_bytes"] + 1024), 2048 // (32 * pre["num_warps"]))
+    fit = min(65_536 // per_warp // pre["num_warps"], 233_472 // (pre["smem_bytes"] + 1024),
+              2048 // (32 * pre["num_warps"]))
     assert fit == pre["blocks_per_sm"]
     assert "_prefix_kernel" in res.stdout and "waves" in res.stdout
