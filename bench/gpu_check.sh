@@ -94,6 +94,7 @@ for s in $STAGES; do
   decode)
     run_tests decode 150 tests/kernels/test_decode_attention.py tests/kernels/test_decode_layer.py \
       tests/test_decode.py tests/test_policy.py tests/test_positions.py tests/test_vision_attention.py \
+      tests/test_prompt_sharing.py \
       -k "not evaluate_agrees and not fsdp and not rl_step" ;;
   vision)
     run_py bench_vision 60 bench/bench_vision.py --out "$OUTDIR/vision.json"

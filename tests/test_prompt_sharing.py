@@ -181,3 +181,27 @@ def test_flash_attention_takes_one_row_per_completion(tok_and_base):
     model.config._attn_implementation = "flash_attention_2"  # no forward runs: flash-attn need not be installed
     assert Policy(model).share_prompts is False
     assert Policy(base).share_prompts is True and Policy(base, share_prompts=False).share_prompts is False
+
+
+@pytest.mark.gpu
+def test_shared_prompts_on_cuda_bf16_within_the_rows_error(tok_and_base):
+    """On CUDA in bf16 (the training dtype; SDPA's masked kernels with an additive bias, rows padded to 16 keys):
+    hidden states and gradients of the shared layout are as close to fp32 as the per-row bf16 forward's are."""
+    tok, base = tok_and_base
+    x = rollout_batch(Policy(base), tok, "qwen2_5_vl", seed=2).to("cuda")
+
+    def run(dtype, share):
+        model = copy.deepcopy(base).to("cuda", dtype)
+        xx = copy.copy(x)
+        xx.pixel_values_videos = x.pixel_values_videos.to(dtype)
+        h = Policy(model, share_prompts=share)(xx, lambda h, w, b: h)
+        r = torch.randn(h.shape, generator=torch.Generator().manual_seed(4)).to("cuda", dtype)
+        (h * r).sum().backward()
+        return h.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    h32, g32 = run(torch.float32, False)
+    (h_row, g_row), (h_sh, g_sh) = run(torch.bfloat16, False), run(torch.bfloat16, True)
+    err = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert err(h_sh, h32) <= 4 * max(err(h_row, h32), 1e-3)
+    for n in g32:
+        assert err(g_sh[n], g32[n]) <= 4 * max(err(g_row[n], g32[n]), 1e-3), n
