@@ -476,6 +476,10 @@ def _table(fast: dict, ref: dict | None) -> str:
         lines.append(row)
     for k, v in fast["mfu"].items():
         lines.append(f"MFU {k:<22} {100 * v:>6.1f}%")
+    run = {s: v for s, v in fast["stages"].items() if v.get("row_tokens")}
+    if run:  # fewer than the rows' when prompts are shared (model.share_prompts)
+        lines.append("tokens run / rows' tokens per step: " + ", ".join(
+            f"{s} {v['tokens']:.0f} / {v['row_tokens']:.0f}" for s, v in run.items()))
     ro = fast["stages"].get("rollout", {})
     lines.append(f"rollout spread {100 * ro.get('spread', 0):.1f}% over {fast['steps']} steps: "
                  f"{'ok' if fast['rollout_repeatable'] else f'noisy (> {100 * STABLE:.0f}%): use more --steps'}"
