@@ -48,7 +48,8 @@ layers, A = attention width (heads x head_dim), L = decoder layers, D = vision w
       2 (P_patch_embed + P_vis) N  +  2 P_merger N / 4
       + window blocks: sum over windows of 4 n_w^2 D   (windows of 4 x 4 merged tokens = 64 patches)
       + full blocks:   t x 4 (h w)^2 D                  (Qwen2.5-VL attends within each temporal patch)
-  old / reference log-probs: the language model + head forward on every row (no padding counted), the vision
+  old / reference log-probs (old: only with algorithm.old_logp_forward or ppo_epochs / minibatches > 1; else the
+      update's forward gives them): the language model + head forward on every row (no padding counted), the vision
       tower as it ran (forward hooks; nothing when visual tokens are reused). When the policy runs the rows of
       one prompt as one sequence (model.share_prompts), the prompt counts once and the attention counts the
       pairs its block mask allows: P^2 / 2 + sum over completions of (c P + c^2 / 2), times 4 L A; "tokens" are

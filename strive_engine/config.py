@@ -291,6 +291,8 @@ class AlgorithmConfig:
                                              "shuffled ones (0 = off; tgrpo preset: 0.3)")
     ppo_epochs: int = doc(1, "mu: policy updates per rollout batch")
     minibatches: int = doc(1, "mini-batches per update (one optimizer step each)")
+    old_logp_forward: bool = doc(False, "old log-probs by their own forward even when ppo_epochs = minibatches = 1 "
+                                        "(else the update's forward gives them: the same weights)")
 
     def __post_init__(self):
         _choice(self.preset, PRESETS, "algorithm.preset")

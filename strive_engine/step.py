@@ -28,7 +28,7 @@ from strive_engine.pipeline import DecodedBatch, decode_batch, prepare_batch
 from strive_engine.rewards import RewardOutput, step_rewards
 from strive_engine.rollout import RolloutBatch, generate_rollouts, shuffled_rollouts
 from strive_engine.trainer import Trainer
-from strive_engine.update import policy_logprobs, policy_update
+from strive_engine.update import logp_mismatch, on_policy, policy_logprobs, policy_update
 from strive_engine.video.prefetch import Prefetcher
 
 
@@ -38,7 +38,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _rollout_phase(t: Trainer, decoded: DecodedBatch, seed: int
-                   ) -> tuple[RolloutBatch, RolloutBatch | None, torch.Tensor]:
+                   ) -> tuple[RolloutBatch, RolloutBatch | None, torch.Tensor | None]:
     """Runs inside root(): keyframes, variants, G samples per variant, old log-probs — params unsharded once."""
     cfg = t.cfg
     with unsharded(t.root), torch.no_grad():
@@ -49,8 +49,10 @@ def _rollout_phase(t: Trainer, decoded: DecodedBatch, seed: int
             if cfg.algorithm.temporal_bonus > 0:  # T-GRPO: each question's canonical view (variant 0), shuffled
                 shuffled = shuffled_rollouts(t.policy, t.tokenizer, requests[::cfg.variants.num_variants],
                                              cfg.rollout, seed, t.views.geometry.temporal_patch)
-        with t.timer("old_logp"):
-            old_logp = policy_logprobs(t.policy, rb, cfg)                        # (N,)
+        old_logp = None  # on-policy: the update's own forward gives them (update.on_policy)
+        if not on_policy(cfg):
+            with t.timer("old_logp"):
+                old_logp = policy_logprobs(t.policy, rb, cfg)                    # (N,)
     return rb, shuffled, old_logp
 
 
@@ -118,27 +120,15 @@ def rl_step(t: Trainer, step: int, batches: Prefetcher | None = None) -> dict[st
     m = _global_stats(rew, decoded.valid, rb)
     m.update({f"adv/{k}": v for k, v in adv_metrics.items()})
     m.update(upd)
-    m.update(_mismatch(rb, old_logp))
+    if old_logp is not None and rb.sampling_logprobs is not None:  # else policy_update measured it
+        samp = rb.sampling_logprobs[rb.completion_mask.bool()].to(old_logp.device)    # (N,), the same packing
+        m.update(logp_mismatch((samp - old_logp.float()).abs()))
     m.update({"step": step, "phase": "rl", "lr": t.optim.lr,
               "data/skipped_videos": _sum_counter(decoded.skipped),
               "data/kept_rows": int(all_reduce(row_keep.sum().float().reshape(1)).item())})  # global, as valid_samples
     m.update(t.timer.reset())
     m["time/step"] = round(time.perf_counter() - t0, 4)
     return m
-
-
-def _mismatch(rb: RolloutBatch, old_logp: torch.Tensor) -> dict[str, float]:
-    """Rollout/trainer mismatch over the step's completion tokens (global): |log p_sample - log p_old|, where
-    log p_sample is the rollout's own log-prob under its sampling distribution and log p_old the trainer's
-    forward (same weights). Numerical differences only, unless top-k / top-p truncates the distribution sampled
-    from (then the gap is the truncation, the real off-policy amount)."""
-    if rb.sampling_logprobs is None:
-        return {}
-    samp = rb.sampling_logprobs[rb.completion_mask.bool()].to(old_logp.device)       # (N,), the same packing
-    d = (samp - old_logp.float()).abs()
-    s = all_reduce(torch.stack([d.sum(), torch.tensor(float(d.numel()), device=d.device)]).cpu())
-    mx = all_reduce(d.max().reshape(1).cpu() if d.numel() else torch.zeros(1), "max")
-    return {"rollout/logp_mismatch_mean": float(s[0]) / max(float(s[1]), 1.0), "rollout/logp_mismatch_max": float(mx)}
 
 
 def _sum_counter(c: Counter) -> int:

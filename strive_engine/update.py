@@ -47,16 +47,30 @@ def _packed(values: Tensor, counts: Tensor, rows: Tensor) -> Tensor:
     return values[torch.cat(idx).to(values.device)] if idx else values[:0]
 
 
-def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor, row_adv: Tensor, row_keep: Tensor,
+def on_policy(cfg: Config) -> bool:
+    """Whether the update's own forward gives the old log-probs: one optimizer step per rollout batch
+    (algorithm.ppo_epochs == minibatches == 1), so every micro-batch's forward runs the rollout's weights, and
+    the separate old-log-prob forward would compute the same numbers (algorithm.old_logp_forward forces it)."""
+    a = cfg.algorithm
+    return a.ppo_epochs == 1 and a.minibatches == 1 and not a.old_logp_forward
+
+
+def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv: Tensor, row_keep: Tensor,
                   ref_logp: Tensor | None = None) -> dict:
     """algorithm.ppo_epochs x algorithm.minibatches optimizer steps over the kept rows (row_keep (M,) bool) with
     per-row advantages row_adv (M,), each mini-batch in micro-batches of parallel.micro_batch_size rows. Times
-    "update" (forward + backward) and "optimizer"; returns the update's metrics (global over ranks)."""
+    "update" (forward + backward) and "optimizer"; returns the update's metrics (global over ranks).
+    old_logp None (`on_policy`): each micro-batch's old log-probs are its own forward's, detached (the log-prob
+    head once more without grad, instead of a whole forward of the model); the rollout/trainer mismatch is then
+    measured here, over the trained rows."""
     cfg = t.cfg
     spec = LossSpec.from_config(cfg.algorithm, cfg.rollout)
     counts = _row_token_counts(rb)                                              # (M,)
     train_rows = row_keep.nonzero().flatten()
     mbs_cfg = cfg.parallel.micro_batch_size
+    samp_all = rb.sampling_logprobs[rb.completion_mask.bool()] \
+        if old_logp is None and rb.sampling_logprobs is not None else None      # (N,) packed as old_logp
+    gaps: list[Tensor] = []
     update_losses, stats_acc, grad_norms, skipped = [], {}, [], 0
     for _epoch in range(cfg.algorithm.ppo_epochs):
         for mb_rows in torch.tensor_split(train_rows, cfg.algorithm.minibatches):
@@ -76,20 +90,27 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor, row_adv: Tenso
                 if not cfg.model.freeze_vision:  # gradients must reach the vision tower: run it again
                     inputs = inputs.without_visual()
                 targets = inputs.targets()
-                old = _packed(old_logp, counts, rows)
-                adv = row_adv[rows].repeat_interleave(counts[rows]).to(old.device)
-                mask = torch.full_like(old, weight)
-                seq_ids = torch.repeat_interleave(torch.arange(len(rows)), counts[rows]).to(old.device)
+                dev = targets.device
+                old = _packed(old_logp, counts, rows) if old_logp is not None else None
+                adv = row_adv[rows].repeat_interleave(counts[rows]).to(dev)
+                mask = torch.full(targets.shape, weight, device=dev)
+                seq_ids = torch.repeat_interleave(torch.arange(len(rows)), counts[rows]).to(dev)
 
                 ref = _packed(ref_logp, counts, rows) if ref_logp is not None else None
 
                 def head(h, w, b, targets=targets, old=old, adv=adv, mask=mask, seq_ids=seq_ids, ref=ref):
-                    return policy_loss(h, w, targets, old, adv, mask, spec, norm, seq_ids=seq_ids, ref_logp=ref,
-                                       bias=b)
+                    if old is None:  # on-policy: this forward's own log-probs, without grad
+                        with torch.no_grad():
+                            old = token_logprobs(h, w, targets, cfg.rollout.temperature, b)
+                    loss, stats = policy_loss(h, w, targets, old, adv, mask, spec, norm, seq_ids=seq_ids,
+                                              ref_logp=ref, bias=b)
+                    return loss, stats, old
 
                 with t.timer("update"):
-                    loss, stats = t.root(t.policy, inputs, head)
+                    loss, stats, old = t.root(t.policy, inputs, head)
                     loss.backward()
+                if samp_all is not None and weight:
+                    gaps.append((_packed(samp_all, counts, rows).to(dev) - old.float()).abs())
                 micro_losses.append(loss.detach())
                 for k, v in stats.items():
                     stats_acc.setdefault(k, []).append(v.detach().float())
@@ -106,4 +127,16 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor, row_adv: Tenso
            "nonfinite_skipped_updates": skipped, "nonfinite_skipped_total": t.optim.nonfinite_skips}
     for k, v in stats_acc.items():
         out[f"loss/{k}"] = float(torch.stack(v).mean())
+    if samp_all is not None:
+        out.update(logp_mismatch(torch.cat(gaps) if gaps else samp_all[:0]))
     return out
+
+
+def logp_mismatch(gap: Tensor) -> dict[str, float]:
+    """Rollout/trainer mismatch over tokens (global over ranks) from |log p_sample - log p_old| (N,): log p_sample
+    the rollout's own log-prob under its sampling distribution, log p_old the trainer's forward (same weights).
+    Numerical differences only, unless top-k / top-p truncates the distribution sampled from (then the gap is the
+    truncation, the real off-policy amount)."""
+    s = all_reduce(torch.stack([gap.sum(), torch.tensor(float(gap.numel()), device=gap.device)]).cpu())
+    mx = all_reduce(gap.max().reshape(1).cpu() if gap.numel() else torch.zeros(1), "max")
+    return {"rollout/logp_mismatch_mean": float(s[0]) / max(float(s[1]), 1.0), "rollout/logp_mismatch_max": float(mx)}

@@ -47,15 +47,18 @@ def _tracked_files_state() -> dict[str, tuple[int, int]] | None:
 
 @pytest.mark.slow
 def test_throughput_compare_with_kl_reference():
-    """Both backends end to end with the defaults a user gets: the record goes to runs/bench (ignored by git),
-    no tracked file changes, every device stage is explained (bound, rate, fraction of this run's ceilings),
-    MFU in both definitions, a profiler trace of one more step names the stages."""
+    """Both backends end to end with the defaults a user gets, plus the old log-probs as their own forward (the
+    default takes them from the update's forward when ppo_epochs = minibatches = 1; tests/test_train.py): the
+    record goes to runs/bench (ignored by git), no tracked file changes, every device stage is explained (bound,
+    rate, fraction of this run's ceilings), MFU in both definitions, a profiler trace of one more step names the
+    stages."""
     before = _tracked_files_state()
     with tempfile.TemporaryDirectory() as tmp:
         syn = Path(tmp) / "syn"
         res = _script("bench/throughput.py", ["--steps", "2", "--warmup", "0", "--compare", "--profile",
                                               "--count-ops", *TINY,
-                                              f"--data.synthetic_dir={syn}", "--algorithm.beta=0.05"])
+                                              f"--data.synthetic_dir={syn}", "--algorithm.beta=0.05",
+                                              "--algorithm.old_logp_forward=true"])
     rec = json.loads(res.stdout.strip().splitlines()[-1])
     for side in ("fast", "reference"):
         r = rec[side]

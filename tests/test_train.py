@@ -409,3 +409,44 @@ def test_kl_to_frozen_reference(tmp_path, syn_dir, dist_cleanup):
     assert all(not p.requires_grad for p in t.reference.root.parameters())
     t.reference.copy_from(t.root)  # what a fresh run does after the warm start: the KL is 0 again
     assert step_mod.rl_step(t, 2)["loss/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_on_policy_old_logprobs_come_from_the_update_forward(tmp_path, syn_dir, monkeypatch, dist_cleanup):
+    """ppo_epochs = minibatches = 1: no separate old-log-prob forward; the update's own forward gives them. The
+    step's loss, gradient norm, mismatch metric and updated weights equal those of a run that computes them with
+    their own forward (algorithm.old_logp_forward=true), the same weights either way."""
+    import strive_engine.step as step_mod
+    from strive_engine.update import on_policy
+
+    import strive_engine.rewards as rewards_mod
+
+    calls = []
+    real = step_mod.policy_logprobs
+    monkeypatch.setattr(step_mod, "policy_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_rewards = rewards_mod.compute_rewards
+
+    def spread_rewards(*a, **k):  # a random tiny model earns nothing: give the answers different rewards
+        out = real_rewards(*a, **k)
+        out.reward.copy_(torch.arange(out.reward.numel(), dtype=out.reward.dtype).reshape(out.reward.shape) % 3)
+        return out
+
+    monkeypatch.setattr(rewards_mod, "compute_rewards", spread_rewards)
+    t_on = _trainer(tmp_path / "on", syn_dir)
+    t_fwd = _trainer(tmp_path / "fwd", syn_dir, extra=["--algorithm.old_logp_forward=true"])
+    assert on_policy(t_on.cfg) and not on_policy(t_fwd.cfg)
+    for step in (0, 1):  # the first step's learning rate is 0 (warm-up): the second one moves the weights
+        m_on = step_mod.rl_step(t_on, step)
+        assert calls == [] and m_on.get("time/old_logp", 0.0) == 0.0
+        m_fwd = step_mod.rl_step(t_fwd, step)
+        assert calls == [1] and m_fwd["time/old_logp"] > 0
+        calls.clear()
+        assert m_on["data/kept_rows"] == m_fwd["data/kept_rows"] > 0
+        for k in ("loss", "grad_norm", "loss/clip_frac", "rollout/logp_mismatch_mean", "rollout/logp_mismatch_max"):
+            assert m_on[k] == pytest.approx(m_fwd[k], rel=1e-5, abs=1e-7), (step, k)
+    p_fwd = dict(t_fwd.root.named_parameters())
+    for n, p in t_on.root.named_parameters():
+        torch.testing.assert_close(p.detach(), p_fwd[n].detach(), rtol=1e-5, atol=1e-6)
+    fresh = dict(_trainer(tmp_path / "fresh", syn_dir).root.named_parameters())
+    moved = [n for n, p in t_on.root.named_parameters() if not torch.equal(p.detach(), fresh[n].detach())]
+    assert len(moved) > 10 and m_on["grad_norm"] > 0  # the steps moved the weights: the comparison is not vacuous
