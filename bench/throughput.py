@@ -248,6 +248,8 @@ def step_work(shape, calls: list[CallRecord], vision, cfg, elem: int) -> dict[st
     for stage, f in vis_by_stage.items():
         if stage != "rollout":  # the rollout's floor counts each video once, below
             work[stage]["flops"] += f * (3.0 if stage == "update" and shape.vision_trained else 1.0)
+    # the rollout's rows: the old log-probs' calls, else (on-policy: no such stage) the update's, which hold the
+    # kept rows only (with DAPO's dynamic sampling the rollout's work is then undercounted)
     rows = [c for c in calls if c.stage == "old_logp"] or [c for c in calls if c.stage == "update"]
     if rows:
         ro = rollout_work(shape, rows, cfg.rollout.max_batch, elem,
