@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from strive_engine.prompt_sharing import PromptGroups, block_mask, prompt_groups
+from strive_engine.prompt_sharing import PromptGroups, block_mask, group_by_prompt, prompt_groups
 
 
 def video_token_index(video_grid_thw: Tensor, video_index: Tensor, merge_size: int) -> Tensor:
@@ -255,17 +255,12 @@ class Policy(nn.Module):
                             slots.long()]).cpu()                                  # one copy to the host
         ids, mask, comp, slots = host[0], host[1].bool(), host[2].bool(), host[3].bool()
         M, L = ids.shape
-        cols = torch.arange(L)
-        end = torch.where(comp.any(1), comp.int().argmax(1), torch.full((M,), L))  # (M,) first completion column
-        prompt = mask & (cols[None] < end[:, None])                                # (M, L)
         vid = inputs.video_index.cpu()
-        slot_of: dict[tuple, int] = {}
-        lead, first = [], []                         # row -> its distinct prompt; the first row of each prompt
-        for m, (v, row) in enumerate(zip(vid.tolist(), ids.masked_fill(~prompt, -1).numpy())):
-            u = slot_of.setdefault((v, row.tobytes()), len(slot_of))
-            if u == len(first):
-                first.append(m)
-            lead.append(u)
+        prompt, members = group_by_prompt(ids, mask, comp, vid)                  # rows by their distinct prompt
+        lead, first = [0] * M, [g[0] for g in members]   # row -> its distinct prompt; the first row of each prompt
+        for u, g in enumerate(members):
+            for m in g:
+                lead[m] = u
         lead, first = torch.tensor(lead), torch.tensor(first)
         pos = torch.zeros(3, len(first), L, dtype=torch.long)
         has = prompt[first].any(1)

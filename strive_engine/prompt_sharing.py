@@ -58,6 +58,24 @@ class PromptGroups:
         return int(self.valid.sum())
 
 
+def group_by_prompt(ids: Tensor, mask: Tensor, comp: Tensor, vid: Tensor) -> tuple[Tensor, list[list[int]]]:
+    """Host tensors ids (M, L), mask / comp (M, L) bool, vid (M,) -> each row's prompt (M, L) bool (its attended
+    tokens before its first scored completion token; all of them when it has none), and the rows grouped by
+    (video, prompt tokens at their columns), groups in order of their first row. The one grouping rule of the
+    policy's positions (`Policy.positions`, once per prompt) and of the shared layout."""
+    M, L = ids.shape
+    end = torch.where(comp.any(1), comp.int().argmax(1), torch.full((M,), L))   # (M,) first completion column
+    prompt = mask & (torch.arange(L)[None] < end[:, None])
+    key_of: dict[tuple, int] = {}
+    members: list[list[int]] = []
+    for m, (v, row) in enumerate(zip(vid.tolist(), ids.masked_fill(~prompt, -1).numpy())):
+        u = key_of.setdefault((v, row.tobytes()), len(key_of))
+        if u == len(members):
+            members.append([])
+        members[u].append(m)
+    return prompt, members
+
+
 def prompt_groups(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, video_index: Tensor
                   ) -> PromptGroups | None:
     """The shared layout of a batch of M rows (M, L), or None when no two rows share a prompt (nothing to gain).
@@ -68,17 +86,8 @@ def prompt_groups(input_ids: Tensor, attention_mask: Tensor, completion_mask: Te
     host = torch.cat([input_ids.long(), attention_mask.long(), completion_mask.long(),
                       video_index.long().to(input_ids.device)[:, None]], 1).cpu()  # one copy to the host
     ids, mask, comp, vid = host[:, :L], host[:, L:2 * L].bool(), host[:, 2 * L:3 * L].bool(), host[:, 3 * L]
-    cols = torch.arange(L)
-    end = torch.where(comp.any(1), comp.int().argmax(1), torch.full((M,), L))   # (M,) first completion column
-    prompt = mask & (cols[None] < end[:, None])
+    prompt, members = group_by_prompt(ids, mask, comp, vid)
     after = mask & ~prompt
-    key_of: dict[tuple, int] = {}
-    members: list[list[int]] = []
-    for m, row in enumerate(ids.masked_fill(~prompt, -1).numpy()):
-        u = key_of.setdefault((int(vid[m]), row.tobytes()), len(key_of))
-        if u == len(members):
-            members.append([])
-        members[u].append(m)
     if len(members) == M:
         return None
     p_cols = [prompt[g[0]].nonzero().flatten() for g in members]               # the prompt's columns, first row

@@ -6,12 +6,10 @@ import types
 import pytest
 import torch
 
-from strive_engine.config import ModelConfig
 from strive_engine.loss import LossSpec, policy_loss
-from strive_engine.model import build_model
 from strive_engine.policy import Policy, PolicyInputs
 from strive_engine.prompt_sharing import block_mask, prompt_groups
-from test_decode import _prompts, _requests
+from test_decode import _prompts, _requests, tiny  # noqa: F401  (tiny: a fixture)
 from test_rollout import _tiny_other
 
 LENGTHS = [[5, 2, 7], [3, 3, 1], [6, 4, 2]]  # completion tokens of request r's G=3 rows
@@ -19,12 +17,10 @@ ORDER = [4, 0, 8, 2, 9, 6, 1, 5, 3, 7]       # rows of one prompt are not adjace
 
 
 @pytest.fixture(scope="module")
-def tok_and_base(tmp_path_factory):
-    torch.manual_seed(3)
-    cfg = ModelConfig(tokenizer_dir=str(tmp_path_factory.mktemp("tok") / "t"), tiny_hidden_size=64, tiny_layers=2,
-                      tiny_heads=4, tiny_vision_depth=1, tiny_vision_hidden_size=32)
-    model, tok = build_model(cfg, "cpu")
-    return tok, model
+def tok_and_base(tiny):
+    """test_decode's tiny Qwen2.5-VL (the tests deep-copy it before changing it) and its tokenizer."""
+    pol, tok = tiny
+    return tok, pol.hf
 
 
 def _model(kind, tok_and_base):
