@@ -24,6 +24,8 @@ Reported for both engines (one JSON object, the last line):
   * the vision tower alone over the requests' videos (what the native prefill runs once per request), with the
     attention batched by segment length (`model.vision_attention=segmented`, the engine's default) and with
     transformers' loop of one call per window (HF generate runs with the loop: stock transformers);
+  * the sampling alone at the step's (rows, vocabulary): the one-pass Triton sampler against the torch chain it
+    replaced (eight kernels over the logits), sampled and greedy;
   * a correctness check at the same shape: native vs HF logits over the first steps (HF forced along the
     native tokens), max relative error.
 Targets (issue 13): decode >= 10x HF at the same batch; a decode step <= 1.5x the floor; prefill >= 4x HF.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import inspect
 import platform
 import sys
@@ -220,6 +223,43 @@ def run_native(policy, prompts, G: int, T: int, device, reps: int = 2, pack_qkv:
     return res
 
 
+def best_us(fns: dict, calls: int, rounds: int) -> dict[str, float]:
+    """Microseconds per call of each function: CUDA events around `calls` back-to-back calls after one warm-up,
+    the functions alternating for `rounds` rounds, the best round of each."""
+    best = {k: float("inf") for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(calls):
+                fn()
+            b.record()
+            b.synchronize()
+            best[name] = min(best[name], 1e3 * a.elapsed_time(b) / calls)
+    return best
+
+
+def sampler(M: int, V: int, device, calls: int = 200, rounds: int = 3) -> dict | None:
+    """The decode step's sampling at M rows x V: the one-pass Triton sampler (strive_kernels.sample_tokens)
+    against the torch chain it replaced (its twin: fp32 copy, / T, log-softmax, exponential noise, log, argmax;
+    eight kernels), sampled and greedy, with the GB/s of the bf16 logits read once. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from strive_kernels.reference.sampling import sample_tokens_reference
+    from strive_kernels.sampling import sample_tokens, sampling_seed
+
+    x = torch.randn(M, V, device=device, dtype=torch.bfloat16) * 3
+    seed, step = sampling_seed(device), torch.zeros(1, dtype=torch.long, device=device)
+    fns = {"fused": lambda: sample_tokens(x, 1.0, seed=seed, step=step, backend="triton"),
+           "torch": lambda: sample_tokens_reference(x, 1.0),
+           "fused_greedy": lambda: sample_tokens(x, greedy=True, backend="triton"),
+           "torch_greedy": lambda: sample_tokens_reference(x, greedy=True)}
+    us = best_us(fns, calls, rounds)
+    return {"rows": M, "vocab": V, "us": us, "logits_GBps": {k: x.numel() * 2 / v / 1e3 for k, v in us.items()},
+            "speedup": us["torch"] / us["fused"], "speedup_greedy": us["torch_greedy"] / us["fused_greedy"]}
+
+
 def _plan_before_2026_12_06(R: int, Hkv: int, Lp: int, block_n: int, sms: int) -> tuple[int, int]:
     """The prefix kernel's split plan until 2026-12-06 (about 2 programs per SM, at least 4 blocks each): 288
     programs for 264 resident at this bench's shape, i.e. 1.09 waves."""
@@ -249,18 +289,8 @@ def prefix_plans(policy, prompts, G: int, T: int, device, calls: int = 200, roun
     n = torch.tensor([T // 2], device=device, dtype=torch.long)  # the engine passes t + 1 as int64
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     plans = {"planned": da.plan_splits(R, Hkv, Lp, 64, sms), "before": _plan_before_2026_12_06(R, Hkv, Lp, 64, sms)}
-    best = {k: float("inf") for k in plans}
-    for _ in range(rounds):
-        for name, plan in plans.items():
-            call = lambda: da.shared_prefix_attention_triton(q, kp, vp, start, ks, vs, n, splits=plan)  # noqa: E731
-            call()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(calls):
-                call()
-            b.record()
-            b.synchronize()
-            best[name] = min(best[name], 1e3 * a.elapsed_time(b) / calls)
+    best = best_us({name: functools.partial(da.shared_prefix_attention_triton, q, kp, vp, start, ks, vs, n,
+                                            splits=plan) for name, plan in plans.items()}, calls, rounds)
     kv_bytes = 2 * int(prompts.attention_mask.sum()) * Hkv * D * kp.element_size()
     return {name: {"splits": list(plans[name]), "us": best[name], "prompt_kv_GBps": kv_bytes / best[name] / 1e3}
             for name in plans} | {"speedup": best["before"] / best["planned"]}
@@ -368,6 +398,7 @@ def main(argv=None) -> dict:
     unpacked = run_native(policy, prompts, args.G, args.new_tokens, args.device, reps=1, pack_qkv=False)
     prof = profile_step(policy, prompts, args.G, args.device)
     plans = prefix_plans(policy, prompts, args.G, args.new_tokens, args.device)
+    draw = sampler(args.requests * args.G, policy.hf.lm_head.weight.shape[0], args.device)
     vision = run_vision(policy, prompts, args.device)  # leaves the segmented attention installed
     hf = None
     if not args.skip_hf:  # stock transformers: its per-window loop in the vision tower
@@ -391,7 +422,7 @@ def main(argv=None) -> dict:
                      "new_tokens": T, "params_B": sum(p.numel() for p in policy.parameters()) / 1e9},
            "build_s": build_s, "copy_GBps": bw / 1e9, "step_bytes_GB": {k: v / 1e9 for k, v in nb.items()},
            "floor_ms_per_step": floor_ms, "native": native, "native_unpacked_qkv": unpacked, "hf": hf, "vision_tower": vision, "logits_check": check,
-           "eager_step_kernels": prof, "prefix_attention_plans": plans}
+           "eager_step_kernels": prof, "prefix_attention_plans": plans, "sampler": draw}
     native["tokens_per_s"] = tok_s(native, native["decode_ms_per_step"])
     native["fraction_of_floor"] = floor_ms / native["decode_ms_per_step"]
     if hf is not None:
@@ -418,6 +449,10 @@ def main(argv=None) -> dict:
         print(f"prefix attention per layer: planned splits {plans['planned']['splits']} {plans['planned']['us']:.1f} us "
               f"({plans['planned']['prompt_kv_GBps']:.0f} GB/s of prompt K/V), the plan before 2026-12-06 "
               f"{plans['before']['splits']} {plans['before']['us']:.1f} us ({plans['speedup']:.2f}x)")
+    if draw:
+        print(f"sampling {draw['rows']} x {draw['vocab']}: one pass {draw['us']['fused']:.1f} us "
+              f"({draw['logits_GBps']['fused']:.0f} GB/s of logits) vs the torch chain {draw['us']['torch']:.1f} us "
+              f"({draw['speedup']:.1f}x); greedy {draw['us']['fused_greedy']:.1f} vs {draw['us']['torch_greedy']:.1f} us")
     print(f"vision tower {vision['segmented_ms']:.1f} ms segmented vs {vision['hf_loop_ms']:.1f} ms transformers' "
           f"loop ({vision['speedup']:.2f}x)")
     return emit(rec, args.out)

@@ -9,8 +9,9 @@
 #            vision     bench/bench_vision.py: the 3B vision tower (16 videos of 8x30x26 patches), its attention
 #                       batched by segment length vs transformers' per-window loop; forward + backward on 2 videos
 #            rollout    bench/kernel_resources.py --only decode (compile-only occupancy of the decode kernels with
-#                       this image's triton), then bench/bench_rollout.py: native engine vs HF generate at the
-#                       Qwen2.5-VL-3B shape, and the prefix attention kernel with its split plan vs the old one
+#                       this image's triton), the sampler's kernel tests, then bench/bench_rollout.py: native engine
+#                       vs HF generate at the Qwen2.5-VL-3B shape, the prefix attention kernel with its split plan
+#                       vs the old one, the one-pass sampler vs the torch chain
 #            throughput bench/throughput.py --recipe gpu_small: fast vs torch twins; ATen ops / device syncs per
 #                       stage (--count-ops) and one profiled step (each stage's device busy fraction and top
 #                       kernels); the update at micro-batch 128 instead of 32; one row per answer
@@ -93,8 +94,8 @@ for s in $STAGES; do
             BUILD_PID=$! ;;
   decode)
     run_tests decode 150 tests/kernels/test_decode_attention.py tests/kernels/test_decode_layer.py \
-      tests/test_decode.py tests/test_policy.py tests/test_positions.py tests/test_vision_attention.py \
-      tests/test_prompt_sharing.py \
+      tests/kernels/test_sampling.py tests/test_decode.py tests/test_policy.py tests/test_positions.py \
+      tests/test_vision_attention.py tests/test_prompt_sharing.py \
       -k "not evaluate_agrees and not fsdp and not rl_step" ;;
   vision)
     run_py bench_vision 60 bench/bench_vision.py --out "$OUTDIR/vision.json"
@@ -106,10 +107,13 @@ for s in $STAGES; do
     # the decode kernels compiled by this image's triton for sm_90: registers, spills, programs per SM, waves
     # (what plan_splits assumes; seconds, compile only)
     run_py kernel_resources 60 bench/kernel_resources.py --only decode --out "$OUTDIR/kernel_resources.json"
-    grep -E "_prefix_kernel|_suffix_kernel" "$OUTDIR/kernel_resources.log"
+    grep -E "_prefix_kernel|_suffix_kernel|_sample_kernel" "$OUTDIR/kernel_resources.log"
+    # the one-pass sampler compiled (its draw against a numpy Philox, ties, splits; ~20 s) before it runs
+    run_tests sampling 40 tests/kernels/test_sampling.py
+    tail -1 "$OUTDIR/tests_sampling.log"
     wait_build
     run_py bench_rollout 200 bench/bench_rollout.py --out "$OUTDIR/rollout_full.json"
-    grep -E "^(prefill|decode|tokens|of floor|peak|floor|prefix)" "$OUTDIR/bench_rollout.log" ;;
+    grep -E "^(prefill|decode|tokens|of floor|peak|floor|prefix|sampling)" "$OUTDIR/bench_rollout.log" ;;
   throughput)
     wait_build
     run_py bench_throughput 170 bench/throughput.py --recipe gpu_small --steps 6 --warmup 2 --compare \

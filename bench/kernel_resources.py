@@ -146,8 +146,10 @@ def _patched(obj, name: str, value):
 
 def decode_launches():
     """One decode step of the native engine at the Qwen2.5-VL-3B rollout shape (bench_rollout.py's default):
-    16 requests x G = 8 rows, 16 / 2 heads of 128, prompts padded to 2,112 tokens, 256-token suffix cache."""
+    16 requests x G = 8 rows, 16 / 2 heads of 128, prompts padded to 2,112 tokens, 256-token suffix cache,
+    the sampler over (128, 151,936) logits."""
     import strive_kernels.decode_attention as da
+    import strive_kernels.sampling as smp
     from strive_kernels import decode_layer as dl
 
     R, G, Hq, Hkv, D, Lp, T, H, I = 16, 8, 16, 2, 128, 2112, 256, 2048, 11008
@@ -169,6 +171,9 @@ def decode_launches():
         yield "add_rmsnorm", lambda: dl.add_rmsnorm(x, x, w, 1e-6)
         yield "rope_cache", lambda: dl.rope_cache(qf, kf, kf, pos, t, inv, 1.0, kc, vc)
         yield "silu_mul", lambda: dl.silu_mul(g, g)
+    logits, seed = torch.empty(M, 151_936, dtype=bf), torch.zeros(1, dtype=torch.int64)
+    yield "sample_tokens", lambda: smp.sample_tokens_triton(logits, 1.0, False, seed, t)
+    yield "sample_tokens greedy", lambda: smp.sample_tokens_triton(logits, 1.0, True, None, None)
 
 
 def logprob_launches():

@@ -6,6 +6,7 @@
     adv, stats = sk.group_advantages(rewards, group_ids, variant_ids, mode="joint")  # Triton
     out = sk.fused_logprob_loss(hidden, weight, targets, old_logp, adv, mask, sk.LossSpec(eps_high=0.28))
     o = sk.shared_prefix_attention(q, k_prefix, v_prefix, start, k_suffix, v_suffix, n)  # Triton decode attention
+    token, logp = sk.sample_tokens(logits, T, seed=sk.sampling_seed(dev), step=t)      # Triton one-pass sampler
 
 Every public function takes `backend=` from one vocabulary, auto | triton | native | reference, resolved by
 one function (`sk.resolve`, module `strive_kernels._backend`, which also documents each kernel's rule and the
@@ -26,6 +27,8 @@ _EXPORTS = {
     "add_rmsnorm": "strive_kernels.decode_layer",
     "rope_cache": "strive_kernels.decode_layer",
     "silu_mul": "strive_kernels.decode_layer",
+    "sample_tokens": "strive_kernels.sampling",
+    "sampling_seed": "strive_kernels.sampling",
     # contracts: types and constants (torch only)
     "resolve": "strive_kernels._backend",
     "BACKENDS": "strive_kernels._backend",

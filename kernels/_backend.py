@@ -24,6 +24,8 @@ interpreter), else the reference, with these rules:
     shared_prefix_attention  Triton for head sizes that are powers of two in [16, 256], <= 64 query heads
                              per K/V head, fp16/bf16/fp32
     decode_layer             Triton when every tensor is on CUDA in one dtype and the layout fits the kernel
+    sample_tokens            Triton when the call is greedy or brings its Philox seed and step (the twin draws
+                             from the default generator instead), and M x V fits its int32 noise counters
 
 `STRIVE_KERNELS_BACKEND=reference` turns every `auto` into `reference` (bench/throughput.py --compare,
 debugging); unset or "auto" leaves the rules above. An explicit backend argument always wins.
@@ -54,6 +56,7 @@ KERNELS = {
     "fused_logprobs": ("triton", "native"),
     "shared_prefix_attention": ("triton",),
     "decode_layer": ("triton",),
+    "sample_tokens": ("triton",),
 }
 # Shape limits of the Triton paths (their per-program tiles live in registers).
 MAX_POOL, MAX_VARIANTS = 8192, 64  # keyframe_sample: the per-pool tail holds (K, P) tiles
@@ -91,6 +94,10 @@ def _why_not(kernel: str, backend: str, device: torch.device, explicit: bool, sh
                     f"<= 64, dtype fp16/bf16/fp32")
         if kernel == "decode_layer" and not shape["supported"]:
             return "every tensor must be on CUDA in one dtype, with the layout the kernel reads"
+        if kernel == "sample_tokens" and not shape["seeded"]:
+            return "sampling needs seed= and step= (1-element int64 device tensors: its noise is Philox keyed by them)"
+        if kernel == "sample_tokens" and not shape["fits"]:
+            return "rows x vocabulary exceed its int32 noise counters (2^31 / 4 columns per counter)"
     if backend == "native" and kernel == "variant_patchify" and shape["native_error"]:
         return shape["native_error"]
     return None

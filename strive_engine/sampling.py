@@ -3,11 +3,14 @@
     spec = SamplingSpec.from_config(cfg.rollout)
     token, logp = sample_next(logits, spec)          # logits (M, V) -> (M,) int64, (M,) fp32
 
-Sampling uses the exponential race (argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p), which needs no
-cumulative sum, no `torch.multinomial` (which syncs on CUDA to check its input) and no data-dependent shape,
-so the step that calls it can be captured in a CUDA graph. The noise comes from the default generator of the
-logits' device: the caller seeds it (inside `torch.random.fork_rng`), and a captured graph advances the CUDA
-generator's philox offset on every replay, so a seeded run repeats exactly.
+Without top-k / top-p (as in RL) and for greedy, sampling is `strive_kernels.sample_tokens`: on CUDA one Triton
+pass over the logits (online log-sum-exp and a Gumbel-max argmax, Philox noise keyed by the caller's `seed` +
+`step` device tensors, so a captured CUDA graph replays with the step its state holds); on the CPU, and on CUDA
+when no seed is given, its torch twin. With top-k / top-p the filtered logits go through the same exponential race
+in torch (argmax_i log p_i - log E_i, E_i ~ Exp(1), is a draw from p: no cumulative sum, no `torch.multinomial`,
+which syncs on CUDA to check its input, no data-dependent shape). The torch paths draw from the default
+generator of the logits' device: the caller seeds it (inside `torch.random.fork_rng`), and a captured graph
+advances the CUDA generator's philox offset on every replay, so a seeded run repeats exactly.
 
 Filtering follows HF's warpers in HF's order (temperature, then top-k, then top-p) with HF's tie rules: top-k
 keeps every logit >= the k-th largest; top-p drops a token when the probability of the tokens strictly more
@@ -23,6 +26,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from strive_kernels import sample_tokens
+from strive_kernels.reference.sampling import race
 
 
 @dataclass(frozen=True)
@@ -67,15 +73,15 @@ def filter_logits(logits: Tensor, spec: SamplingSpec) -> Tensor:
     return x
 
 
-def sample_next(logits: Tensor, spec: SamplingSpec) -> tuple[Tensor, Tensor]:
-    """logits (M, V) -> (token (M,) int64, logp (M,) fp32). No host sync; graph-capturable."""
-    if spec.greedy:
-        logp_all = torch.log_softmax(logits.float(), -1)
-        token = torch.argmax(logits, -1)
-        return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
-    logp_all = torch.log_softmax(filter_logits(logits, spec), -1)                 # (M, V), -inf where filtered
-    # Exponential race in log space: argmax(log p - log E). E is clamped away from 0, which has probability 0
-    # anyway, so a filtered token (log p = -inf) can never win.
-    e = torch.empty_like(logp_all).exponential_().clamp_min_(torch.finfo(torch.float32).tiny)
-    token = torch.argmax(logp_all - torch.log(e), -1)
-    return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
+def unfiltered(spec: SamplingSpec, vocab: int) -> bool:
+    """True when top-k and top-p cut nothing: the draw is from softmax(logits / temperature) (or greedy)."""
+    return spec.greedy or (not 0 < spec.top_k < vocab and spec.top_p >= 1.0)
+
+
+def sample_next(logits: Tensor, spec: SamplingSpec, seed: Tensor | None = None,
+                step: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """logits (M, V) -> (token (M,) int64, logp (M,) fp32). No host sync; graph-capturable.
+    seed / step: (1,) int64 device tensors keying the fused sampler's noise (see the module docstring)."""
+    if unfiltered(spec, logits.shape[-1]):
+        return sample_tokens(logits, spec.temperature, greedy=spec.greedy, seed=seed, step=step)
+    return race(torch.log_softmax(filter_logits(logits, spec), -1))        # (M, V), -inf where filtered

@@ -398,8 +398,10 @@ def test_vision_and_rollout_benches_run_tiny(tmp_path):
 def test_kernel_resources_of_the_decode_kernels_on_sm90(tmp_path):
     """bench/kernel_resources.py compiles the decode kernels for an H100 / H200 through the engine's launch code
     (no GPU): nothing spills, and the prefix kernel fits the PREFIX_PROGRAMS_PER_SM that plan_splits assumes, so
-    its grid at the 3B rollout shape fills one wave (the number the planner uses is the compiled kernel's)."""
+    its grid at the 3B rollout shape fills one wave (the number the planner uses is the compiled kernel's); the
+    same for the one-pass sampler and its PROGRAMS_PER_SM."""
     pytest.importorskip("triton.backends.nvidia")
+    import strive_kernels.sampling as smp
     from strive_kernels.decode_attention import PREFIX_PROGRAMS_PER_SM
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -409,7 +411,7 @@ def test_kernel_resources_of_the_decode_kernels_on_sm90(tmp_path):
     rec = json.loads((tmp_path / "k.json").read_text())
     by = {x["kernel"]: x for x in rec["launches"]}
     assert set(by) == {"_prefix_kernel", "_suffix_kernel", "_add_rmsnorm_kernel", "_rope_cache_kernel",
-                       "_silu_mul_kernel"}
+                       "_silu_mul_kernel", "_sample_kernel", "_merge_kernel"}
     assert all(x["spill_bytes"] == 0 and 0 < x["regs"] <= 255 for x in rec["launches"])
     pre = by["_prefix_kernel"]
     assert pre["blocks_per_sm"] == PREFIX_PROGRAMS_PER_SM, pre
@@ -420,3 +422,6 @@ def test_kernel_resources_of_the_decode_kernels_on_sm90(tmp_path):
               2048 // (32 * pre["num_warps"]))
     assert fit == pre["blocks_per_sm"]
     assert "_prefix_kernel" in res.stdout and "waves" in res.stdout
+    # the sampler over (128, 151,936) logits: the split plan's PROGRAMS_PER_SM is the compiled kernel's, one wave
+    draw = next(x for x in rec["launches"] if x["note"] == "sample_tokens" and x["kernel"] == "_sample_kernel")
+    assert draw["blocks_per_sm"] == smp.PROGRAMS_PER_SM and draw["grid"] == [128, 4, 1] and draw["waves"] <= 1.0

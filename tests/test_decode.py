@@ -280,7 +280,7 @@ def test_rows_stop_independently_and_are_masked(tiny, monkeypatch):
     stop = torch.tensor([2, 5, 0, 9, 3, 4])
     calls = {"n": 0}
 
-    def scripted(logits, spec):
+    def scripted(logits, spec, **_):
         t = calls["n"]
         calls["n"] += 1
         token = torch.full((logits.shape[0],), 7, dtype=torch.long)
@@ -315,7 +315,7 @@ def test_generated_vision_tokens_are_plain_text(tiny, monkeypatch):
               ids["eos_token_id"]]
     step = {"n": 0}
 
-    def forcing(logits, spec):
+    def forcing(logits, spec, **_):
         token = torch.full((logits.shape[0],), forced[min(step["n"], len(forced) - 1)], dtype=torch.long)
         step["n"] += 1
         return token, torch.log_softmax(logits.float(), -1).gather(1, token[:, None]).squeeze(1)
@@ -440,11 +440,14 @@ def test_rollout_follows_fsdp2_weights_after_an_optimizer_step(tmp_path):
                     "test_cuda_graph_decode_matches_hf runs the compiled kernels")
 def test_triton_kernels_in_the_step_match_the_twins(tiny, monkeypatch):
     """The whole decode step with every Triton kernel (the interpreter here, compiled on CUDA) gives the logits
-    and tokens of the step built from the torch twins: strides, cache layout and slot indexing agree."""
+    and tokens of the step built from the torch twins: strides, cache layout and slot indexing agree. Greedy
+    tokens come from the one-pass sampler (strive_kernels.sample_tokens) in the fused run."""
     import functools
 
+    import strive_engine.sampling as sampling_mod
     import strive_kernels.decode_attention as da
     import strive_kernels.decode_layer as dl
+    import strive_kernels.sampling as ks
 
     pol, tok = tiny
     ids = special_token_ids(tok)
@@ -458,10 +461,12 @@ def test_triton_kernels_in_the_step_match_the_twins(tiny, monkeypatch):
                     mp.setattr(dl, "_use_triton", lambda backend, *t: True)
                     mp.setattr(decode_mod, "shared_prefix_attention",
                                functools.partial(da.shared_prefix_attention, backend="triton"))
+                    mp.setattr(sampling_mod, "sample_tokens", functools.partial(ks.sample_tokens, backend="triton"))
                 runs.append(engine.generate(prompts, 2, SamplingSpec(greedy=True), 4, [ids["eos_token_id"]],
                                             ids["pad_token_id"], keep_logits=True))
     assert torch.equal(runs[0].tokens, runs[1].tokens)
     torch.testing.assert_close(runs[0].logits, runs[1].logits, **TOL)
+    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, **TOL)
 
 
 @pytest.mark.gpu
@@ -490,6 +495,18 @@ def test_cuda_graph_decode_matches_hf(tmp_path, dtype):
     a, b = out.logits[:, :n].double(), hf.double().cpu()
     rel = (a - b).norm() / b.norm()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), rel
+    # the fused sampler (a seed per call, the completion index as its step): the recorded log-probs are the
+    # kept logits' log_softmax at T = 1.2, a re-seeded run repeats exactly, another seed differs
+    live = out.tokens != pad
+    want = torch.log_softmax(out.logits.double() / 1.2, -1).gather(2, out.tokens[..., None]).squeeze(2)
+    torch.testing.assert_close(out.logprobs[live].double(), want[live], rtol=0, atol=1e-5)
+    with torch.no_grad(), sharpened(pol):
+        runs = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            runs.append(engine.generate(prompts, 3, SamplingSpec(temperature=1.2), 24, eos, pad, check_every=4))
+    assert torch.equal(runs[0].tokens, out.tokens) and torch.equal(runs[1].tokens, out.tokens)
+    assert torch.equal(runs[1].logprobs, out.logprobs) and not torch.equal(runs[2].tokens, out.tokens)
     # early stop: force EOS from step 5 on through a huge logit; the loop ends at most 2 windows later
     with torch.no_grad():
         lm_bias = torch.zeros(pol.hf.lm_head.weight.shape[0], device="cuda", dtype=dtype)

@@ -1,6 +1,7 @@
 """Pure-torch twins of every kernel: the test oracle and the CPU fallback.
 
-One module per kernel (variant, keyframe, advantage, logprob, decode_attention, decode_layer); the names below are re-exported so
+One module per kernel (variant, keyframe, advantage, logprob, decode_attention, decode_layer,
+sampling); the names below are re-exported so
 `from strive_kernels.reference import keyframe_sample_reference` works.
 """
 import importlib
@@ -15,6 +16,7 @@ _EXPORTS = {
     "add_rmsnorm_reference": "strive_kernels.reference.decode_layer",
     "rope_reference": "strive_kernels.reference.decode_layer",
     "silu_mul_reference": "strive_kernels.reference.decode_layer",
+    "sample_tokens_reference": "strive_kernels.reference.sampling",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,8 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 # the facts each kernel's rule reads, at a shape every fast path takes
 FACTS = {"variant_patchify": dict(native_error=None), "keyframe_sample": dict(pool=256, variants=4),
          "group_advantages": dict(n=2048), "fused_logprob_loss": {}, "fused_logprobs": dict(vocab=152_064),
-         "shared_prefix_attention": dict(head_dim=128, n_rep=8, supported=True), "decode_layer": dict(supported=True)}
+         "shared_prefix_attention": dict(head_dim=128, n_rep=8, supported=True), "decode_layer": dict(supported=True),
+         "sample_tokens": dict(seeded=True, fits=True)}
 
 
 def test_every_kernel_speaks_the_one_vocabulary(monkeypatch):
@@ -34,7 +35,7 @@ def test_auto_rules(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     # on the CPU auto never takes the interpreter: the C++ op / the chunked torch pass, or the twin
     assert [resolve(k, "auto", CPU, **f) for k, f in FACTS.items()] == [
-        "native", "reference", "reference", "native", "native", "reference", "reference"]
+        "native", "reference", "reference", "native", "native", "reference", "reference", "reference"]
     assert resolve("variant_patchify", "auto", CPU, native_error="not built") == "reference"
     with pytest.raises(BackendError, match="variant_patchify\\(backend='native'\\) cannot run here: not built"):
         resolve("variant_patchify", "native", CPU, native_error="not built")
@@ -44,7 +45,9 @@ def test_auto_rules(monkeypatch):
                                  ("group_advantages", dict(n=65_537), "at most 65536 rewards"),
                                  ("shared_prefix_attention", dict(head_dim=80, n_rep=8, supported=False),
                                   "head size 80"),
-                                 ("decode_layer", dict(supported=False), "one dtype")):
+                                 ("decode_layer", dict(supported=False), "one dtype"),
+                                 ("sample_tokens", dict(seeded=False, fits=True), "needs seed= and step="),
+                                 ("sample_tokens", dict(seeded=True, fits=False), "int32 noise counters")):
         assert resolve(kernel, "auto", CUDA, **facts) == "reference"
         with pytest.raises(BackendError, match=match):
             resolve(kernel, "triton", CUDA, **facts)
