@@ -118,7 +118,7 @@ for s in $STAGES; do
     wait_build
     run_py bench_throughput 170 bench/throughput.py --recipe gpu_small --steps 6 --warmup 2 --compare \
       --out "$OUTDIR/throughput"
-    grep -E "^(rollout|update|old_logp|step|backend)" "$OUTDIR/bench_throughput.log" | head -12
+    grep -E "^(rollout|update|old_logp|step|backend)" "$OUTDIR/bench_throughput.log" | head -14
     # launches and device syncs per stage (one more step under a dispatch mode; the CPU counts are in TUNING.md),
     # and one profiled step: per stage the device's busy fraction (kernel time / wall) and its top kernels
     run_py bench_throughput_ops 90 bench/throughput.py --recipe gpu_small --steps 1 --warmup 1 --skip-checkpoint \

@@ -393,6 +393,21 @@ def _stage_row(stage: str, secs: list[float], work: list[dict], ceilings: dict, 
     return row
 
 
+def engine_parts(rows: list[dict]) -> dict[str, float]:
+    """The native engine's parts of the rollout stage (medians over the timed steps, ms; CUDA events on a GPU),
+    and `host_ms`: the rest of the stage's wall time (prompt building, positions, detokenising, launches the
+    device waited for)."""
+    found = {k.removeprefix("rollout/engine_") for r in rows for k in r if k.startswith("rollout/engine_")}
+    if not found:
+        return {}
+    order = ["prefill_ms", "first_token_ms", "warmup_step_ms", "capture_ms", "decode_ms", "decode_steps"]
+    keys = [k for k in order if k in found] + sorted(found - set(order))
+    out = {k: statistics.median(r.get(f"rollout/engine_{k}", 0.0) for r in rows) for k in keys}
+    device = sum(v for k, v in out.items() if k.endswith("_ms"))
+    out["host_ms"] = statistics.median(1e3 * r.get("time/rollout", 0.0) for r in rows) - device
+    return out
+
+
 def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt, build_s, argv) -> dict:
     B, K, G = cfg.data.batch_size, cfg.variants.num_variants, cfg.rollout.num_generations
     step_times = [r["time/step"] for r in rows]
@@ -409,6 +424,9 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
     for k in ("decode_steps", "requests", "prompt_tokens_mean"):
         if k in ro and "rollout" in stages:
             stages["rollout"][k] = ro[k]
+    parts = engine_parts(rows)
+    if parts and "rollout" in stages:
+        stages["rollout"]["engine_ms"] = parts
     peak_flops = ceilings["matmul_flops_per_s"]
     mfu = {}
     for s, factor in (("update", 6.0), ("old_logp", 2.0), ("ref_logp", 2.0)):
@@ -484,6 +502,12 @@ def _table(fast: dict, ref: dict | None) -> str:
         lines.append("tokens run / rows' tokens per step: " + ", ".join(
             f"{s} {v['tokens']:.0f} / {v['row_tokens']:.0f}" for s, v in run.items()))
     ro = fast["stages"].get("rollout", {})
+    if ro.get("engine_ms"):
+        e = ro["engine_ms"]
+        per = e.get("decode_ms", 0.0) / max(e.get("decode_steps", 0.0), 1.0)
+        lines.append("rollout parts (ms): " + ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in e.items()
+                                                        if k.endswith("_ms")) +
+                     f"; {e.get('decode_steps', 0):.0f} decode steps at {per:.3f} ms")
     lines.append(f"rollout spread {100 * ro.get('spread', 0):.1f}% over {fast['steps']} steps: "
                  f"{'ok' if fast['rollout_repeatable'] else f'noisy (> {100 * STABLE:.0f}%): use more --steps'}"
                  + (f"; reference's rollout {ref['stages_s'].get('rollout', 0):.4f} s" if ref else ""))

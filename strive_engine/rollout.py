@@ -32,6 +32,7 @@ temporal patch covers, which equals qwen_vl_utils' value when the frames are eve
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -80,7 +81,8 @@ class RolloutBatch:
     sampling_logprobs (M, Lc) or None: the rollout's own log-probs of the sampled tokens under the sampling
     distribution (native: always; hf: with return_logprobs=True) — a diagnostic (rollout/trainer mismatch),
     never the old log-probs (the trainer computes those with Policy.forward). `inputs` lives on the policy's device, the other
-    tensors on CPU.
+    tensors on CPU. engine_ms (native backend): where the rollout's device time went, summed over the engine's
+    calls: prefill_ms, first_token_ms, warmup_step_ms, capture_ms (CUDA graph), decode_ms and decode_steps.
     """
 
     inputs: PolicyInputs
@@ -93,6 +95,7 @@ class RolloutBatch:
     num_gen_tokens: int
     prompt_length: int
     sampling_logprobs: Tensor | None = None
+    engine_ms: dict[str, float] | None = None  # native: the decode engine's parts summed over its calls (ms, steps)
 
 
 def second_per_grid(timestamps: Sequence[float] | Tensor, temporal_patch: int = 2, fps: float | None = None) -> float:
@@ -217,11 +220,12 @@ def generate_rollouts(policy: Policy, tokenizer: Any, requests: Sequence[Rollout
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(generator_seed)
         if getattr(cfg, "backend", "native") == "native":
-            comp, logprobs, visual = _generate_native(policy, prompts, cfg, eos_ids, pad_id, device)
+            comp, logprobs, visual, parts = _generate_native(policy, prompts, cfg, eos_ids, pad_id, device)
         else:
             comp, logprobs = _generate_hf(policy, prompts, cfg, eos_ids, pad_id, device, return_logprobs)
-            visual = None
+            visual, parts = None, None
     batch = _assemble(tokenizer, prompts, comp, logprobs, G, eos_ids, pad_id, device)
+    batch.engine_ms = parts
     batch.inputs.visual = visual  # the prefill's visual tokens: the old log-probs skip the vision tower
     batch.inputs.position_ids = policy.positions(batch.inputs)  # once per step, for every later forward
     return batch
@@ -234,16 +238,16 @@ def _chunks(R: int, G: int, max_batch: int) -> list[Tensor]:
 
 
 def _generate_native(policy: Policy, prompts: PolicyInputs, cfg: Any, eos_ids: list[int], pad_id: int,
-                     device: torch.device) -> tuple[Tensor, Tensor, VisualTokens]:
-    """-> completions (M, Lc) and their sampling log-probs (M, Lc) on the host, Lc = the longest row, and the
-    requests' merged visual tokens (on the device) from the prefill."""
+                     device: torch.device) -> tuple[Tensor, Tensor, VisualTokens, dict[str, float]]:
+    """-> completions (M, Lc) and their sampling log-probs (M, Lc) on the host, Lc = the longest row, the
+    requests' merged visual tokens (on the device) from the prefill, and the engine's timings summed over calls."""
     from strive_engine.decode import DecodeEngine
 
     engine = DecodeEngine(policy)
     spec = SamplingSpec.from_config(cfg)
     G = cfg.num_generations
     engine.check(prompts.attention_mask.sum(1).tolist(), cfg.max_new_tokens)   # every request, before compute
-    toks, lps, vis = [], [], []
+    toks, lps, vis, parts = [], [], [], Counter()
     for rr in _chunks(prompts.num_rows, G, cfg.max_batch):
         sub = prompts.select(rr).to(device)        # trims the columns that are padding in every row of the chunk
         out = engine.generate(sub, G, spec, cfg.max_new_tokens, eos_ids, pad_id, cuda_graph=cfg.cuda_graph,
@@ -251,12 +255,14 @@ def _generate_native(policy: Policy, prompts: PolicyInputs, cfg: Any, eos_ids: l
         toks.append(out.tokens)
         lps.append(out.logprobs)
         vis.append(out.visual)
+        parts.update({f"{k}_ms": v for k, v in (out.timings_ms or {}).items()})
+        parts["decode_steps"] += out.steps
     comp, logprobs = torch.cat(toks), torch.cat(lps)                             # (M, T)
     # HF generate's width: it stops once every row has an EOS, so Lc = the longest row (its EOS included)
     ended = torch.isin(comp, torch.tensor(eos_ids))
     last = torch.where(ended.any(1), ended.int().argmax(1) + 1, torch.full((comp.shape[0],), comp.shape[1]))
     Lc = int(last.max())
-    return comp[:, :Lc], logprobs[:, :Lc], VisualTokens.cat(vis)
+    return comp[:, :Lc], logprobs[:, :Lc], VisualTokens.cat(vis), dict(parts)
 
 
 def _generate_hf(policy: Policy, prompts: PolicyInputs, cfg: Any, eos_ids: list[int], pad_id: int,

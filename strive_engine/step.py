@@ -126,6 +126,8 @@ def rl_step(t: Trainer, step: int, batches: Prefetcher | None = None) -> dict[st
     m.update({"step": step, "phase": "rl", "lr": t.optim.lr,
               "data/skipped_videos": _sum_counter(decoded.skipped),
               "data/kept_rows": int(all_reduce(row_keep.sum().float().reshape(1)).item())})  # global, as valid_samples
+    if rb.engine_ms:  # the native engine's parts of the rollout stage (this rank's)
+        m.update({f"rollout/engine_{k}": round(v, 3) for k, v in rb.engine_ms.items()})
     m.update(t.timer.reset())
     m["time/step"] = round(time.perf_counter() - t0, 4)
     return m

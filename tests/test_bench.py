@@ -84,6 +84,11 @@ def test_throughput_compare_with_kl_reference():
         assert up == pytest.approx(3 * ref, rel=1e-9)
         assert 0 < old < ref
         assert r["stages"]["rollout"]["decode_steps"] >= 1 and r["stages"]["rollout"]["requests"] == 2
+        # the native engine's parts of the rollout stage fit inside it; the host's rest (prompts, positions,
+        # detokenising) is what remains
+        e = r["stages"]["rollout"]["engine_ms"]
+        assert list(e)[:2] == ["prefill_ms", "first_token_ms"] and e["decode_steps"] >= 1 and e["decode_ms"] > 0
+        assert 0 < e["host_ms"] < 1e3 * r["stages"]["rollout"]["s"]
         assert r["mfu"]["update_PT"] > 0 and r["mfu"]["update_model"] == r["stages"]["update"]["fraction"]
         assert r["backend"]["kernels"] == ("auto" if side == "fast" else "reference")
         assert sum(v["share"] for v in r["stages"].values()) < 1.05
@@ -96,6 +101,7 @@ def test_throughput_compare_with_kl_reference():
     assert rec["speedup_step"] == pytest.approx(rec["reference"]["step_s"] / rec["fast"]["step_s"])
     assert {"torch", "git_sha", "date", "cpu_count"} <= set(rec)
     assert "ref_logp" in res.stdout and "speed-up" in res.stdout and "rollout backend:" in res.stdout
+    assert "rollout parts (ms): prefill" in res.stdout
     assert "ATen ops (not views)" in res.stdout and "profiled step:" in res.stdout and "update most frequent" in res.stdout
     # the record and the traces went to runs/bench, which git ignores; no tracked file changed
     written = [Path(p) for p in rec["written_to"]]
