@@ -75,6 +75,34 @@ def test_video_token_expansion(tiny):
         prompts.expand_video_tokens("<|vision_start|><|video_pad|><|vision_end|>", (2, 2, 2), qwen3=True)
 
 
+def test_variants_of_a_question_are_encoded_once(tiny):
+    """K variants share their question's record and grid: one render + tokenize per distinct (record, grid), the
+    ids equal encoding each request alone, and the rows do not alias one list."""
+    pol, tok = tiny
+    qa = dict(MCQ)
+    reqs = [RolloutRequest(qa, torch.zeros(32, 1176), torch.tensor([2, 4, 4]), s) for s in (1.0, 0.5, 2.0)]
+    reqs += [RolloutRequest(dict(MCQ), torch.zeros(32, 1176), torch.tensor([2, 4, 4]), 1.0),      # equal, not same
+             RolloutRequest(qa, torch.zeros(72, 1176), torch.tensor([2, 6, 6]), 1.0)]             # another grid
+    calls = []
+
+    class Counting:  # the tokenizer, counting the chat-template renders
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, *a, **k):
+            return tok(*a, **k)
+
+        def apply_chat_template(self, *a, **k):
+            calls.append(1)
+            return tok.apply_chat_template(*a, **k)
+
+    got = encode_prompts(pol, Counting(), reqs, "short")
+    assert len(calls) == 3                                          # (qa, 2x4x4), (copy, 2x4x4), (qa, 2x6x6)
+    assert got == [encode_prompts(pol, tok, [r], "short")[0] for r in reqs]
+    got[0].append(-1)
+    assert got[1][-1] != -1
+
+
 def test_second_per_grid():
     assert second_per_grid([0.0, 0.5, 1.0, 1.5]) == pytest.approx(1.0)  # 2 frames per patch, 0.5 s apart
     assert second_per_grid(torch.arange(8) / 2.0) == pytest.approx(2 / 2.0)  # evenly at fps 2: qwen_vl_utils' 2/fps
