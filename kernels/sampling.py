@@ -14,10 +14,10 @@ Gumbel-max argmax (score = x / T - log(-log u)); the first index wins a tie, as 
 of the vocabulary a second kernel merges the S partials per row (max, sum, best score, its index and its x).
 
 Noise: counter-based Philox-4x32-10 (Triton's `randint4x`), key = seed + step (int64, read on the device, so a
-captured graph replays with the step its state holds), counter = row * NC + tile * Q + j, whose four outputs
-serve the four sub-blocks of a tile of 4 Q columns (column tile * 4 Q + k * Q + j takes output k). The draw depends
-only on (seed + step, row, column), not on the split plan or the rows per program, and a test rebuilds it from a
-numpy Philox. u = (r >> 8 + 0.5) / 2^24 lies in (0, 1), so the Gumbel noise is finite.
+captured graph replays with the step its state holds), counter = row * NC + tile * Q + j (NC = Q x the tiles of
+a row), whose four outputs serve the four sub-blocks of a tile of 4 Q columns (column tile * 4 Q + k * Q + j takes
+output k). The draw depends only on (seed + step, row, column), not on the split plan or the rows per program, and
+a test rebuilds it from a numpy Philox. u = ((r >> 8) + 0.5) / 2^24 lies in (0, 1), so the Gumbel noise is finite.
 """
 from __future__ import annotations
 
