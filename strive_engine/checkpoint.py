@@ -146,6 +146,16 @@ class Checkpointer:
                                                         use_async_staging=False, use_non_blocking_copy=cuda))
         return self._stager
 
+    def _drop_closed_stager(self) -> None:
+        """torch 2.11's DefaultStager closes its state-dict stager after every stage, which empties the copier
+        table the next stage needs: the second save of an FSDP2 model failed with `KeyError: <class 'type'>` on its
+        DTensors' placements. Such a stager is not reused (2.11 drops its pinned buffers after each stage anyway);
+        later torch versions keep it, and with it their buffers."""
+        inner = getattr(self._stager, "_state_dict_stager", None)
+        if inner is not None and getattr(inner, "_deepcopy_dispatch", None) == {}:
+            self._stager.close()
+            self._stager = None
+
     def save(self, step: int, root: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict,
              ref_root: nn.Module | None = None) -> Path:
         """All ranks call this. Returns once the state is staged (async) or written (sync); COMPLETE follows
@@ -169,6 +179,7 @@ class Checkpointer:
             if self.async_save:
                 upload = dcp.async_save(state, storage_writer=writer, process_group=self._pg,
                                         async_stager=self._get_stager())
+                self._drop_closed_stager()
             else:
                 upload = Future()
                 upload.set_result(dcp.save(state, storage_writer=writer))

@@ -140,14 +140,21 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeReader(FileSystemReader):
-    """FileSystemReader whose metadata is unpickled with `_MetadataUnpickler` only."""
+    """FileSystemReader whose metadata is unpickled with `_MetadataUnpickler` only. `refused` keeps the refusal:
+    torch 2.11's dcp.load swallows read_metadata's errors (then fails on "metadata is None")."""
+
+    refused: str | None = None
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as fh:
-            metadata = _MetadataUnpickler(fh).load()
+            try:
+                metadata = _MetadataUnpickler(fh).load()
+            except pickle.UnpicklingError as e:
+                self.refused = str(e)
+                raise
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -169,9 +176,11 @@ def dcp_load(state: dict, path: Path) -> None:
     """`dcp.load` through SafeReader and SafeLoadPlanner; every error names the checkpoint folder."""
     import torch.distributed.checkpoint as dcp
 
+    reader = SafeReader(str(path))
     try:
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner())
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
     except CheckpointError:
         raise
     except (Exception, DCPError) as e:  # DCP wraps rank failures in its CheckpointException; name the folder
-        raise CheckpointError(f"checkpoint {path}: loading its DCP shards failed: {type(e).__name__}: {e}") from e
+        why = f"its metadata: {reader.refused}" if reader.refused else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"checkpoint {path}: loading its DCP shards failed: {why}") from e

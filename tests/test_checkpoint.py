@@ -408,3 +408,41 @@ def test_async_save_whose_future_gives_no_metadata(env, tmp_path, monkeypatch):
     ck.load(point, m2, opt2)
     assert all(torch.equal(_state(m2, opt2)[k], v) for k, v in want.items())
     ck.close()
+
+
+def test_fsdp2_saves_twice_with_a_stager_closed_after_each_stage(env, tmp_path, monkeypatch):
+    """torch 2.11's DefaultStager closes its state-dict stager after every stage, and the next stage of DTensor
+    state then failed (`KeyError: <class 'type'>`, the placements' classes): the second checkpoint of every FSDP2
+    run on the GPU image. That behaviour, patched into this torch: both saves complete and resume bitwise."""
+    from torch.distributed.checkpoint.staging import DefaultStager
+    from torch.distributed.fsdp import fully_shard
+
+    real = DefaultStager._stage
+
+    def closing(self, state_dict, **kw):  # torch 2.11's _stage: close the inner stager once staged
+        out = real(self, state_dict, **kw)
+        self._state_dict_stager.close()
+        return out
+
+    def sharded(seed):  # DTensor parameters on a one-rank mesh
+        m = _model(seed)[0]
+        fully_shard(m)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        return m, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+
+    monkeypatch.setattr(DefaultStager, "_stage", closing)
+    m, opt, sched = sharded(0)
+    ck = Checkpointer(tmp_path, env, async_save=True, config=_cfg_dict())
+    for step in (2, 4):
+        _train(m, opt, sched, 1)
+        ck.save(step, m, opt, {"step": step})
+    ck.close()
+    want = _state(m, opt)
+    assert all((tmp_path / f"step_00000{s}" / "COMPLETE").exists() for s in (2, 4))
+    m2, opt2, sched2 = sharded(3)
+    _train(m2, opt2, sched2)                                         # other values, same structure
+    ck2 = Checkpointer(tmp_path, env, config=_cfg_dict())
+    assert ck2.load(ck2.find_resume("true"), m2, opt2)["step"] == 4
+    got = _state(m2, opt2)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    ck2.close()
