@@ -256,7 +256,15 @@ def sampler(M: int, V: int, device, calls: int = 200, rounds: int = 3) -> dict |
            "fused_greedy": lambda: sample_tokens(x, greedy=True, backend="triton"),
            "torch_greedy": lambda: sample_tokens_reference(x, greedy=True)}
     us = best_us(fns, calls, rounds)
-    return {"rows": M, "vocab": V, "us": us, "logits_GBps": {k: x.numel() * 2 / v / 1e3 for k, v in us.items()},
+    # the kernel's answers at this shape: greedy tokens equal torch.argmax's, log-probs equal log_softmax's (fp64)
+    ref = torch.log_softmax(x.double(), -1)
+    g_tok, g_lp = fns["fused_greedy"]()
+    s_tok, s_lp = fns["fused"]()
+    check = {"greedy_tokens_equal": bool(torch.equal(g_tok, torch.argmax(x, -1))),
+             "greedy_logp_max_abs_err": float((g_lp.double() - ref.gather(1, g_tok[:, None])[:, 0]).abs().max()),
+             "sampled_logp_max_abs_err": float((s_lp.double() - ref.gather(1, s_tok[:, None])[:, 0]).abs().max()),
+             "sampled_distinct_tokens": int(s_tok.unique().numel())}
+    return {"rows": M, "vocab": V, "us": us, "check": check, "logits_GBps": {k: x.numel() * 2 / v / 1e3 for k, v in us.items()},
             "speedup": us["torch"] / us["fused"], "speedup_greedy": us["torch_greedy"] / us["fused_greedy"]}
 
 
@@ -452,7 +460,8 @@ def main(argv=None) -> dict:
     if draw:
         print(f"sampling {draw['rows']} x {draw['vocab']}: one pass {draw['us']['fused']:.1f} us "
               f"({draw['logits_GBps']['fused']:.0f} GB/s of logits) vs the torch chain {draw['us']['torch']:.1f} us "
-              f"({draw['speedup']:.1f}x); greedy {draw['us']['fused_greedy']:.1f} vs {draw['us']['torch_greedy']:.1f} us")
+              f"({draw['speedup']:.1f}x); greedy {draw['us']['fused_greedy']:.1f} vs {draw['us']['torch_greedy']:.1f} us; "
+              f"check {draw['check']}")
     print(f"vision tower {vision['segmented_ms']:.1f} ms segmented vs {vision['hf_loop_ms']:.1f} ms transformers' "
           f"loop ({vision['speedup']:.2f}x)")
     return emit(rec, args.out)
