@@ -20,7 +20,8 @@
 #            kernels14  issue 14's kernel checks: log-prob engine shapes + memory, public-call costs, GPU tests
 #            dali       DALI / NVDEC: colour, bad files, concurrency tests and bench_decode --quick (needs the
 #                       DALI parts unpacked to /tmp/sd and /tmp/site, see ../shared/device/pack_dali.sh)
-#            gpu3b      bench/throughput.py --recipe gpu_3b, one timed step
+#            gpu3b      bench/throughput.py --recipe gpu_3b, one timed step (activation checkpointing auto: the
+#                       predicted peak next to the measured one), then the same with every layer recomputed
 #            legacy     the older kernel sweeps (logprob memtrace keyframe advantage variant)
 #            ablation   issue 20 item 4: bench/ablation.py on the small-object task with the gpu_small model,
 #                       K=4 x G=4, 112x112 views, the small-object (_hold) warm-up; GPU_ABLATION_STEPS (300),
@@ -96,7 +97,7 @@ for s in $STAGES; do
   decode)
     run_tests decode 150 tests/kernels/test_decode_attention.py tests/kernels/test_decode_layer.py \
       tests/kernels/test_sampling.py tests/test_decode.py tests/test_policy.py tests/test_positions.py \
-      tests/test_vision_attention.py tests/test_prompt_sharing.py \
+      tests/test_vision_attention.py tests/test_prompt_sharing.py tests/test_recompute.py \
       -k "not evaluate_agrees and not fsdp and not rl_step" ;;
   vision)
     run_py bench_vision 60 bench/bench_vision.py --out "$OUTDIR/vision.json"
@@ -149,7 +150,12 @@ for s in $STAGES; do
   gpu3b)
     wait_build
     run_py bench_throughput_3b 240 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
-      --out "$OUTDIR/throughput_3b" ;;
+      --out "$OUTDIR/throughput_3b"
+    grep -E "^(update|step_s|memory|MFU)" "$OUTDIR/bench_throughput_3b.log"  # memory: predicted vs measured peak
+    # every layer recomputed (what activation_checkpointing=true costs the update; "auto" chose the line above)
+    run_py bench_throughput_3b_ckpt 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
+      --parallel.activation_checkpointing=true --out "$OUTDIR/throughput_3b_ckpt"
+    grep -E "^(update|step_s|memory)" "$OUTDIR/bench_throughput_3b_ckpt.log" ;;
   ablation)
     wait_build
     run_py ablation "${GPU_ABLATION_TIMEOUT_S:-36000}" bench/ablation.py --recipe gpu_small \

@@ -463,6 +463,9 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
                          "state_gib": 16.0 * shape.trainable / GiB}  # fp32 weights + grads + 2 Adam moments
     else:
         out["memory"] = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB}
+    # activation checkpointing "auto" (strive_engine.recompute): the layers it recomputed and the update's peak it
+    # predicted, the most over the timed steps (absent when it had no budget: on the CPU nothing is recomputed)
+    out["memory"].update({k.split("/", 1)[1]: max(r[k] for r in rows) for k in rows[0] if k.startswith("memory/")})
     return out
 
 

@@ -62,7 +62,8 @@ _PART = ".manifest.rank{}.json"
 # Fields that change neither the model, the data order nor the algorithm: a resume may change them freely.
 # Every other field must match the checkpoint's config.json unless listed in checkpoint.allow_changes.
 RESUME_FREE = ("run.name", "run.output_dir", "checkpoint.*", "logging.*", "eval.*", "data.eval_path",
-               "data.max_empty_steps", "video.prefetch_batches", "video.decode_threads", "video.decode_workers")
+               "data.max_empty_steps", "video.prefetch_batches", "video.decode_threads", "video.decode_workers",
+               "parallel.activation_checkpointing", "parallel.memory_budget_gib")  # recomputing is exact
 
 
 @dataclasses.dataclass(frozen=True)

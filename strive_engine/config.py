@@ -39,8 +39,7 @@ def _require(ok: bool, where: str, msg: str) -> None:
 
 
 def _choice(value: str, choices: typing.Iterable[str], where: str) -> None:
-    choices = tuple(choices)
-    _require(value in choices, where, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+    _require(value in tuple(choices), where, f"{value!r} is not one of {', '.join(map(repr, tuple(choices)))}")
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -361,12 +360,16 @@ class ParallelConfig:
     backend: str = doc("auto", "auto (nccl on CUDA, gloo on CPU) | nccl | gloo")
     reshard_after_forward: bool = doc(True, "free unsharded block params after forward (ZeRO-3 style)")
     mixed_precision: str = doc("auto", "auto (bf16 params/fp32 reduce on CUDA, off on CPU) | bf16 | off")
-    activation_checkpointing: bool = doc(False, "recompute decoder-block activations in backward")
+    activation_checkpointing: str = doc("auto", "auto (recompute only the layers the update's memory needs: "
+                                                "strive_engine.recompute) | true (all) | false (none)")
+    memory_budget_gib: float = doc(0.0, "the update's memory under checkpointing auto; 0 = 90 % of the GPU's")
     micro_batch_size: int = doc(0, "sequences per forward/backward in the update; 0 = whole mini-batch")
 
     def __post_init__(self):
         _choice(self.backend, ("auto", "nccl", "gloo"), "parallel.backend")
         _choice(self.mixed_precision, ("auto", "bf16", "off"), "parallel.mixed_precision")
+        _choice(self.activation_checkpointing, ("auto", "true", "false"), "parallel.activation_checkpointing")
+        _require(self.memory_budget_gib >= 0, "parallel.memory_budget_gib", "must be >= 0")
         _require(self.micro_batch_size >= 0, "parallel.micro_batch_size", "must be >= 0")
 
 
@@ -540,8 +543,7 @@ def recipe_path(name: str) -> Path:
 
 
 def load_recipe(name: str, raw: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    path = recipe_path(name)
-    raw = {} if raw is None else raw
+    path, raw = recipe_path(name), {} if raw is None else raw
     with open(path, "rb") as fh:
         try:
             data = tomllib.load(fh)
@@ -562,8 +564,7 @@ def build_config(raw: dict[str, dict[str, Any]]) -> Config:
 
 def parse_overrides(argv: list[str]) -> tuple[str, list[tuple[str, str]], list[str]]:
     """Split argv into (recipe, [(dotted key, value)], leftover args)."""
-    recipe, overrides, rest = DEFAULT_RECIPE, [], []
-    i = 0
+    recipe, overrides, rest, i = DEFAULT_RECIPE, [], [], 0
     while i < len(argv):
         arg = argv[i]
         if arg.startswith("--") and arg != "--":

@@ -195,6 +195,15 @@ def unsharded(root: nn.Module) -> Iterator[None]:
             m.reshard()
 
 
+def reshard_all(root: nn.Module) -> None:
+    """Free every FSDP group's unsharded parameters, the root's included: after a forward with no backward (its
+    modules then still hold their unsharded params, and an optimizer built now would hold those, not the shards)."""
+    for m, _ in getattr(root, "reshard_plan", []):
+        m.reshard()
+    if hasattr(root, "reshard"):
+        root.reshard()
+
+
 def gather_full_state_dict(root: nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU state dict on rank 0 (empty dict elsewhere), keys relative to the HF model."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -208,6 +208,7 @@ class Policy(nn.Module):
         # one copy of each prompt per forward (strive_engine.prompt_sharing); its block mask needs sdpa / eager
         attn = getattr(hf_model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
         self.share_prompts = bool(share_prompts) and attn in ("sdpa", "eager")
+        self.recompute: Any = None    # strive_engine.recompute.Recompute: which layers a forward with grad recomputes
         self._qwen3 = hf_model.config.model_type == "qwen3_vl"
         params = inspect.signature(hf_model.model.get_rope_index).parameters
         self._rope_kwargs = set(params) | ({"*"} if any(p.kind == p.VAR_KEYWORD for p in params.values()) else set())
@@ -328,6 +329,17 @@ class Policy(nn.Module):
         share a prompt run as one sequence when `share_prompts` (same result: strive_engine.prompt_sharing)."""
         groups = prompt_groups(inputs.input_ids, inputs.attention_mask, inputs.completion_mask,
                                inputs.video_index) if self.share_prompts else None
+        if self.recompute is None or not torch.is_grad_enabled():
+            return self._forward(inputs, groups, head_fn)
+        M, L = inputs.input_ids.shape                              # the layers to recompute: from the tokens
+        U, Lg = groups.src.shape if groups is not None else (M, L)  # run, the patches, the mask's elements
+        self.recompute.plan(U * Lg, inputs.pixel_values_videos.shape[0] if inputs.visual is None else 0, U * Lg * Lg)
+        try:
+            return self._forward(inputs, groups, head_fn)
+        finally:                # backward recomputes what the forward chose; no later call may find the switches on
+            self.recompute.set_all(False)                          # (a prefill would lose its cache)
+
+    def _forward(self, inputs: PolicyInputs, groups: PromptGroups | None, head_fn: Callable[..., Any]) -> Any:
         if groups is not None:
             packed = self._shared_hidden(inputs, groups)
         else:

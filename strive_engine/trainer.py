@@ -28,8 +28,9 @@ from strive_engine.keyframes import FrameScorer, build_scorer
 from strive_engine.metrics import StageTimer
 from strive_engine.model import build_model
 from strive_engine.optim import LRSchedule, TrainOptimizer
-from strive_engine.parallel import DistEnv, Root, apply_fsdp
+from strive_engine.parallel import DistEnv, Root, apply_fsdp, reshard_all
 from strive_engine.policy import Policy
+from strive_engine.recompute import Recompute
 from strive_engine.synthetic import ensure_synthetic
 from strive_engine.video import VideoSource, build_source
 from strive_engine.views import ViewBuilder
@@ -49,19 +50,27 @@ def train_records_path(cfg: Config) -> Path:
     return train
 
 
-def build_sharded_policy(cfg: Config, env: DistEnv, activation_checkpointing: bool = False
+def build_sharded_policy(cfg: Config, env: DistEnv, activation_checkpointing: str = "false"
                          ) -> tuple[nn.Module, PreTrainedTokenizerBase, Policy, Root]:
     """(hf model, tokenizer, Policy, FSDP Root). With bf16 mixed precision (CUDA by default) the weights are
-    fp32 masters and FSDP2 gathers them in bf16; on CPU everything is fp32."""
+    fp32 masters and FSDP2 gathers them in bf16; on CPU everything is fp32. activation_checkpointing: auto | true
+    | false (strive_engine.recompute; "auto" with a budget measures the layers' activations with one small
+    forward here)."""
     mp = cfg.parallel.mixed_precision
     mp = ("bf16" if env.device.type == "cuda" else "off") if mp == "auto" else mp
     model_cfg = dataclasses.replace(cfg.model, dtype="float32") if mp == "bf16" else cfg.model
     hf, tokenizer = build_model(model_cfg, env.device)
-    if activation_checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compute_bytes = 2 if mp == "bf16" else next(hf.parameters()).element_size()
+    recompute = Recompute.build(hf, activation_checkpointing, cfg.parallel.memory_budget_gib, env.device,
+                                compute_bytes)
     policy = Policy(hf, share_prompts=cfg.model.share_prompts)
+    policy.recompute = recompute
     root = apply_fsdp(policy, hf, mixed_precision=mp, reshard_after_forward=cfg.parallel.reshard_after_forward,
                       device=env.device)
+    if recompute.active:
+        recompute.measure(lambda x: root(policy, x, lambda h, w, b: h.float().sum()),
+                          recompute.probe_inputs(policy, tokenizer, cfg.rollout.prompt))
+        reshard_all(root)          # a forward without backward leaves the root's (and last layer's) params unsharded
     return hf, tokenizer, policy, root
 
 

@@ -72,6 +72,9 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
         if old_logp is None and rb.sampling_logprobs is not None else None      # (N,) packed as old_logp
     gaps: list[Tensor] = []
     update_losses, stats_acc, grad_norms, skipped = [], {}, [], 0
+    recompute = getattr(t.policy, "recompute", None)      # strive_engine.recompute: which layers are recomputed
+    if recompute is not None:
+        recompute.reset()                                  # its metrics: this update's forwards only
     for _epoch in range(cfg.algorithm.ppo_epochs):
         for mb_rows in torch.tensor_split(train_rows, cfg.algorithm.minibatches):
             # The normaliser covers the whole mini-batch on every rank (all-reduced inside loss_normaliser).
@@ -129,6 +132,8 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
         out[f"loss/{k}"] = float(torch.stack(v).mean())
     if samp_all is not None:
         out.update(logp_mismatch(torch.cat(gaps) if gaps else samp_all[:0]))
+    if recompute is not None:
+        out.update(recompute.summary())
     return out
 
 

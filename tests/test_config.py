@@ -111,7 +111,7 @@ def test_gpu_3b_recipe_is_the_issue_shape():
     assert (cfg.data.batch_size, cfg.variants.num_variants, cfg.rollout.num_generations) == (4, 4, 8)
     assert cfg.keyframes.num_frames == 16 and cfg.variants.max_pixels == 448 * 448 == cfg.variants.min_pixels
     assert cfg.rollout.max_new_tokens == 256 and cfg.rollout.prompt == "video_r1" and cfg.sft.steps == 0
-    assert cfg.parallel.activation_checkpointing and cfg.parallel.micro_batch_size == 8
+    assert cfg.parallel.activation_checkpointing == "auto" and cfg.parallel.micro_batch_size == 8
     base = load_config([])
     assert (base.model.arch, base.model.tokenizer, base.model.init) == ("tiny", "offline", "exact")
 

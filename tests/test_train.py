@@ -259,7 +259,9 @@ def test_cli_errors_are_clear():
 def test_two_process_run_shows_progress_and_logs_each_line_once(tmp_path):
     """A 2-process run from a fresh synthetic folder: progress bars for generating the set, SFT and RL; every log
     message printed once (issue 18: `train.json: kept ...` came from strive_engine.data and again from
-    strive_engine); with TensorBoard installed, <output_dir>/tb holds metrics.jsonl's scalars."""
+    strive_engine); with TensorBoard installed, <output_dir>/tb holds metrics.jsonl's scalars. A memory budget
+    far below the update's needs makes both ranks measure their layers (a probe forward through FSDP2) and recompute
+    every layer (strive_engine.recompute)."""
     import importlib.util
     import re
     from collections import Counter
@@ -267,8 +269,10 @@ def test_two_process_run_shows_progress_and_logs_each_line_once(tmp_path):
     tb = importlib.util.find_spec("tensorboard") is not None
     out = tmp_path / "run"
     args = [*SMALL, f"--data.synthetic_dir={tmp_path / 'syn'}", "--run.steps=2", f"--run.output_dir={out}",
-            "--logging.progress=true", "--logging.plot=true", f"--logging.tensorboard={str(tb).lower()}"]
+            "--logging.progress=true", "--logging.plot=true", f"--logging.tensorboard={str(tb).lower()}",
+            "--parallel.memory_budget_gib=0.01"]
     text = _finish(_torchrun(args))
+    assert all(r["memory/recomputed_layers"] == 2 for r in _rl_rows(out).values())
     pieces = [p.strip() for line in text.splitlines() for p in line.split("\r")]  # tqdm redraws with \r
     log_lines = [m.group(1) for p in pieces if (m := re.match(r"^\[rank\d+\] \d\d:\d\d:\d\d (.*)$", p))]
     messages = Counter(line.split(": ", 1)[1] for line in log_lines)  # without the logger's name
