@@ -186,16 +186,16 @@ class ModelConfig:
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32: dtype of the weights")
     attn_implementation: str = doc("auto", "auto (flash_attention_2 if importable on CUDA, else sdpa) | "
                                            "flash_attention_2 | sdpa | eager")
-    vision_attention: str = doc("segmented", "segmented (the vision tower's window/frame attention batched by "
-                                             "segment length: one SDPA call per distinct length, exact; see "
-                                             "strive_engine.vision_attention) | hf (transformers' loop: one call "
-                                             "per window). Only under sdpa; flash_attention_2 is varlen already")
+    vision_attention: str = doc("segmented", "segmented (the vision tower's window/frame attention: one SDPA call "
+                                             "per distinct segment length, exact: strive_engine.vision_attention) | "
+                                             "hf (transformers' loop, one call per window). Only under sdpa")
     liger: bool = doc(True, "apply liger-kernel's Qwen-VL patches (RMSNorm, SwiGLU, mRoPE) on CUDA when installed")
     share_prompts: bool = doc(True, "rows with one prompt run as one sequence, the prompt once (exact; sdpa / eager "
                                     "only: strive_engine.prompt_sharing). false = one row per completion")
-    freeze_vision: bool = doc(False, "train without the vision tower (its weights fixed): every forward of a step "
-                                     "then reuses the rollout's visual tokens. false = Video-R1's choice (its GRPO "
-                                     "trainer updates every parameter); the old log-probs reuse them either way")
+    shared_attention: str = doc("auto", "under share_prompts + sdpa: split (prompts causal, each answer over [prompt "
+                                        "| itself]: strive_engine.split_attention) | masked (one call) | auto (by shape)")
+    freeze_vision: bool = doc(False, "train without the vision tower (its weights fixed): every forward reuses the "
+                                     "rollout's visual tokens. false = Video-R1's choice (it trains every parameter)")
     tiny_hidden_size: int = doc(128, "tiny model: LLM hidden size")
     tiny_layers: int = doc(2, "tiny model: LLM decoder layers")
     tiny_heads: int = doc(4, "tiny model: attention heads (LLM and vision)")
@@ -216,14 +216,14 @@ class ModelConfig:
         _choice(self.dtype, ("auto", "bfloat16", "float32"), "model.dtype")
         _choice(self.attn_implementation, ("auto", "flash_attention_2", "sdpa", "eager"), "model.attn_implementation")
         _choice(self.vision_attention, ("segmented", "hf"), "model.vision_attention")
+        _choice(self.shared_attention, ("auto", "split", "masked"), "model.shared_attention")
         _choice(self.tokenizer, ("offline", "qwen"), "model.tokenizer")
         _choice(self.init, ("exact", "device"), "model.init")
         for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "tiny_vision_depth", "tiny_vision_hidden_size"):
             _require(getattr(self, name) >= 1, f"model.{name}", "must be >= 1")
-        _require(self.tiny_hidden_size % self.tiny_heads == 0, "model.tiny_hidden_size",
-                 f"must be divisible by tiny_heads={self.tiny_heads}")
-        _require(self.tiny_vision_hidden_size % self.tiny_heads == 0, "model.tiny_vision_hidden_size",
-                 f"must be divisible by tiny_heads={self.tiny_heads}")
+        for name in ("tiny_hidden_size", "tiny_vision_hidden_size"):
+            _require(getattr(self, name) % self.tiny_heads == 0, f"model.{name}", f"must be divisible by tiny_heads="
+                                                                                  f"{self.tiny_heads}")
 
 
 @dataclass

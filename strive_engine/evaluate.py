@@ -237,7 +237,7 @@ def _main(argv: list[str]) -> int:
     # output folder is touched. A full replica per rank (evaluation needs no sharding for models that fit one device)
     hf, tokenizer = build_model(cfg.model, env.device)
     hf.eval()
-    policy = Policy(hf, share_prompts=cfg.model.share_prompts)
+    policy = Policy(hf, share_prompts=cfg.model.share_prompts, shared_attention=cfg.model.shared_attention)
     path = eval_records_path(cfg)
     records, report = load_records(path, video_root=cfg.data.video_root or None, extra_roots=cfg.data.extra_roots,
                                    quiet=not env.is_main)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from strive_engine import split_attention
 from strive_engine.prompt_sharing import PromptGroups, block_mask, group_by_prompt, prompt_groups
 
 
@@ -202,12 +203,16 @@ class PolicyInputs:
 class Policy(nn.Module):
     """The HF model with the whole update (vision, LM, head) in one forward; the FSDP2 root."""
 
-    def __init__(self, hf_model: nn.Module, share_prompts: bool = True):
+    def __init__(self, hf_model: nn.Module, share_prompts: bool = True, shared_attention: str = "auto"):
         super().__init__()
         self.hf = hf_model
         # one copy of each prompt per forward (strive_engine.prompt_sharing); its block mask needs sdpa / eager
         attn = getattr(hf_model.config.get_text_config(), "_attn_implementation", None) or "sdpa"
         self.share_prompts = bool(share_prompts) and attn in ("sdpa", "eager")
+        # its attention as a causal call for the prompts and one for the answers (strive_engine.split_attention):
+        # auto (by shape) | split | masked
+        self.shared_attention = shared_attention if self.share_prompts and attn == "sdpa" and \
+            split_attention.install() else "masked"
         self.recompute: Any = None    # strive_engine.recompute.Recompute: which layers a forward with grad recomputes
         self._qwen3 = hf_model.config.model_type == "qwen3_vl"
         params = inspect.signature(hf_model.model.get_rope_index).parameters
@@ -329,19 +334,23 @@ class Policy(nn.Module):
         share a prompt run as one sequence when `share_prompts` (same result: strive_engine.prompt_sharing)."""
         groups = prompt_groups(inputs.input_ids, inputs.attention_mask, inputs.completion_mask,
                                inputs.video_index) if self.share_prompts else None
+        layout = split_attention.choose(groups.segment, self.shared_attention, inputs.input_ids.device) \
+            if groups is not None else None
         if self.recompute is None or not torch.is_grad_enabled():
-            return self._forward(inputs, groups, head_fn)
+            return self._forward(inputs, groups, layout, head_fn)
         M, L = inputs.input_ids.shape                              # the layers to recompute: from the tokens
         U, Lg = groups.src.shape if groups is not None else (M, L)  # run, the patches, the mask's elements
-        self.recompute.plan(U * Lg, inputs.pixel_values_videos.shape[0] if inputs.visual is None else 0, U * Lg * Lg)
+        self.recompute.plan(U * Lg, inputs.pixel_values_videos.shape[0] if inputs.visual is None else 0, U * Lg * Lg,
+                            layout.k_index.numel() if layout is not None else 0)
         try:
-            return self._forward(inputs, groups, head_fn)
+            return self._forward(inputs, groups, layout, head_fn)
         finally:                # backward recomputes what the forward chose; no later call may find the switches on
             self.recompute.set_all(False)                          # (a prefill would lose its cache)
 
-    def _forward(self, inputs: PolicyInputs, groups: PromptGroups | None, head_fn: Callable[..., Any]) -> Any:
+    def _forward(self, inputs: PolicyInputs, groups: PromptGroups | None, layout: Any,
+                 head_fn: Callable[..., Any]) -> Any:
         if groups is not None:
-            packed = self._shared_hidden(inputs, groups)
+            packed = self._shared_hidden(inputs, groups, layout)
         else:
             embeds, pos, extra = self.input_embeddings(inputs)
             out = self.hf.model.language_model(inputs_embeds=embeds, attention_mask=inputs.attention_mask,
@@ -353,7 +362,8 @@ class Policy(nn.Module):
         head = self.hf.lm_head
         return head_fn(packed, head.weight, head.bias)
 
-    def _shared_hidden(self, inputs: PolicyInputs, groups: PromptGroups) -> Tensor:
+    def _shared_hidden(self, inputs: PolicyInputs, groups: PromptGroups,
+                       layout: split_attention.SplitLayout | None) -> Tensor:
         """(N, H) the scored tokens' predicting hidden states, the rows of each prompt run as one sequence."""
         inputs.validate(self.merge_size, self.hf.config.video_token_id)
         dev = inputs.input_ids.device
@@ -364,7 +374,7 @@ class Policy(nn.Module):
         pos = pos.reshape(3, -1)[:, src] * valid                                 # (3, U, Lg)
         embeds, extra = self._embed(inputs, inputs.input_ids.reshape(-1)[src], video_mask,
                                     groups.video.to(inputs.video_index.device))  # (U, Lg, H)
-        mask = block_mask(groups, embeds.dtype, dev)                             # (U, 1, Lg, Lg)
+        mask = split_attention.attach(block_mask(groups, embeds.dtype, dev), layout)  # (U, 1, Lg, Lg)
         out = self.hf.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos,
                                            use_cache=False, **extra)
         hidden = out.last_hidden_state                                           # (U, Lg, H)

@@ -63,7 +63,7 @@ def build_sharded_policy(cfg: Config, env: DistEnv, activation_checkpointing: st
     compute_bytes = 2 if mp == "bf16" else next(hf.parameters()).element_size()
     recompute = Recompute.build(hf, activation_checkpointing, cfg.parallel.memory_budget_gib, env.device,
                                 compute_bytes)
-    policy = Policy(hf, share_prompts=cfg.model.share_prompts)
+    policy = Policy(hf, share_prompts=cfg.model.share_prompts, shared_attention=cfg.model.shared_attention)
     policy.recompute = recompute
     root = apply_fsdp(policy, hf, mixed_precision=mp, reshard_after_forward=cfg.parallel.reshard_after_forward,
                       device=env.device)

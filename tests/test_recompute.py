@@ -27,7 +27,7 @@ def _setup(kind, tok_and_base, mode="auto", budget_gib=1.0, device=CPU):
     model.eval()                                              # as build_model leaves it
     if device.type == "cuda":
         model.to(device, torch.bfloat16)
-    pol = Policy(model)
+    pol = Policy(model, shared_attention="split")          # the split attention's key rows are modelled too
     pol.recompute = Recompute.build(model, mode, budget_gib, device, compute_bytes=4 if device == CPU else 2)
     return pol, tok
 
@@ -54,15 +54,18 @@ def test_probe_predicts_what_a_real_micro_batch_keeps(kind, device, tok_and_base
     if device.type == "cuda":
         x = dataclasses.replace(x, pixel_values_videos=x.pixel_values_videos.bfloat16())
     _, kept = saved_bytes(lambda: pol(x, _head), _groups(rec))
-    tokens, patches, mask = rec._seen
+    tokens, patches, mask, kv_rows = rec._seen
     assert tokens > 300 and patches > 100                    # more than the probe's 208 tokens and 64 patches
+    assert kv_rows > 0                                       # the split attention's per-answer keys, counted apart
     for u in rec.units:
         n = tokens if u.name == "decoder" else patches
-        assert u.kept * n == pytest.approx(min(kept[u.name]), rel=0.05), u.name              # one layer's own
-        assert u.kept * n * len(u.modules) + u.shared * n + (mask * rec.compute_bytes if u.name == "decoder" else 0) \
+        rows = kv_rows * rec.kv_row_bytes if u.name == "decoder" else 0
+        assert u.kept * n + rows == pytest.approx(min(kept[u.name]), rel=0.05), u.name        # one layer's own
+        assert (u.kept * n + rows) * len(u.modules) + u.shared * n \
+            + (mask * rec.compute_bytes if u.name == "decoder" else 0) \
             == pytest.approx(sum(kept[u.name]), rel=0.05), u.name                         # all of them
     # the whole prediction bounds everything the forward kept (the head's buffers on top)
-    assert rec.predict({}, tokens, patches, mask * rec.compute_bytes) >= sum(sum(v) for v in kept.values())
+    assert rec.predict({}, tokens, patches, mask * rec.compute_bytes, kv_rows) >= sum(sum(v) for v in kept.values())
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])

@@ -1,0 +1,177 @@
+"""The shared-prompt layout's attention as two causal calls instead of one masked call over every pair.
+
+Under prompt sharing (`strive_engine.prompt_sharing`) a sequence is `[prompt | answer 1 | ... | answer G | pad]`
+and the block mask lets a prompt token see the prompt before it, an answer token the whole prompt and its own
+answer before it. SDPA with that (U, 1, Lg, Lg) mask runs its masked kernel over all Lg^2 (query, key) pairs of
+which the mask keeps ~40 % at gpu_3b (one prompt of ~2,320 tokens + 8 answers of 256: 19.1 M pairs computed,
+7.7 M needed; about 10 % of the update's FLOPs wasted, on SDPA's slower masked kernel). Here the same attention
+is two calls that compute only (nearly) the needed pairs:
+
+  prompts   each group's first P_max slots, causal (`is_causal`: SDPA's flash path on CUDA); the outputs of
+            slots past a shorter prompt are discarded (they are answer slots, computed below)
+  answers   every answer of every group as one batch row: its queries (padded to the longest answer, L) against
+            [its group's prompt keys (padded to P_max) | its own keys], lower-right causal: query i sees the whole
+            prompt and its own keys 0..i. When all prompts have one length (a micro-batch of one prompt, as at
+            gpu_3b) that is `causal_lower_right` (flash on CUDA); otherwise a boolean mask that also hides the
+            padded prompt keys (A x L x (P_max + L) elements, not Lg^2)
+
+and the outputs go back to their slots (padding slots get zeros: finite, and attended by nobody). Exact: the same
+softmax over the same keys per query (tests/test_split_attention.py: fp64 outputs and every gradient against the
+masked path; a hidden-state and gradient check through the real HF models). The price is the answers' keys and
+values gathered per answer (G copies of the prompt's K/V per layer, with the KV heads repeated, as transformers'
+masked path repeats them): ~170 MB per layer at gpu_3b, which activation checkpointing's probe measures.
+
+How it is reached: `install()` wraps transformers' "sdpa" attention function (its registry entry); the wrapper
+runs the split path when the attention mask it is given carries a layout (`attach`: `Policy` attaches one to the
+shared layout's block mask; activation checkpointing's recompute passes the same mask object again), and is
+transformers' own function otherwise. The block mask itself stays exact for any path that does not come through
+the registry (eager attention). `model.shared_attention = auto | split | masked` (auto: by shape, `choose`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class SplitLayout:
+    """Index tensors of one shared layout (U groups of Lg slots), on the device; built by `split_layout`."""
+
+    U: int
+    Lg: int
+    P: int                       # P_max: the longest prompt
+    L: int                       # the longest answer
+    q_index: Tensor              # (A, L) flat slot (into U * Lg) of each answer's i-th query (padding: its first)
+    k_index: Tensor              # (A, P + L) flat slots of the keys each answer attends: prompt, then its own
+    mask: Tensor | None          # (A, 1, L, P + L) bool, None when every prompt has length P (lower-right causal)
+    dest: Tensor                 # (n,) flat slots that receive an output (every prompt and answer token)
+    src: Tensor                  # (n,) where each comes from in cat(prompt outputs (U * P), answer outputs (A * L))
+    saved_pairs: int = 0         # (query, key) pairs the one masked call computes and these two do not
+
+
+# `model.shared_attention = auto` splits a layout only when that saves this many (query, key) pairs per forward: at
+# gpu_3b (one prompt of ~2,320 tokens + 8 answers of 256) 11.4 M; at gpu_small (4 prompts of ~164 + 8 x 64) 1.4 M,
+# where the split's extra gathers and copies made the update 3 % slower on this CPU (and a host-bound GPU stage
+# would pay ~25 more launches per layer for ~0.1 ms of attention)
+MIN_SAVED_PAIRS = 4_000_000
+
+
+def split_layout(segment: Tensor, device: torch.device) -> SplitLayout | None:
+    """The split attention's indices for `PromptGroups.segment` (U, Lg) (0 prompt, k >= 1 answer k, -1 padding),
+    or None when a group has no answer (nothing to split)."""
+    U, Lg = segment.shape
+    plen = (segment == 0).sum(1)                                              # (U,)
+    P = int(plen.max())
+    answers = [(u, int(k)) for u in range(U) for k in segment[u].unique().tolist() if k >= 1]
+    if not answers or P == 0:
+        return None
+    starts, lens = [], []
+    for u, k in answers:
+        cols = (segment[u] == k).nonzero().flatten()
+        starts.append(u * Lg + int(cols[0]))
+        lens.append(len(cols))
+    A, L = len(answers), max(lens)
+    group = torch.tensor([u for u, _ in answers])
+    start, n = torch.tensor(starts), torch.tensor(lens)
+    i = torch.arange(L)
+    valid = i[None] < n[:, None]                                              # (A, L)
+    q_index = start[:, None] + torch.where(valid, i[None], 0)
+    k_index = torch.cat([group[:, None] * Lg + torch.arange(P)[None], q_index], 1)
+    mask = None
+    if bool((plen < P).any()):
+        key_ok = torch.cat([torch.arange(P)[None] < plen[group][:, None], torch.ones(A, L, dtype=torch.bool)], 1)
+        causal = torch.cat([torch.ones(L, P, dtype=torch.bool), torch.ones(L, L, dtype=torch.bool).tril()], 1)
+        mask = (causal[None] & key_ok[:, None, :])[:, None]                  # (A, 1, L, P + L)
+    p_valid = torch.arange(P)[None] < plen[:, None]                           # (U, P)
+    p_dest = (torch.arange(U)[:, None] * Lg + torch.arange(P)[None])[p_valid]
+    p_src = (torch.arange(U)[:, None] * P + torch.arange(P)[None])[p_valid]
+    a_dest = q_index[valid]
+    a_src = U * P + (torch.arange(A)[:, None] * L + i[None])[valid]
+    to = dict(device=device)
+    saved = U * Lg * Lg - (U * P * (P + 1) // 2 + A * L * (P + L))
+    return SplitLayout(U, Lg, P, L, q_index.to(**to), k_index.to(**to), None if mask is None else mask.to(**to),
+                       torch.cat([p_dest, a_dest]).to(**to), torch.cat([p_src, a_src]).to(**to), saved)
+
+
+def choose(segment: Tensor, mode: str, device: torch.device) -> SplitLayout | None:
+    """The layout to split by, or None for the one masked call: mode split (always), masked (never) or auto (when
+    it saves at least MIN_SAVED_PAIRS pairs)."""
+    if mode == "masked":
+        return None
+    layout = split_layout(segment, device)
+    return layout if layout is not None and (mode == "split" or layout.saved_pairs >= MIN_SAVED_PAIRS) else None
+
+
+def _repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, Hkv, S, D) -> (B, Hkv * groups, S, D), each KV head repeated for its query heads (transformers' order)."""
+    if groups == 1:
+        return x
+    B, H, S, D = x.shape
+    return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
+
+
+def split_attention(layout: SplitLayout, query: Tensor, key: Tensor, value: Tensor, scaling: float | None
+                    ) -> Tensor:
+    """query (U, Hq, Lg, D), key / value (U, Hkv, Lg, D) in the shared layout -> (U, Lg, Hq, D), as transformers'
+    sdpa attention returns it."""
+    U, Hq, Lg, D = query.shape
+    groups = Hq // key.shape[1]
+    P, L = layout.P, layout.L
+    # prompts: causal over each group's first P slots
+    kp, vp = (_repeat_kv(t[:, :, :P], groups) for t in (key, value))
+    prompt = F.scaled_dot_product_attention(query[:, :, :P], kp, vp, is_causal=True, scale=scaling)
+    # answers: [prompt keys | own keys], lower-right causal
+    q_flat = query.transpose(1, 2).reshape(U * Lg, Hq, D)
+    k_flat, v_flat = (t.transpose(1, 2).reshape(U * Lg, -1, D) for t in (key, value))
+    A = layout.q_index.shape[0]
+    qa = q_flat[layout.q_index].transpose(1, 2)                               # (A, Hq, L, D)
+    ka, va = (_repeat_kv(t[layout.k_index].transpose(1, 2), groups) for t in (k_flat, v_flat))
+    if layout.mask is None:
+        from torch.nn.attention.bias import causal_lower_right
+
+        answers = F.scaled_dot_product_attention(qa, ka, va, attn_mask=causal_lower_right(L, P + L), scale=scaling)
+    else:
+        answers = F.scaled_dot_product_attention(qa, ka, va, attn_mask=layout.mask, scale=scaling)
+    outs = torch.cat([prompt.transpose(1, 2).reshape(U * P, Hq, D), answers.transpose(1, 2).reshape(A * L, Hq, D)])
+    out = query.new_zeros(U * Lg, Hq, D).index_copy(0, layout.dest, outs[layout.src])
+    return out.view(U, Lg, Hq, D)
+
+
+# ------------------------------------------------------------------------------ transformers' registry
+
+_ORIGINAL: dict[str, Any] = {}
+_ATTR = "_strive_split_layout"
+
+
+def _sdpa(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, *args: Any,
+          **kwargs: Any) -> tuple[Tensor, None]:
+    layout = getattr(attention_mask, _ATTR, None)
+    if (layout is None or query.shape[0] != layout.U or query.shape[2] != layout.Lg or args
+            or kwargs.get("dropout", 0.0) or kwargs.get("sliding_window") is not None):
+        return _ORIGINAL["sdpa"](module, query, key, value, attention_mask, *args, **kwargs)
+    return split_attention(layout, query, key, value, kwargs.get("scaling")), None
+
+
+def install() -> bool:
+    """Wrap transformers' "sdpa" attention function once (idempotent); False where the registry is not there."""
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        return False
+    if "sdpa" not in _ORIGINAL:
+        _ORIGINAL["sdpa"] = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = _sdpa
+    return True
+
+
+def attach(mask: Tensor, layout: SplitLayout | None) -> Tensor:
+    """The block mask carrying `layout`: the language model passes the mask object to every attention call, and
+    activation checkpointing passes the same object again when it recomputes a layer in backward, so the split
+    path is taken in both (a mask without it, or a path that does not read the registry, runs the mask itself)."""
+    if layout is not None:
+        setattr(mask, _ATTR, layout)
+    return mask
