@@ -112,3 +112,45 @@ def test_auto_splits_by_the_pairs_it_saves():
     assert sa.choose(small, "auto", cpu) is None and sa.split_layout(small, cpu).saved_pairs < sa.MIN_SAVED_PAIRS
     assert sa.choose(small, "split", cpu).mask is not None                 # prompts of different lengths
     assert sa.choose(big, "masked", cpu) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("prompts", [[300], [300, 257, 280]])
+def test_cuda_bf16_split_attention_is_as_accurate_as_the_masked_call(prompts):
+    """On the GPU's kernels (flash / lower-right causal for one prompt length, the boolean mask otherwise), bf16,
+    the 3B model's heads (16 / 2, head dim 128): outputs and gradients within 4x the masked SDPA call's own bf16
+    error, both against the fp64 softmax."""
+    g = torch.Generator().manual_seed(0)
+    rows = [[0] * p + [k for k in range(1, 5) for _ in range(int(torch.randint(40, 70, (1,), generator=g)))]
+            for p in prompts]
+    Lg = -(-max(map(len, rows)) // 16) * 16
+    segment = torch.tensor([r + [-1] * (Lg - len(r)) for r in rows])
+    U, dev = len(prompts), torch.device("cuda")
+    q64, k64, v64 = (torch.randn(U, h, Lg, 128, generator=g, dtype=torch.float64) for h in (16, 2, 2))
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q64, k64, v64))
+    ref, valid = _reference(segment, qs, ks, vs, 128 ** -0.5)
+    w = torch.randn(ref[valid].shape, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad((ref[valid] * w).sum(), (qs, ks, vs))
+    layout = sa.split_layout(segment, dev)
+    assert (layout.mask is None) == (len(set(prompts)) == 1)
+    s, i = segment[:, :, None], segment[:, None, :]
+    pos = torch.arange(Lg)
+    causal = pos[None, :, None] >= pos[None, None, :]
+    allowed = (i >= 0) & (s >= 0) & (((i == 0) & ((s > 0) | causal)) | ((i == s) & causal))
+    mask = (allowed | torch.eye(Lg, dtype=torch.bool))[:, None].to(dev)     # padding rows: themselves (finite)
+
+    def run(split):
+        q, k, v = (t.to(dev, torch.bfloat16).detach().requires_grad_() for t in (q64, k64, v64))
+        if split:
+            out = sa.split_attention(layout, q, k, v, 128 ** -0.5)
+        else:
+            kk, vv = k.repeat_interleave(8, 1), v.repeat_interleave(8, 1)
+            out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask).transpose(1, 2)
+        grads = torch.autograd.grad((out[valid.to(dev)].double() * w.to(dev)).sum(), (q, k, v))
+        return out[valid.to(dev)].double().cpu(), [x.double().cpu() for x in grads]
+
+    (o_s, g_s), (o_m, g_m) = run(True), run(False)
+    err = lambda a, b: float((a - b).abs().max())  # noqa: E731
+    assert err(o_s, ref[valid]) <= 4 * err(o_m, ref[valid]) + 1e-6
+    for a, b, r in zip(g_s, g_m, ref_grads):
+        assert err(a, r) <= 4 * err(b, r) + 1e-6
