@@ -100,10 +100,19 @@ def split_layout(segment: Tensor, device: torch.device) -> SplitLayout | None:
 def choose(segment: Tensor, mode: str, device: torch.device) -> SplitLayout | None:
     """The layout to split by, or None for the one masked call: mode split (always), masked (never) or auto (when
     it saves at least MIN_SAVED_PAIRS pairs)."""
-    if mode == "masked":
+    if mode == "masked" or (mode == "auto" and saved_pairs(segment) < MIN_SAVED_PAIRS):
         return None
-    layout = split_layout(segment, device)
-    return layout if layout is not None and (mode == "split" or layout.saved_pairs >= MIN_SAVED_PAIRS) else None
+    return split_layout(segment, device)
+
+
+def saved_pairs(segment: Tensor) -> int:
+    """`SplitLayout.saved_pairs` of a layout from its segment counts alone (no index tensors: cheap on the host)."""
+    U, Lg = segment.shape
+    P = int((segment == 0).sum(1).max())
+    lens = torch.zeros(U, int(segment.max()) + 1, dtype=torch.long).scatter_add_(
+        1, segment.clamp(min=0), torch.ones_like(segment))[:, 1:]             # (U, K) answer lengths, 0 if absent
+    A, L = int((lens > 0).sum()), int(lens.max()) if lens.numel() else 0
+    return U * Lg * Lg - (U * P * (P + 1) // 2 + A * L * (P + L))
 
 
 def _repeat_kv(x: Tensor, groups: int) -> Tensor:

@@ -108,7 +108,8 @@ def test_auto_splits_by_the_pairs_it_saves():
     big, small = segment([2320], 8, 256), segment([160, 164, 170, 158], 8, 64)
     lay = sa.choose(big, "auto", cpu)
     assert lay is not None and lay.mask is None and lay.saved_pairs > sa.MIN_SAVED_PAIRS
-    assert lay.saved_pairs == 4368 ** 2 - (2320 * 2321 // 2 + 8 * 256 * 2576)
+    assert lay.saved_pairs == 4368 ** 2 - (2320 * 2321 // 2 + 8 * 256 * 2576) == sa.saved_pairs(big)
+    assert sa.saved_pairs(small) == sa.split_layout(small, cpu).saved_pairs
     assert sa.choose(small, "auto", cpu) is None and sa.split_layout(small, cpu).saved_pairs < sa.MIN_SAVED_PAIRS
     assert sa.choose(small, "split", cpu).mask is not None                 # prompts of different lengths
     assert sa.choose(big, "masked", cpu) is None
