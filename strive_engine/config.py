@@ -184,8 +184,8 @@ class ModelConfig:
 
     path: str = doc("", "local HF folder (Qwen2.5-VL / Qwen2-VL / Qwen3-VL, safetensors); '' = tiny random model")
     dtype: str = doc("auto", "auto (bf16 on CUDA, fp32 on CPU) | bfloat16 | float32: dtype of the weights")
-    attn_implementation: str = doc("auto", "auto (flash_attention_2 if importable on CUDA, else sdpa) | "
-                                           "flash_attention_2 | sdpa | eager")
+    attn_implementation: str = doc("auto", "auto (sdpa; flash_attention_2 if importable on CUDA and share_prompts "
+                                           "is off: it cannot share prompts) | flash_attention_2 | sdpa | eager")
     vision_attention: str = doc("segmented", "segmented (the vision tower's window/frame attention: one SDPA call "
                                              "per distinct segment length, exact: strive_engine.vision_attention) | "
                                              "hf (transformers' loop, one call per window). Only under sdpa")

@@ -68,12 +68,17 @@ def resolve_dtype(cfg: Any, device: torch.device) -> torch.dtype:
 
 
 def resolve_attn(cfg: Any, device: torch.device) -> str:
-    """flash_attention_2 when importable on CUDA (auto), else sdpa; an explicit choice is honoured or refused."""
+    """auto: sdpa, or flash_attention_2 when importable on CUDA and `share_prompts` is off; an explicit choice is
+    honoured or refused. With prompts shared, sdpa even where flash-attn is installed: flash_attention_2 cannot
+    take the shared layout's block mask, and one row per answer runs ~4.5x the tokens at gpu_3b's shape (2,062
+    prompt + 256 answer tokens, G = 8), far more than the two kernels differ; the layout's prompts and answers
+    run on SDPA's causal flash kernels anyway (strive_engine.split_attention), the vision tower on SDPA batched by
+    segment length (strive_engine.vision_attention)."""
     on_cuda = torch.device(device).type == "cuda"
     has_fa = importlib.util.find_spec("flash_attn") is not None
     choice = cfg.attn_implementation
     if choice == "auto":
-        choice = "flash_attention_2" if (on_cuda and has_fa) else "sdpa"
+        choice = "flash_attention_2" if (on_cuda and has_fa and not getattr(cfg, "share_prompts", False)) else "sdpa"
     elif choice == "flash_attention_2" and not (on_cuda and has_fa):
         raise ModelError(f"model.attn_implementation='flash_attention_2' needs CUDA and the flash_attn package "
                          f"(device={device}, flash_attn importable={has_fa}); use 'auto' or 'sdpa'")

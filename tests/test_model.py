@@ -242,6 +242,23 @@ def test_flash_attention_refused_without_cuda(tok_dir):
         build_model(ModelConfig(tokenizer_dir=tok_dir, attn_implementation="flash_attention_2", **TINY), "cpu")
 
 
+def test_auto_attention_keeps_prompt_sharing_where_flash_attn_is_installed(monkeypatch):
+    """auto on CUDA with flash-attn importable: sdpa while prompts are shared (flash_attention_2 cannot take their
+    block mask, and one row per answer runs several times the tokens), flash_attention_2 when they are not."""
+    import importlib.util
+    import types
+
+    from strive_engine.model import resolve_attn
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: types.SimpleNamespace(name=name) if name == "flash_attn" else real(name, *a))
+    assert resolve_attn(ModelConfig(), "cuda") == "sdpa"
+    assert resolve_attn(ModelConfig(share_prompts=False), "cuda") == "flash_attention_2"
+    assert resolve_attn(ModelConfig(attn_implementation="flash_attention_2"), "cuda") == "flash_attention_2"
+    assert resolve_attn(ModelConfig(share_prompts=False), "cpu") == "sdpa"
+
+
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
