@@ -91,10 +91,20 @@ def split_layout(segment: Tensor, device: torch.device) -> SplitLayout | None:
     p_src = (torch.arange(U)[:, None] * P + torch.arange(P)[None])[p_valid]
     a_dest = q_index[valid]
     a_src = U * P + (torch.arange(A)[:, None] * L + i[None])[valid]
-    to = dict(device=device)
     saved = U * Lg * Lg - (U * P * (P + 1) // 2 + A * L * (P + L))
-    return SplitLayout(U, Lg, P, L, q_index.to(**to), k_index.to(**to), None if mask is None else mask.to(**to),
-                       torch.cat([p_dest, a_dest]).to(**to), torch.cat([p_src, a_src]).to(**to), saved)
+    dest, src = torch.cat([p_dest, a_dest]), torch.cat([p_src, a_src])
+    flat = _to_device(torch.cat([q_index.flatten(), k_index.flatten(), dest, src]), device)  # one copy
+    q_index, k_index, dest, src = flat.split([q_index.numel(), k_index.numel(), len(dest), len(src)])
+    return SplitLayout(U, Lg, P, L, q_index.view(A, L), k_index.view(A, P + L),
+                       None if mask is None else _to_device(mask, device), dest, src, saved)
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device`; to a GPU through pinned memory without waiting for it (no sync in the forward:
+    torch's pinned-memory allocator keeps the block until the copy has run)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def choose(segment: Tensor, mode: str, device: torch.device) -> SplitLayout | None:
