@@ -7,7 +7,7 @@ Why. Recomputing a layer in backward costs its forward again: with every layer c
 model's shape. The prompt sharing of `strive_engine.prompt_sharing` made the update's sequences ~4.5x shorter
 (one prompt per G answers), and with it the activations: at `gpu_3b` (Qwen2.5-VL-3B, one prompt of ~2,300 tokens
 + 8 x 256 answer tokens and one 8,192-patch video per micro-batch) the decoder keeps ~139 KiB per token and layer
-(~21 GB for the micro-batch) and the vision tower ~62 KiB per patch and block (~16 GB), next to ~60 GB of fp32
+(~22 GB for the micro-batch) and the vision tower ~62 KiB per patch and block (~17 GB), next to ~60 GB of fp32
 weights, gradients and AdamW moments: it fits a 141 GB H200 without recomputing anything. A 7B model on 80 GB
 cards may need some of it. "auto" decides per forward, from numbers measured on the run's own device.
 
@@ -16,7 +16,9 @@ How.
      16-token answers) under saved-tensor hooks, nothing checkpointed: the bytes each decoder layer keeps for
      backward per token it runs, and each vision block per patch (parameters excluded, each storage counted
      once, for the first layer that saves it). The run's device, dtype, attention implementation and kernel
-     patches (liger) decide those bytes, so nothing is modelled.
+     patches (liger) decide those bytes, so nothing is modelled, except the split attention's per-answer key
+     rows (`strive_engine.split_attention`), which grow with answers x prompt length and are counted per row.
+     The probe has no backward: the trainer reshards every FSDP group after it (`parallel.reshard_all`).
   2. `plan` (every forward with grad, from `Policy.forward`, which knows the tokens it runs and the patches its
      vision tower sees): predicted peak = memory allocated now + gradients not allocated yet + the layers'
      kept bytes + the attention mask + the loss head (its lm_head-sized gradient formed in forward, its logits

@@ -16,10 +16,12 @@ is two calls that compute only (nearly) the needed pairs:
             padded prompt keys (A x L x (P_max + L) elements, not Lg^2)
 
 and the outputs go back to their slots (padding slots get zeros: finite, and attended by nobody). Exact: the same
-softmax over the same keys per query (tests/test_split_attention.py: fp64 outputs and every gradient against the
-masked path; a hidden-state and gradient check through the real HF models). The price is the answers' keys and
-values gathered per answer (G copies of the prompt's K/V per layer, with the KV heads repeated, as transformers'
-masked path repeats them): ~170 MB per layer at gpu_3b, which activation checkpointing's probe measures.
+softmax over the same keys per query (tests/test_split_attention.py: fp64 outputs and q / k / v gradients against
+a softmax written out, random layouts; the loss and every parameter's gradient through the real HF models against
+the masked call). The price is the answers' keys and values gathered per answer (G copies of the prompt's K/V per
+layer, with the KV heads repeated, as transformers' masked path repeats them): ~170 MB per layer at gpu_3b, which
+activation checkpointing counts per key row (`strive_engine.recompute`), and ~25 more ops per layer, so `auto`
+splits only where that pays (`MIN_SAVED_PAIRS`).
 
 How it is reached: `install()` wraps transformers' "sdpa" attention function (its registry entry); the wrapper
 runs the split path when the attention mask it is given carries a layout (`attach`: `Policy` attaches one to the
