@@ -150,7 +150,8 @@ class Recompute:
         self.other = 0.0                     # bytes per token kept outside the layers (embeddings, final norm, ...)
         self.recomputed = {u.name: 0 for u in self.units}
         self.history: list[dict[str, float]] = []
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int, int] | None = None
+        self._grad_bytes: list[tuple[nn.Parameter, int]] | None = None
         self.set_all(False)                  # on only inside a forward with grad (`plan`, then Policy.forward)
 
     @property
@@ -256,8 +257,12 @@ class Recompute:
         return (V * H + 2 * tokens * self.hidden) * self.compute_bytes + DEFAULT_MAX_CHUNK_BYTES
 
     def pending_gradients(self) -> int:
-        """Bytes of the gradients backward will allocate (parameters that need one and have none yet)."""
-        return sum(_numel_bytes(p) for p in self.hf.parameters() if p.requires_grad and p.grad is None)
+        """Bytes of the gradients backward will allocate (parameters that need one and have none yet). The
+        (parameter, bytes of its local shard) list is taken once, at the first plan (after FSDP2 has sharded them):
+        a forward then only checks which have no gradient (hundreds of parameters at 3B, every micro-batch)."""
+        if self._grad_bytes is None:
+            self._grad_bytes = [(p, _numel_bytes(p)) for p in self.hf.parameters() if p.requires_grad]
+        return sum(b for p, b in self._grad_bytes if p.grad is None)
 
     def predict(self, counts: dict[str, int], tokens: int, patches: int, extra: int, kv_rows: int = 0) -> float:
         """Activation bytes of one forward + backward with counts[unit] modules of each unit checkpointed."""

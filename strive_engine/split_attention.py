@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.integrations.sdpa_attention import repeat_kv   # transformers' own head order
 
 
 @dataclass
@@ -93,12 +94,11 @@ def split_layout(segment: Tensor, device: torch.device) -> SplitLayout | None:
     p_src = (torch.arange(U)[:, None] * P + torch.arange(P)[None])[p_valid]
     a_dest = q_index[valid]
     a_src = U * P + (torch.arange(A)[:, None] * L + i[None])[valid]
-    saved = U * Lg * Lg - (U * P * (P + 1) // 2 + A * L * (P + L))
     dest, src = torch.cat([p_dest, a_dest]), torch.cat([p_src, a_src])
     flat = _to_device(torch.cat([q_index.flatten(), k_index.flatten(), dest, src]), device)  # one copy
     q_index, k_index, dest, src = flat.split([q_index.numel(), k_index.numel(), len(dest), len(src)])
     return SplitLayout(U, Lg, P, L, q_index.view(A, L), k_index.view(A, P + L),
-                       None if mask is None else _to_device(mask, device), dest, src, saved)
+                       None if mask is None else _to_device(mask, device), dest, src, saved_pairs(segment))
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -127,14 +127,6 @@ def saved_pairs(segment: Tensor) -> int:
     return U * Lg * Lg - (U * P * (P + 1) // 2 + A * L * (P + L))
 
 
-def _repeat_kv(x: Tensor, groups: int) -> Tensor:
-    """(B, Hkv, S, D) -> (B, Hkv * groups, S, D), each KV head repeated for its query heads (transformers' order)."""
-    if groups == 1:
-        return x
-    B, H, S, D = x.shape
-    return x[:, :, None].expand(B, H, groups, S, D).reshape(B, H * groups, S, D)
-
-
 def split_attention(layout: SplitLayout, query: Tensor, key: Tensor, value: Tensor, scaling: float | None
                     ) -> Tensor:
     """query (U, Hq, Lg, D), key / value (U, Hkv, Lg, D) in the shared layout -> (U, Lg, Hq, D), as transformers'
@@ -143,14 +135,14 @@ def split_attention(layout: SplitLayout, query: Tensor, key: Tensor, value: Tens
     groups = Hq // key.shape[1]
     P, L = layout.P, layout.L
     # prompts: causal over each group's first P slots
-    kp, vp = (_repeat_kv(t[:, :, :P], groups) for t in (key, value))
+    kp, vp = (repeat_kv(t[:, :, :P], groups) for t in (key, value))
     prompt = F.scaled_dot_product_attention(query[:, :, :P], kp, vp, is_causal=True, scale=scaling)
     # answers: [prompt keys | own keys], lower-right causal
     q_flat = query.transpose(1, 2).reshape(U * Lg, Hq, D)
     k_flat, v_flat = (t.transpose(1, 2).reshape(U * Lg, -1, D) for t in (key, value))
     A = layout.q_index.shape[0]
     qa = q_flat[layout.q_index].transpose(1, 2)                               # (A, Hq, L, D)
-    ka, va = (_repeat_kv(t[layout.k_index].transpose(1, 2), groups) for t in (k_flat, v_flat))
+    ka, va = (repeat_kv(t[layout.k_index].transpose(1, 2), groups) for t in (k_flat, v_flat))
     if layout.mask is None:
         from torch.nn.attention.bias import causal_lower_right
 
