@@ -51,6 +51,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from strive_engine.split_attention import kept_kv_heads
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "true", "false")
@@ -143,8 +145,14 @@ class Recompute:
         heads = int(text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or self.hidden // heads)
         # what a decoder layer keeps per key row its attention gathers per answer (strive_engine.split_attention:
-        # keys and values, KV heads repeated): it grows with answers x prompt length, not with the tokens run
+        # keys and values): it grows with answers x prompt length, not with the tokens run. The KV heads are
+        # repeated per query head under a boolean mask (prompts of several lengths); with one prompt length they
+        # stay grouped where flash takes them so (`kept_kv_heads`: on CUDA in bf16 / fp16)
+        dtype = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}.get(compute_bytes, torch.bfloat16)
+        kv_heads = kept_kv_heads(heads, int(getattr(text, "num_key_value_heads", None) or heads), head_dim, dtype,
+                                 device)
         self.kv_row_bytes = 2 * heads * head_dim * compute_bytes
+        self.kv_row_bytes_grouped = 2 * kv_heads * head_dim * compute_bytes
         self.measured = False
         self.vision_trained = any(p.requires_grad for m in self.units[1].modules for p in m.parameters())
         self.other = 0.0                     # bytes per token kept outside the layers (embeddings, final norm, ...)
@@ -226,13 +234,13 @@ class Recompute:
         if self._seen is None:
             raise RuntimeError("Recompute.measure: the probe's forward did not report its sizes (Policy.forward "
                                "calls Recompute.plan)")
-        tokens, patches, mask, kv_rows = self._seen
+        tokens, patches, mask, kv_bytes = self._seen
         for u in self.units:
             if not u.modules:
                 continue
             n = max(tokens if u.name == "decoder" else patches, 1)
             if u.name == "decoder":                  # the per-answer key rows: counted apart (see kv_row_bytes)
-                kept[u.name] = [b - kv_rows * self.kv_row_bytes for b in kept[u.name]]
+                kept[u.name] = [b - kv_bytes for b in kept[u.name]]
             per = min(kept[u.name])                  # a layer's own; the first one also saves what all of them
             shared = sum(kept[u.name]) - per * len(u.modules)          # read (rotary tables, the decoder's mask)
             u.kept = per / n
@@ -264,51 +272,55 @@ class Recompute:
             self._grad_bytes = [(p, _numel_bytes(p)) for p in self.hf.parameters() if p.requires_grad]
         return sum(b for p, b in self._grad_bytes if p.grad is None)
 
-    def predict(self, counts: dict[str, int], tokens: int, patches: int, extra: int, kv_rows: int = 0) -> float:
-        """Activation bytes of one forward + backward with counts[unit] modules of each unit checkpointed."""
+    def predict(self, counts: dict[str, int], tokens: int, patches: int, extra: int, kv_bytes: float = 0) -> float:
+        """Activation bytes of one forward + backward with counts[unit] modules of each unit checkpointed
+        (`kv_bytes`: what each decoder layer keeps of the split attention's gathered keys and values)."""
         total, largest = self.other * tokens + extra + self.head_bytes(tokens), 0.0
         for u in self.units:
             n = tokens if u.name == "decoder" else patches
             k = counts.get(u.name, 0)
-            layer = n * u.kept + (kv_rows * self.kv_row_bytes if u.name == "decoder" else 0)
+            layer = n * u.kept + (kv_bytes if u.name == "decoder" else 0)
             total += (len(u.modules) - k) * layer + n * (k * u.boundary + u.shared)
             largest = max(largest, layer)
         return total + 2 * largest
 
-    def choose(self, tokens: int, patches: int, extra: int, free: float, kv_rows: int = 0) -> dict[str, int]:
+    def choose(self, tokens: int, patches: int, extra: int, free: float, kv_bytes: float = 0) -> dict[str, int]:
         """The fewest modules to checkpoint (in the order of bytes saved per recomputed FLOP) for the forward's
         activations to fit `free` bytes; all of them when nothing smaller fits."""
         counts = {u.name: 0 for u in self.units}
         order = sorted((u for u in self.units if u.modules and (u.name == "decoder" or patches)),
                        key=lambda u: -u.saved_per_flop())
         for u in order:
-            over = self.predict(counts, tokens, patches, extra, kv_rows) - free
+            over = self.predict(counts, tokens, patches, extra, kv_bytes) - free
             if over <= 0:
                 return counts
             n = tokens if u.name == "decoder" else patches
-            step = n * (u.kept - u.boundary) + (kv_rows * self.kv_row_bytes if u.name == "decoder" else 0)
+            step = n * (u.kept - u.boundary) + (kv_bytes if u.name == "decoder" else 0)
             counts[u.name] = min(len(u.modules), int(-(-over // step)) if step > 0 else len(u.modules))
-        if self.predict(counts, tokens, patches, extra, kv_rows) > free:
+        if self.predict(counts, tokens, patches, extra, kv_bytes) > free:
             counts.update({u.name: len(u.modules) for u in order})
         return counts
 
-    def plan(self, tokens: int, patches: int, mask_elems: int = 0, kv_rows: int = 0) -> None:
+    def plan(self, tokens: int, patches: int, mask_elems: int = 0, kv_rows: int = 0, grouped: bool = False
+             ) -> None:
         """Called by `Policy.forward` before a forward with grad: `tokens` the language model runs (padding
         included), `patches` the vision tower runs, `mask_elems` the elements of its attention mask, `kv_rows` the
-        key rows the split attention gathers for the answers (0 without it)."""
+        key rows the split attention gathers for the answers (0 without it), `grouped` whether they may keep their
+        KV heads grouped (one prompt length: no boolean mask)."""
         patches = patches if self.vision_trained else 0     # a frozen tower keeps nothing for backward
         extra = mask_elems * self.compute_bytes
-        self._seen = (tokens, patches, mask_elems, kv_rows)
+        kv_bytes = kv_rows * (self.kv_row_bytes_grouped if grouped else self.kv_row_bytes)
+        self._seen = (tokens, patches, mask_elems, kv_bytes)
         if self.mode == "true":
             self.set_all(True)    # every forward: Policy.forward switches them off again after each one
         if not (self.active and self.measured):
             return
         resident = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         resident += self.pending_gradients()
-        counts = self.choose(tokens, patches, extra, self.budget - resident, kv_rows)
+        counts = self.choose(tokens, patches, extra, self.budget - resident, kv_bytes)
         for u in self.units:
             self.set(u, counts[u.name])
-        peak = resident + self.predict(counts, tokens, patches, extra, kv_rows)
+        peak = resident + self.predict(counts, tokens, patches, extra, kv_bytes)
         self.history.append({"recomputed_layers": counts["decoder"], "recomputed_blocks": counts["vision"],
                              "predicted_peak_gib": peak / 2**30})
 

@@ -19,9 +19,11 @@ and the outputs go back to their slots (padding slots get zeros: finite, and att
 softmax over the same keys per query (tests/test_split_attention.py: fp64 outputs and q / k / v gradients against
 a softmax written out, random layouts; the loss and every parameter's gradient through the real HF models against
 the masked call). The price is the answers' keys and values gathered per answer (G copies of the prompt's K/V per
-layer, with the KV heads repeated, as transformers' masked path repeats them): ~170 MB per layer at gpu_3b, which
-activation checkpointing counts per key row (`strive_engine.recompute`), and ~25 more ops per layer, so `auto`
-splits only where that pays (`MIN_SAVED_PAIRS`).
+layer), which activation checkpointing counts per key row (`strive_engine.recompute`), and ~25 more ops per layer,
+so `auto` splits only where that pays (`MIN_SAVED_PAIRS`). Where SDPA's flash kernel takes grouped K/V heads (CUDA,
+bf16 / fp16: `flash_takes_grouped_heads`) the causal calls get the 2 KV heads as they are (`enable_gqa`): ~21 MB of
+gathered keys and values per layer at gpu_3b, kept for backward; repeated per query head as transformers' masked
+path repeats them, ~170 MB (the boolean-mask call, whose memory-efficient kernel takes no groups, always repeats).
 
 How it is reached: `install()` wraps transformers' "sdpa" attention function (its registry entry); the wrapper
 runs the split path when the attention mask it is given carries a layout (`attach`: `Policy` attaches one to the
@@ -127,31 +129,66 @@ def saved_pairs(segment: Tensor) -> int:
     return U * Lg * Lg - (U * P * (P + 1) // 2 + A * L * (P + L))
 
 
-def split_attention(layout: SplitLayout, query: Tensor, key: Tensor, value: Tensor, scaling: float | None
-                    ) -> Tensor:
+def flash_takes_grouped_heads(query: Tensor, key: Tensor, value: Tensor, is_causal: bool) -> bool:
+    """Whether SDPA's flash kernel takes these tensors with fewer K/V heads than query heads as they are (it reads
+    each K/V head for its group of query heads; torch >= 2.5, a CUDA device, flash's dtypes and head sizes). The
+    same test `causal_lower_right` makes before its flash branch, so a True here means the call runs on flash; where
+    it is False the heads are repeated as before (the memory-efficient kernel the call falls to takes no groups)."""
+    if query.shape[1] == key.shape[1] or query.device.type != "cuda":
+        return False
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+    except ImportError:
+        return False
+    return bool(can_use_flash_attention(SDPAParams(query, key, value, None, 0.0, is_causal, True)))
+
+
+def split_attention(layout: SplitLayout, query: Tensor, key: Tensor, value: Tensor, scaling: float | None, *,
+                    grouped: bool | None = None) -> Tensor:
     """query (U, Hq, Lg, D), key / value (U, Hkv, Lg, D) in the shared layout -> (U, Lg, Hq, D), as transformers'
-    sdpa attention returns it."""
+    sdpa attention returns it. `grouped`: pass the Hkv heads to SDPA as they are (`enable_gqa`) instead of
+    repeating them per query head; None decides per call (`flash_takes_grouped_heads`); the tests force it on the
+    CPU, where SDPA's math path takes groups too."""
     U, Hq, Lg, D = query.shape
     groups = Hq // key.shape[1]
     P, L = layout.P, layout.L
+
+    def heads(t: Tensor, use: bool) -> Tensor:
+        return t if use else repeat_kv(t, groups)
+
     # prompts: causal over each group's first P slots
-    kp, vp = (repeat_kv(t[:, :, :P], groups) for t in (key, value))
-    prompt = F.scaled_dot_product_attention(query[:, :, :P], kp, vp, is_causal=True, scale=scaling)
+    qp, kp, vp = query[:, :, :P], key[:, :, :P], value[:, :, :P]
+    g = flash_takes_grouped_heads(qp, kp, vp, True) if grouped is None else grouped and groups > 1
+    prompt = F.scaled_dot_product_attention(qp, heads(kp, g), heads(vp, g), is_causal=True, scale=scaling,
+                                            enable_gqa=g)
     # answers: [prompt keys | own keys], lower-right causal
     q_flat = query.transpose(1, 2).reshape(U * Lg, Hq, D)
     k_flat, v_flat = (t.transpose(1, 2).reshape(U * Lg, -1, D) for t in (key, value))
     A = layout.q_index.shape[0]
     qa = q_flat[layout.q_index].transpose(1, 2)                               # (A, Hq, L, D)
-    ka, va = (repeat_kv(t[layout.k_index].transpose(1, 2), groups) for t in (k_flat, v_flat))
+    ka, va = (t[layout.k_index].transpose(1, 2) for t in (k_flat, v_flat))   # (A, Hkv, P + L, D)
     if layout.mask is None:
         from torch.nn.attention.bias import causal_lower_right
 
-        answers = F.scaled_dot_product_attention(qa, ka, va, attn_mask=causal_lower_right(L, P + L), scale=scaling)
-    else:
-        answers = F.scaled_dot_product_attention(qa, ka, va, attn_mask=layout.mask, scale=scaling)
+        # without the repeat the gathered keys and values are Hq / Hkv times smaller (~21 instead of ~170 MB per
+        # layer at gpu_3b), and so is what the call keeps for backward
+        g = flash_takes_grouped_heads(qa, ka, va, False) if grouped is None else grouped and groups > 1
+        answers = F.scaled_dot_product_attention(qa, heads(ka, g), heads(va, g),
+                                                 attn_mask=causal_lower_right(L, P + L), scale=scaling, enable_gqa=g)
+    else:   # a boolean mask: SDPA's memory-efficient kernel, which needs the heads repeated
+        answers = F.scaled_dot_product_attention(qa, heads(ka, False), heads(va, False), attn_mask=layout.mask,
+                                                 scale=scaling)
     outs = torch.cat([prompt.transpose(1, 2).reshape(U * P, Hq, D), answers.transpose(1, 2).reshape(A * L, Hq, D)])
     out = query.new_zeros(U * Lg, Hq, D).index_copy(0, layout.dest, outs[layout.src])
     return out.view(U, Lg, Hq, D)
+
+
+def kept_kv_heads(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The K/V heads per key row the answers' call keeps for backward on this device: kv_heads where flash takes
+    them grouped, else heads (repeated); for `strive_engine.recompute`'s bytes per key row."""
+    q = torch.empty(1, heads, 2, head_dim, dtype=dtype, device=device, requires_grad=True)
+    k = torch.empty(1, kv_heads, 4, head_dim, dtype=dtype, device=device, requires_grad=True)
+    return kv_heads if flash_takes_grouped_heads(q, k, k, False) else heads
 
 
 # ------------------------------------------------------------------------------ transformers' registry

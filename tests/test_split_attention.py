@@ -39,8 +39,11 @@ def _reference(segment, q, k, v, scale):
     return (p @ v).transpose(1, 2), segment >= 0                                         # (U, Lg, Hq, D)
 
 
+@pytest.mark.parametrize("grouped", [None, True])
 @pytest.mark.parametrize("seed,U,uniform", [(0, 1, True), (1, 3, False), (2, 2, True), (3, 4, False), (4, 1, False)])
-def test_split_attention_equals_the_block_mask_forward_and_backward(seed, U, uniform):
+def test_split_attention_equals_the_block_mask_forward_and_backward(seed, U, uniform, grouped):
+    """grouped=True: the K/V heads passed grouped (enable_gqa), as on CUDA where flash takes them; None: as this
+    device decides (repeated on the CPU)."""
     g = torch.Generator().manual_seed(seed)
     segment = _layout(g, U, uniform)
     Lg, Hq, Hkv, D = segment.shape[1], 4, 2, 8
@@ -48,7 +51,7 @@ def test_split_attention_equals_the_block_mask_forward_and_backward(seed, U, uni
                for h in (Hq, Hkv, Hkv))
     layout = sa.split_layout(segment, torch.device("cpu"))
     assert (layout.mask is None) == bool(((segment == 0).sum(1) == (segment == 0).sum(1).max()).all())
-    out = sa.split_attention(layout, q, k, v, 0.37)
+    out = sa.split_attention(layout, q, k, v, 0.37, grouped=grouped)
     ref, valid = _reference(segment, q, k, v, 0.37)
     assert torch.allclose(out[valid], ref[valid], rtol=1e-12, atol=1e-12)
     assert torch.equal(out[~valid], torch.zeros_like(out[~valid]))                      # padding: zeros
@@ -140,18 +143,33 @@ def test_cuda_bf16_split_attention_is_as_accurate_as_the_masked_call(prompts):
     allowed = (i >= 0) & (s >= 0) & (((i == 0) & ((s > 0) | causal)) | ((i == s) & causal))
     mask = (allowed | torch.eye(Lg, dtype=torch.bool))[:, None].to(dev)     # padding rows: themselves (finite)
 
-    def run(split):
+    def run(split, grouped=None):
         q, k, v = (t.to(dev, torch.bfloat16).detach().requires_grad_() for t in (q64, k64, v64))
-        if split:
-            out = sa.split_attention(layout, q, k, v, 128 ** -0.5)
-        else:
-            kk, vv = k.repeat_interleave(8, 1), v.repeat_interleave(8, 1)
-            out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask).transpose(1, 2)
-        grads = torch.autograd.grad((out[valid.to(dev)].double() * w.to(dev)).sum(), (q, k, v))
-        return out[valid.to(dev)].double().cpu(), [x.double().cpu() for x in grads]
+        saved = []
 
-    (o_s, g_s), (o_m, g_m) = run(True), run(False)
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if split:
+                out = sa.split_attention(layout, q, k, v, 128 ** -0.5, grouped=grouped)
+            else:
+                kk, vv = k.repeat_interleave(8, 1), v.repeat_interleave(8, 1)
+                out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask).transpose(1, 2)
+        grads = torch.autograd.grad((out[valid.to(dev)].double() * w.to(dev)).sum(), (q, k, v))
+        return out[valid.to(dev)].double().cpu(), [x.double().cpu() for x in grads], sum(saved)
+
+    (o_s, g_s, kept_s), (o_m, g_m, _) = run(True), run(False)
     err = lambda a, b: float((a - b).abs().max())  # noqa: E731
     assert err(o_s, ref[valid]) <= 4 * err(o_m, ref[valid]) + 1e-6
     for a, b, r in zip(g_s, g_m, ref_grads):
         assert err(a, r) <= 4 * err(b, r) + 1e-6
+    # the K/V heads stay grouped (flash takes them: sm80+, bf16, head dim 128) where no boolean mask is needed; the
+    # repeated ones keep more for backward, with the same results
+    q, k = (torch.empty(1, h, 4, 128, device=dev, dtype=torch.bfloat16, requires_grad=True) for h in (16, 2))
+    assert sa.flash_takes_grouped_heads(q, k, k, False) == (torch.cuda.get_device_capability() >= (8, 0))
+    if layout.mask is None and sa.flash_takes_grouped_heads(q, k, k, False):
+        o_r, g_r, kept_r = run(True, grouped=False)
+        assert kept_s < kept_r
+        assert err(o_r, ref[valid]) <= 4 * err(o_m, ref[valid]) + 1e-6
