@@ -341,8 +341,7 @@ class Policy(nn.Module):
         M, L = inputs.input_ids.shape                              # the layers to recompute: from the tokens
         U, Lg = groups.src.shape if groups is not None else (M, L)  # run, the patches, the mask's elements
         self.recompute.plan(U * Lg, inputs.pixel_values_videos.shape[0] if inputs.visual is None else 0, U * Lg * Lg,
-                            layout.k_index.numel() if layout is not None else 0,
-                            layout is not None and layout.mask is None)
+                            layout)
         try:
             return self._forward(inputs, groups, layout, head_fn)
         finally:                # backward recomputes what the forward chose; no later call may find the switches on

@@ -18,7 +18,11 @@ How.
      once, for the first layer that saves it). The run's device, dtype, attention implementation and kernel
      patches (liger) decide those bytes, so nothing is modelled, except the split attention's per-answer key
      rows (`strive_engine.split_attention`), which grow with answers x prompt length and are counted per row.
-     The probe has no backward: the trainer reshards every FSDP group after it (`parallel.reshard_all`).
+     Under `model.shared_attention = auto` the probe runs once per attention path (`measure_paths`: the one
+     masked call, and the split, which keeps the K/V heads grouped on CUDA) and each forward is planned from the
+     path it takes. The probe has no backward: the trainer reshards every FSDP group after it
+     (`parallel.reshard_all`). The gradients still to come are counted on the FSDP2 shards, listed right after
+     sharding (`track_gradients`).
   2. `plan` (every forward with grad, from `Policy.forward`, which knows the tokens it runs and the patches its
      vision tower sees): predicted peak = memory allocated now + gradients not allocated yet + the layers'
      kept bytes + the attention mask + the loss head (its lm_head-sized gradient formed in forward, its logits
@@ -158,7 +162,10 @@ class Recompute:
         self.other = 0.0                     # bytes per token kept outside the layers (embeddings, final norm, ...)
         self.recomputed = {u.name: 0 for u in self.units}
         self.history: list[dict[str, float]] = []
-        self._seen: tuple[int, int, int, int] | None = None
+        self._seen: tuple[int, int, int, float, str] | None = None
+        # per attention path ("one": one call over the layout, "split": strive_engine.split_attention) the probe's
+        # numbers: {unit name: (kept, shared)} and "other"; `plan` loads the path its forward takes
+        self.paths: dict[str, dict[str, Any]] = {}
         self._grad_bytes: list[tuple[nn.Parameter, int]] | None = None
         self.set_all(False)                  # on only inside a forward with grad (`plan`, then Policy.forward)
 
@@ -227,6 +234,7 @@ class Recompute:
         checkpointed (run goes through the FSDP root: `lambda x: root(policy, x, head)`)."""
         self.set_all(False)
         self._seen = None
+        self.measured = False                # so the probe's own plan checkpoints nothing (a second probe too)
         groups = {u.name: u.modules for u in self.units if u.modules}
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             out, kept = saved_bytes(lambda: run(inputs), groups)
@@ -234,7 +242,7 @@ class Recompute:
         if self._seen is None:
             raise RuntimeError("Recompute.measure: the probe's forward did not report its sizes (Policy.forward "
                                "calls Recompute.plan)")
-        tokens, patches, mask, kv_bytes = self._seen
+        tokens, patches, mask, kv_bytes, path = self._seen
         for u in self.units:
             if not u.modules:
                 continue
@@ -248,11 +256,37 @@ class Recompute:
             width = self.hidden if u.name == "decoder" else int(self.hf.config.vision_config.hidden_size)
             u.boundary = float(width * self.compute_bytes)             # a checkpointed layer keeps its input
         self.other = kept["other"][0] / max(tokens, 1)
+        self.paths[path] = {"other": self.other, **{u.name: (u.kept, u.shared) for u in self.units}}
         self.measured = True
-        log.info("activation checkpointing auto: a decoder layer keeps %.1f KiB per token, a vision block %.1f KiB "
-                 "per patch; budget %.1f GiB", self.units[0].kept / 1024,
+        log.info("activation checkpointing auto (%s attention): a decoder layer keeps %.1f KiB per token, a vision "
+                 "block %.1f KiB per patch; budget %.1f GiB", path, self.units[0].kept / 1024,
                  self.units[1].kept / 1024 if self.units[1].modules else 0.0, (self.budget or 0) / 2**30)
         self.set_all(False)
+
+    def measure_paths(self, policy: Any, run: Callable[[Any], Any], inputs: Any,
+                      after: Callable[[], None] = lambda: None) -> None:
+        """`measure` once per attention path the policy's forwards can take: under `shared_attention = auto` the
+        probe's own layout would take the one call (it saves too few pairs to split) while a real-sized micro-batch
+        splits, and the two keep different bytes per token (the split keeps K/V grouped, the masked call repeated).
+        `after()` runs after each probe (under FSDP2: reshard every group, as a forward without backward leaves the
+        root's unsharded)."""
+        mode = policy.shared_attention
+        try:
+            for forced in (("masked", "split") if mode == "auto" else (mode,)):
+                policy.shared_attention = forced
+                self.measure(run, inputs)
+                after()
+        finally:
+            policy.shared_attention = mode
+
+    def _use(self, path: str) -> None:
+        """Load the numbers measured on `path` (the only ones measured when the other was not)."""
+        got = self.paths.get(path)
+        if got is None:
+            return
+        self.other = got["other"]
+        for u in self.units:
+            u.kept, u.shared = got[u.name]
 
     # ------------------------------------------------------------------ plan
 
@@ -264,12 +298,19 @@ class Recompute:
         V, H = self.hf.lm_head.weight.shape
         return (V * H + 2 * tokens * self.hidden) * self.compute_bytes + DEFAULT_MAX_CHUNK_BYTES
 
+    def track_gradients(self, params: Any) -> None:
+        """The parameters whose gradients backward allocates, with their local shard bytes. Called with the FSDP2
+        shards right after sharding, outside any forward: inside the root's forward FSDP2 puts unsharded copies on
+        the modules, whose .grad stays None (listed then, the root group's embeddings and lm_head would count as
+        pending forever, at bf16 size, and their fp32 shards' gradients not at all)."""
+        self._grad_bytes = [(p, _numel_bytes(p)) for p in params if p.requires_grad]
+
     def pending_gradients(self) -> int:
-        """Bytes of the gradients backward will allocate (parameters that need one and have none yet). The
-        (parameter, bytes of its local shard) list is taken once, at the first plan (after FSDP2 has sharded them):
-        a forward then only checks which have no gradient (hundreds of parameters at 3B, every micro-batch)."""
+        """Bytes of the gradients backward will allocate (parameters that need one and have none yet); the list is
+        taken once (`track_gradients`, or at the first plan of a model without FSDP): a forward then only checks
+        which have no gradient (hundreds of parameters at 3B, every micro-batch)."""
         if self._grad_bytes is None:
-            self._grad_bytes = [(p, _numel_bytes(p)) for p in self.hf.parameters() if p.requires_grad]
+            self.track_gradients(self.hf.parameters())
         return sum(b for p, b in self._grad_bytes if p.grad is None)
 
     def predict(self, counts: dict[str, int], tokens: int, patches: int, extra: int, kv_bytes: float = 0) -> float:
@@ -301,16 +342,18 @@ class Recompute:
             counts.update({u.name: len(u.modules) for u in order})
         return counts
 
-    def plan(self, tokens: int, patches: int, mask_elems: int = 0, kv_rows: int = 0, grouped: bool = False
-             ) -> None:
+    def plan(self, tokens: int, patches: int, mask_elems: int = 0, layout: Any = None) -> None:
         """Called by `Policy.forward` before a forward with grad: `tokens` the language model runs (padding
-        included), `patches` the vision tower runs, `mask_elems` the elements of its attention mask, `kv_rows` the
-        key rows the split attention gathers for the answers (0 without it), `grouped` whether they may keep their
-        KV heads grouped (one prompt length: no boolean mask)."""
+        included), `patches` the vision tower runs, `mask_elems` the elements of its attention mask, `layout` the
+        split attention's (`strive_engine.split_attention.SplitLayout`; None: one call): its answers' gathered key
+        rows are counted per row, with their KV heads grouped when no boolean mask is needed (`kept_kv_heads`)."""
         patches = patches if self.vision_trained else 0     # a frozen tower keeps nothing for backward
         extra = mask_elems * self.compute_bytes
-        kv_bytes = kv_rows * (self.kv_row_bytes_grouped if grouped else self.kv_row_bytes)
-        self._seen = (tokens, patches, mask_elems, kv_bytes)
+        path = "one" if layout is None else "split"
+        kv_bytes = 0 if layout is None else layout.k_index.numel() * (
+            self.kv_row_bytes_grouped if layout.mask is None else self.kv_row_bytes)
+        self._seen = (tokens, patches, mask_elems, kv_bytes, path)
+        self._use(path)
         if self.mode == "true":
             self.set_all(True)    # every forward: Policy.forward switches them off again after each one
         if not (self.active and self.measured):

@@ -67,10 +67,11 @@ def build_sharded_policy(cfg: Config, env: DistEnv, activation_checkpointing: st
     policy.recompute = recompute
     root = apply_fsdp(policy, hf, mixed_precision=mp, reshard_after_forward=cfg.parallel.reshard_after_forward,
                       device=env.device)
+    recompute.track_gradients(hf.parameters())      # the FSDP2 shards (see track_gradients), before any forward
     if recompute.active:
-        recompute.measure(lambda x: root(policy, x, lambda h, w, b: h.float().sum()),
-                          recompute.probe_inputs(policy, tokenizer, cfg.rollout.prompt))
-        reshard_all(root)          # a forward without backward leaves the root's (and last layer's) params unsharded
+        # a forward without backward leaves the root's (and the last layer's) params unsharded: reshard after each
+        recompute.measure_paths(policy, lambda x: root(policy, x, lambda h, w, b: h.float().sum()),
+                                recompute.probe_inputs(policy, tokenizer, cfg.rollout.prompt), lambda: reshard_all(root))
     return hf, tokenizer, policy, root
 
 

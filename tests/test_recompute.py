@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from strive_engine.config import ConfigError, load_config
+from strive_engine import split_attention
 from strive_engine.policy import Policy
 from strive_engine.recompute import Recompute, saved_bytes
 from test_decode import tiny  # noqa: F401  (tiny: a fixture)
@@ -21,13 +22,13 @@ def _head(h, w, b):  # a loss that reaches every scored hidden state and the hea
     return (h.double() @ w.double().t()).logsumexp(-1).sum()
 
 
-def _setup(kind, tok_and_base, mode="auto", budget_gib=1.0, device=CPU):
+def _setup(kind, tok_and_base, mode="auto", budget_gib=1.0, device=CPU, attention="split"):
     tok, _ = tok_and_base
     model = _model(kind, tok_and_base)
     model.eval()                                              # as build_model leaves it
     if device.type == "cuda":
         model.to(device, torch.bfloat16)
-    pol = Policy(model, shared_attention="split")          # the split attention's key rows are modelled too
+    pol = Policy(model, shared_attention=attention)        # split: the split attention's key rows are modelled too
     pol.recompute = Recompute.build(model, mode, budget_gib, device, compute_bytes=4 if device == CPU else 2)
     return pol, tok
 
@@ -41,16 +42,21 @@ def _groups(rec):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind,one_prompt", [(k, False) for k in KINDS] + [("qwen2_5_vl", True)])
-def test_probe_predicts_what_a_real_micro_batch_keeps(kind, one_prompt, device, tok_and_base):
+@pytest.mark.parametrize("kind,one_prompt,attention", [(k, False, "split") for k in KINDS]
+                         + [("qwen2_5_vl", True, "split"), ("qwen2_5_vl", False, "auto")])
+def test_probe_predicts_what_a_real_micro_batch_keeps(kind, one_prompt, attention, device, tok_and_base,
+                                                      monkeypatch):
     """Bytes per token (patch) from the probe's small forward x a real batch's tokens (patches) = what each of
     its layers keeps for backward (3 prompts x 3 answers, shuffled rows, videos of 16-72 patches; or one prompt's
     rows: the split attention without a boolean mask, its K/V heads grouped on CUDA); on CUDA in bf16 with the
-    attention kernels the GPU picks."""
-    pol, tok = _setup(kind, tok_and_base, device=device)
+    attention kernels the GPU picks. Under shared_attention = auto both paths are probed (the probe's own layout
+    is too small to split) and a forward is predicted from the path it takes."""
+    pol, tok = _setup(kind, tok_and_base, device=device, attention=attention)
     rec = pol.recompute
-    rec.measure(lambda x: pol(x, _head), rec.probe_inputs(pol, tok, "video_r1"))
+    rec.measure_paths(pol, lambda x: pol(x, _head), rec.probe_inputs(pol, tok, "video_r1"))
     assert rec.measured and all(u.kept > u.boundary > 0 for u in rec.units)
+    assert rec.paths.keys() == ({"one", "split"} if attention == "auto" else {"split"})
+    assert pol.shared_attention == attention
     if device.type == "cuda":       # flash takes the tiny model's 4 / 2 heads grouped: half the key rows' bytes
         assert rec.kv_row_bytes_grouped * 2 == rec.kv_row_bytes
     x = rollout_batch(pol, tok, kind)
@@ -61,12 +67,21 @@ def test_probe_predicts_what_a_real_micro_batch_keeps(kind, one_prompt, device, 
     x = x.to(device)
     if device.type == "cuda":
         x = dataclasses.replace(x, pixel_values_videos=x.pixel_values_videos.bfloat16())
-    _, kept = saved_bytes(lambda: pol(x, _head), _groups(rec))
-    tokens, patches, mask, kv_bytes = rec._seen
+    # auto: this batch split (as a real-sized one would), then in one call
+    for threshold, want in ([(0, "split"), (10**12, "one")] if attention == "auto" else [(None, "split")]):
+        if threshold is not None:
+            monkeypatch.setattr(split_attention, "MIN_SAVED_PAIRS", threshold)
+        _, kept = saved_bytes(lambda: pol(x, _head), _groups(rec))
+        _check_prediction(rec, kept, want, one_prompt)
+
+
+def _check_prediction(rec, kept, path_taken, one_prompt):
+    tokens, patches, mask, kv_bytes, path = rec._seen
+    assert path == path_taken
     assert tokens > (100 if one_prompt else 300) and patches > 100     # the probe: 208 tokens, 64 patches
     # the split attention's per-answer keys, counted apart: over 10 % of a layer, so that counting their K/V heads
     # repeated where they are grouped (or the reverse: 2x at the tiny models' 4 / 2 heads) misses the 5 % below
-    assert kv_bytes > 0.1 * min(kept["decoder"])
+    assert kv_bytes > 0.1 * min(kept["decoder"]) if path == "split" else kv_bytes == 0
     for u in rec.units:
         n = tokens if u.name == "decoder" else patches
         rows = kv_bytes if u.name == "decoder" else 0
@@ -184,10 +199,16 @@ def test_a_trainer_under_a_budget_recomputes_every_layer_and_trains_the_same(tmp
     pol = Policy(bare)
     pol.recompute = Recompute.build(bare, "auto", 1.0, CPU, compute_bytes=4)
     pol.recompute.measure(lambda x: pol(x, _head), pol.recompute.probe_inputs(pol, tok, tight.cfg.rollout.prompt))
-    assert [u.kept for u in rec.units] == [u.kept for u in pol.recompute.units] and rec.units[0].kept > 0
+    layers = lambda r: {k: v for k, v in r.paths["one"].items() if k != "other"}  # noqa: E731 (other: the heads differ)
+    assert layers(rec) == layers(pol.recompute) and rec.units[0].kept > 0
+    assert rec.paths.keys() == {"one", "split"}          # shared_attention = auto: both paths probed
     # the probe's forward had no backward: every FSDP group is sharded again before the optimizer takes its params
     assert [id(p) for p in tight.params] == [id(p) for p in tight.root.parameters() if p.requires_grad]
     assert all(type(p).__name__ == "DTensor" for p in tight.params)
+    # the gradients the plan counts as pending are those of the shards the optimizer steps (listed before any
+    # forward: inside one, FSDP2's unsharded copies of the root group would be listed and never get a gradient)
+    assert [id(p) for p, _ in rec._grad_bytes] == [id(p) for p in tight.params]
+    assert rec.pending_gradients() == sum(p.to_local().numel() * 4 for p in tight.params)
     L, B = (len(u.modules) for u in rec.units)
     for step in (0, 1):   # the first step's learning rate is 0 (warm-up): the second one moves the weights
         a, b, c = (step_mod.rl_step(t, step) for t in (free, tight, every))
