@@ -219,3 +219,64 @@ def test_a_trainer_under_a_budget_recomputes_every_layer_and_trains_the_same(tmp
             assert a[k] == b[k] == c[k], (step, k)
     for (n, p), q, r in zip(free.root.named_parameters(), tight.root.parameters(), every.root.parameters()):
         assert torch.equal(p.detach(), q.detach()) and torch.equal(p.detach(), r.detach()), n
+
+
+def _ranks_worker(rank, world, init_file, out_dir):
+    """Two models from one seed under FSDP2 (gloo): one where this rank's budget makes it recompute every layer
+    (rank 0) or none (rank 1), one with nothing recomputed anywhere; one update on rank-specific rows each."""
+    import os
+
+    import torch.distributed as dist
+
+    from strive_engine.config import ModelConfig
+    from strive_engine.model import build_model
+    from strive_engine.parallel import apply_fsdp, reshard_all
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = {}
+        for run, budget in (("mixed", 0.001 if rank == 0 else 100.0), ("none", None)):
+            torch.manual_seed(0)
+            cfg = ModelConfig(tokenizer_dir=os.path.join(out_dir, "tok"), tiny_hidden_size=64, tiny_layers=2,
+                              tiny_heads=4, tiny_vision_depth=2, tiny_vision_hidden_size=32)
+            model, tok = build_model(cfg, "cpu")
+            pol = Policy(model)
+            pol.recompute = Recompute.build(model, "auto" if budget else "false", budget or 0.0, CPU, 4)
+            root = apply_fsdp(pol, model, mixed_precision="off", reshard_after_forward=True, device=CPU)
+            pol.recompute.track_gradients(model.parameters())
+            if pol.recompute.active:
+                pol.recompute.measure_paths(pol, lambda x: root(pol, x, _head),
+                                            pol.recompute.probe_inputs(pol, tok, "video_r1"), lambda: reshard_all(root))
+            opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=1e-2)
+            x = rollout_batch(pol, tok, "qwen2_5_vl", seed=rank)
+            before = [p.detach().to_local().clone() for p in root.parameters()]
+            root(pol, x, _head).backward()
+            opt.step()
+            plan = pol.recompute.history[-1] if pol.recompute.history else {}
+            out[run] = {"recomputed": (plan.get("recomputed_layers"), plan.get("recomputed_blocks")),
+                        "params": [p.detach().to_local().clone() for p in root.parameters()], "before": before}
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_ranks_that_recompute_different_layers_run_the_same_collectives(tmp_path):
+    """Each rank plans its own recomputation (its own micro-batch, its own memory): rank 0 recomputes every
+    layer, rank 1 none. FSDP2 unshards a layer for its backward before the recompute, so no rank waits on a
+    collective the other does not make, and the weights after the update are bitwise those of a run where no rank
+    recomputes anything."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ranks_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    res = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    assert res[0]["mixed"]["recomputed"] == (2, 2) and res[1]["mixed"]["recomputed"] == (0, 0)
+    assert res[0]["none"]["recomputed"] == res[1]["none"]["recomputed"] == (None, None)
+    for r in res:
+        assert len(r["mixed"]["params"]) == len(r["none"]["params"]) > 10
+        for a, b in zip(r["mixed"]["params"], r["none"]["params"]):
+            assert torch.equal(a, b)
+        moved = [not torch.equal(a, b) for a, b in zip(r["none"]["params"], r["none"]["before"])]
+        assert sum(moved) > 0.9 * len(moved)                  # the update reached (nearly) every shard
