@@ -33,8 +33,8 @@ How.
      `torch.utils.checkpoint` installed by `gradient_checkpointing_enable`), so the module tree and checkpoint keys
      do not change; on for that forward only (the backward recomputes what it chose; a switch left on would make
      the next prefill drop its K/V cache). The choice is per rank; FSDP2 unshards a layer for its backward before
-     the recompute either way, so the collectives are the same whatever each rank recomputes (tested with two ranks, one recomputing every
-     layer and one none: the weights are bitwise those of a run without recomputation).
+     the recompute either way, so the collectives are the same whatever each rank recomputes (tested with two
+     ranks, one recomputing every layer and one none: the weights are bitwise those of a run without it).
 
 Found on the way: the model runs in eval mode (build_model), and transformers checkpoints a layer only in
 training mode, so `activation_checkpointing = true` had never recomputed anything; `set` now switches the
