@@ -33,7 +33,7 @@ the registry (eager attention). `model.shared_attention = auto | split | masked`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +56,7 @@ class SplitLayout:
     dest: Tensor                 # (n,) flat slots that receive an output (every prompt and answer token)
     src: Tensor                  # (n,) where each comes from in cat(prompt outputs (U * P), answer outputs (A * L))
     saved_pairs: int = 0         # (query, key) pairs the one masked call computes and these two do not
+    grouped: dict[str, bool] = field(default_factory=dict)   # per call ("prompts", "answers"): K/V heads grouped?
 
 
 # `model.shared_attention = auto` splits a layout only when that saves this many (query, key) pairs per forward: at
@@ -156,9 +157,17 @@ def split_attention(layout: SplitLayout, query: Tensor, key: Tensor, value: Tens
     def heads(t: Tensor, use: bool) -> Tensor:
         return t if use else repeat_kv(t, groups)
 
+    def decide(call: str, q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> bool:
+        # once per layout and call: every layer of a forward (and its recompute in backward) has the same shapes
+        if grouped is not None:
+            return grouped and groups > 1
+        if call not in layout.grouped:
+            layout.grouped[call] = flash_takes_grouped_heads(q, k, v, is_causal)
+        return layout.grouped[call]
+
     # prompts: causal over each group's first P slots
     qp, kp, vp = query[:, :, :P], key[:, :, :P], value[:, :, :P]
-    g = flash_takes_grouped_heads(qp, kp, vp, True) if grouped is None else grouped and groups > 1
+    g = decide("prompts", qp, kp, vp, True)
     prompt = F.scaled_dot_product_attention(qp, heads(kp, g), heads(vp, g), is_causal=True, scale=scaling,
                                             enable_gqa=g)
     # answers: [prompt keys | own keys], lower-right causal
@@ -172,7 +181,7 @@ def split_attention(layout: SplitLayout, query: Tensor, key: Tensor, value: Tens
 
         # without the repeat the gathered keys and values are Hq / Hkv times smaller (~21 instead of ~170 MB per
         # layer at gpu_3b), and so is what the call keeps for backward
-        g = flash_takes_grouped_heads(qa, ka, va, False) if grouped is None else grouped and groups > 1
+        g = decide("answers", qa, ka, va, False)
         answers = F.scaled_dot_product_attention(qa, heads(ka, g), heads(va, g),
                                                  attn_mask=causal_lower_right(L, P + L), scale=scaling, enable_gqa=g)
     else:   # a boolean mask: SDPA's memory-efficient kernel, which needs the heads repeated
