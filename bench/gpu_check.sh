@@ -13,7 +13,8 @@
 #                       Qwen2.5-VL-3B shape, the prefix attention kernel with its split plan
 #                       vs the old one, the one-pass sampler vs the torch chain (checked against it at that shape;
 #                       its kernel tests run in the decode stage)
-#            throughput bench/throughput.py --recipe gpu_small: fast vs torch twins; ATen ops / device syncs per
+#            throughput bench/throughput.py --recipe gpu_small (= throughput_main, then throughput_more; name the
+#                       two apart to run another stage between them): fast vs torch twins; ATen ops / device syncs per
 #                       stage (--count-ops) and one profiled step (each stage's device busy fraction and top
 #                       kernels); the update at micro-batch 128 instead of 32; the shared prompts' attention
 #                       split in two causal calls (--model.shared_attention=split); one row per answer
@@ -130,12 +131,14 @@ for s in $STAGES; do
     wait_build
     run_py bench_rollout 200 bench/bench_rollout.py --out "$OUTDIR/rollout_full.json"
     grep -E "^(prefill|decode|tokens|of floor|peak|floor|prefix|sampling)" "$OUTDIR/bench_rollout.log" ;;
-  throughput)
-    needs throughput av || continue
+  throughput|throughput_main|throughput_more)
+    needs "$s" av || continue
     wait_build
+    [ "$s" != throughput_more ] && {
     run_py bench_throughput 170 bench/throughput.py --recipe gpu_small --steps 6 --warmup 2 --compare \
       --out "$OUTDIR/throughput"
-    grep -E "^(rollout|update|old_logp|step|backend)" "$OUTDIR/bench_throughput.log" | head -14
+    grep -E "^(rollout|update|old_logp|step|backend)" "$OUTDIR/bench_throughput.log" | head -14; }
+    [ "$s" = throughput_main ] && continue
     # launches and device syncs per stage (one more step under a dispatch mode; the CPU counts are in TUNING.md),
     # and one profiled step: per stage the device's busy fraction (kernel time / wall) and its top kernels
     run_py bench_throughput_ops 90 bench/throughput.py --recipe gpu_small --steps 1 --warmup 1 --skip-checkpoint \
