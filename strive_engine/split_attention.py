@@ -66,9 +66,9 @@ class SplitLayout:
 MIN_SAVED_PAIRS = 4_000_000
 
 
-def split_layout(segment: Tensor, device: torch.device) -> SplitLayout | None:
+def split_layout(segment: Tensor, device: torch.device, pairs: int | None = None) -> SplitLayout | None:
     """The split attention's indices for `PromptGroups.segment` (U, Lg) (0 prompt, k >= 1 answer k, -1 padding),
-    or None when a group has no answer (nothing to split)."""
+    or None when a group has no answer (nothing to split); `pairs`: its `saved_pairs`, when the caller has them."""
     U, Lg = segment.shape
     plen = (segment == 0).sum(1)                                              # (U,)
     P = int(plen.max())
@@ -101,7 +101,8 @@ def split_layout(segment: Tensor, device: torch.device) -> SplitLayout | None:
     flat = _to_device(torch.cat([q_index.flatten(), k_index.flatten(), dest, src]), device)  # one copy
     q_index, k_index, dest, src = flat.split([q_index.numel(), k_index.numel(), len(dest), len(src)])
     return SplitLayout(U, Lg, P, L, q_index.view(A, L), k_index.view(A, P + L),
-                       None if mask is None else _to_device(mask, device), dest, src, saved_pairs(segment))
+                       None if mask is None else _to_device(mask, device), dest, src,
+                       saved_pairs(segment) if pairs is None else pairs)
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -115,9 +116,10 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
 def choose(segment: Tensor, mode: str, device: torch.device) -> SplitLayout | None:
     """The layout to split by, or None for the one masked call: mode split (always), masked (never) or auto (when
     it saves at least MIN_SAVED_PAIRS pairs)."""
-    if mode == "masked" or (mode == "auto" and saved_pairs(segment) < MIN_SAVED_PAIRS):
+    if mode == "masked":
         return None
-    return split_layout(segment, device)
+    pairs = saved_pairs(segment)
+    return None if mode == "auto" and pairs < MIN_SAVED_PAIRS else split_layout(segment, device, pairs)
 
 
 def saved_pairs(segment: Tensor) -> int:
