@@ -23,8 +23,9 @@
 #            dali       DALI / NVDEC: colour, bad files, concurrency tests and bench_decode --quick (needs the
 #                       DALI parts unpacked to /tmp/sd and /tmp/site, see ../shared/device/pack_dali.sh)
 #            gpu3b      bench/throughput.py --recipe gpu_3b, one timed step (activation checkpointing auto: the
-#                       predicted peak next to the measured one), one profiled step, then with the shared prompts'
-#                       attention as one masked call, then with every layer recomputed
+#                       predicted peak next to the measured one), one profiled step, then with FSDP2 gathering
+#                       per micro-batch, with the shared prompts' attention as one masked call, and with every layer
+#                       recomputed
 #            legacy     the older kernel sweeps (logprob memtrace keyframe advantage variant)
 #            ablation   issue 20 item 4: bench/ablation.py on the small-object task with the gpu_small model,
 #                       K=4 x G=4, 112x112 views, the small-object (_hold) warm-up; GPU_ABLATION_STEPS (300),
@@ -184,6 +185,11 @@ for s in $STAGES; do
     run_py bench_throughput_3b_prof 240 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
       --profile --out /tmp/throughput_3b_prof  # the trace (hundreds of MB) stays there; the table is in the log
     grep -E -A14 "^profiled step" "$OUTDIR/bench_throughput_3b_prof.log"
+    # FSDP2's default: every weight gathered in each micro-batch's forward and backward, gradients reduced per
+    # micro-batch (what parallel.accumulate_unsharded, auto's choice on one GPU, saves: ~0.2-0.5 s predicted)
+    run_py bench_throughput_3b_pergather 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 \
+      --skip-checkpoint --parallel.accumulate_unsharded=false --out "$OUTDIR/throughput_3b_pergather"
+    grep -E "^(update|step_s|memory|MFU)" "$OUTDIR/bench_throughput_3b_pergather.log"
     # the shared prompts' attention as one masked call (what the split attention, auto's choice here, saves)
     run_py bench_throughput_3b_masked 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 \
       --skip-checkpoint --model.shared_attention=masked --out "$OUTDIR/throughput_3b_masked"

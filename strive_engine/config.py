@@ -364,11 +364,14 @@ class ParallelConfig:
                                                 "strive_engine.recompute) | true (all) | false (none)")
     memory_budget_gib: float = doc(0.0, "the update's memory under checkpointing auto; 0 = 90 % of the GPU's")
     micro_batch_size: int = doc(0, "sequences per forward/backward in the update; 0 = whole mini-batch")
+    accumulate_unsharded: str = doc("auto", "the update gathers each weight once per optimizer step and reduces "
+                                    "gradients once (parallel.accumulation): auto (on a world of one) | true | false")
 
     def __post_init__(self):
         _choice(self.backend, ("auto", "nccl", "gloo"), "parallel.backend")
         _choice(self.mixed_precision, ("auto", "bf16", "off"), "parallel.mixed_precision")
         _choice(self.activation_checkpointing, ("auto", "true", "false"), "parallel.activation_checkpointing")
+        _choice(self.accumulate_unsharded, ("auto", "true", "false"), "parallel.accumulate_unsharded")
         _require(self.memory_budget_gib >= 0, "parallel.memory_budget_gib", "must be >= 0")
         _require(self.micro_batch_size >= 0, "parallel.micro_batch_size", "must be >= 0")
 
@@ -478,11 +481,6 @@ SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def _coerce(text: Any, tp: Any, where: str) -> Any:
     """Turn a CLI string (or a TOML value) into the field's type."""
     args = typing.get_args(tp)
@@ -491,9 +489,7 @@ def _coerce(text: Any, tp: Any, where: str) -> Any:
             return None
         tp = next(a for a in args if a is not type(None))
     if tp is bool:
-        if isinstance(text, bool):
-            return text
-        low = str(text).lower()
+        low = str(text).lower()  # TOML's true / false too
         if low in ("1", "true", "yes", "on"):
             return True
         if low in ("0", "false", "no", "off"):
@@ -523,7 +519,8 @@ def _coerce(text: Any, tp: Any, where: str) -> Any:
 def _apply(raw: dict[str, dict[str, Any]], section: str, key: str, value: Any, source: str) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"unknown section {section!r} in {source}; valid sections: {', '.join(SECTIONS)}")
-    types = _field_types(SECTIONS[section])
+    hints = typing.get_type_hints(SECTIONS[section])
+    types = {f.name: hints[f.name] for f in dataclasses.fields(SECTIONS[section])}
     if key not in types:
         raise ConfigError(f"unknown field {section}.{key} in {source}; valid fields of [{section}]: "
                           f"{', '.join(types)}")

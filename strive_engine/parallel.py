@@ -195,6 +195,43 @@ def unsharded(root: nn.Module) -> Iterator[None]:
             m.reshard()
 
 
+def gathers_once(setting: str, world_size: int) -> bool:
+    """parallel.accumulate_unsharded: auto keeps the update's weights gathered on a world of one, where sharding
+    saves nothing and every gather and reduce-scatter is a full-model copy on the compute stream."""
+    return world_size == 1 if setting == "auto" else setting == "true"
+
+
+@contextlib.contextmanager
+def accumulation(root: nn.Module, gather_once: bool) -> Iterator[Callable[[bool], None]]:
+    """One optimizer step's micro-batches; yields `micro(last)`, to call before each of them.
+
+    gather_once: every FSDP group is gathered once, before the first micro-batch, and stays gathered through
+    every forward and backward; gradients accumulate unsharded (in the reduce dtype) and are reduced once, in the
+    last micro-batch's backward, which also reshards. Otherwise (FSDP2's default, `micro` does nothing) each
+    micro-batch gathers every group in forward and again in backward and reduce-scatters its gradients. At a world
+    of one those are a cast-and-copy of every weight (~10 bytes per parameter) twice and three passes over the
+    gradients (~26 bytes per parameter) per micro-batch, where this costs one cast per optimizer step and one
+    fp32 accumulate (~10 bytes per parameter) per micro-batch; at world N it also saves the collectives, and holds
+    the bf16 weights and fp32 gradients unsharded (6 bytes per parameter) instead of 1/N of them.
+    Resharded on exit, also on error: the optimizer steps the shards, and a group left gathered would give the
+    next forward stale weights (unshard is a no-op on a gathered group)."""
+    if not gather_once or not getattr(root, "reshard_plan", None):
+        yield lambda last: None
+        return
+
+    def micro(last: bool) -> None:
+        root.set_requires_gradient_sync(last)
+        root.set_reshard_after_backward(last)
+
+    try:
+        with unsharded(root):
+            yield micro
+    finally:
+        root.set_requires_gradient_sync(True)
+        root.set_reshard_after_backward(True)
+        reshard_all(root)
+
+
 def reshard_all(root: nn.Module) -> None:
     """Free every FSDP group's unsharded parameters, the root's included: after a forward with no backward (its
     modules then still hold their unsharded params, and an optimizer built now would hold those, not the shards)."""

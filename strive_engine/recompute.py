@@ -168,6 +168,7 @@ class Recompute:
         # numbers: {unit name: (kept, shared)} and "other"; `plan` loads the path its forward takes
         self.paths: dict[str, dict[str, Any]] = {}
         self._grad_bytes: list[tuple[nn.Parameter, int]] | None = None
+        self._unsharded_grads: int | None = None    # see expect_unsharded_gradients
         self.set_all(False)                  # on only inside a forward with grad (`plan`, then Policy.forward)
 
     @property
@@ -312,7 +313,16 @@ class Recompute:
         which have no gradient (hundreds of parameters at 3B, every micro-batch)."""
         if self._grad_bytes is None:
             self.track_gradients(self.hf.parameters())
+        if self._unsharded_grads is not None:
+            return self._unsharded_grads * sum(b for _, b in self._grad_bytes)
         return sum(b for p, b in self._grad_bytes if p.grad is None)
+
+    def expect_unsharded_gradients(self, scale: int | None) -> None:
+        """While the update accumulates gradients unsharded (`parallel.accumulation`), the shards' .grad stays None
+        and FSDP2 holds full-size accumulators instead: `scale` = the world size before the window's first
+        backward (accumulators of world x shard bytes still to come), 0 after it (allocated: the allocator counts
+        them), None when the window has closed (the shards' gradients again)."""
+        self._unsharded_grads = scale
 
     def predict(self, counts: dict[str, int], tokens: int, patches: int, extra: int, kv_bytes: float = 0) -> float:
         """Activation bytes of one forward + backward with counts[unit] modules of each unit checkpointed

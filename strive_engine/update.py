@@ -10,6 +10,7 @@ and a rank with nothing to train on runs a zero-weight micro-batch instead of sk
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from strive_engine.config import Config
 from strive_engine.loss import LossSpec, loss_normaliser, policy_loss, token_logprobs
-from strive_engine.parallel import all_reduce
+from strive_engine.parallel import accumulation, all_reduce, gathers_once
 from strive_engine.policy import Policy
 from strive_engine.rollout import RolloutBatch
 from strive_engine.trainer import Trainer
@@ -55,6 +56,42 @@ def on_policy(cfg: Config) -> bool:
     return a.ppo_epochs == 1 and a.minibatches == 1 and not a.old_logp_forward
 
 
+def _micro_batch(t: Trainer, rb: RolloutBatch, rows: Tensor, counts: Tensor, old_logp: Tensor | None,
+                 row_adv: Tensor, ref_logp: Tensor | None, samp_all: Tensor | None, spec: LossSpec,
+                 norm: Tensor) -> tuple[Tensor, dict, Tensor | None]:
+    """Forward + backward of one micro-batch (rows of the rollout batch; none: a zero-weight pass over row 0,
+    which keeps every rank's collectives aligned). Returns its loss, its loss statistics and, on-policy, the
+    |sampling - trainer| log-prob gaps of its tokens."""
+    cfg = t.cfg
+    weight = 1.0
+    if rows.numel() == 0:
+        rows, weight = torch.zeros(1, dtype=torch.long), 0.0
+    inputs = rb.inputs.select(rows)
+    if not cfg.model.freeze_vision:  # gradients must reach the vision tower: run it again
+        inputs = inputs.without_visual()
+    targets = inputs.targets()
+    dev = targets.device
+    old = _packed(old_logp, counts, rows) if old_logp is not None else None
+    adv = row_adv[rows].repeat_interleave(counts[rows]).to(dev)
+    mask = torch.full(targets.shape, weight, device=dev)
+    seq_ids = torch.repeat_interleave(torch.arange(len(rows)), counts[rows]).to(dev)
+    ref = _packed(ref_logp, counts, rows) if ref_logp is not None else None
+
+    def head(h, w, b):
+        own = old
+        if own is None:  # on-policy: this forward's own log-probs, without grad
+            with torch.no_grad():
+                own = token_logprobs(h, w, targets, cfg.rollout.temperature, b)
+        loss, stats = policy_loss(h, w, targets, own, adv, mask, spec, norm, seq_ids=seq_ids, ref_logp=ref, bias=b)
+        return loss, stats, own
+
+    with t.timer("update"):
+        loss, stats, own = t.root(t.policy, inputs, head)
+        loss.backward()
+    gap = (_packed(samp_all, counts, rows).to(dev) - own.float()).abs() if samp_all is not None and weight else None
+    return loss, stats, gap
+
+
 def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv: Tensor, row_keep: Tensor,
                   ref_logp: Tensor | None = None) -> dict:
     """algorithm.ppo_epochs x algorithm.minibatches optimizer steps over the kept rows (row_keep (M,) bool) with
@@ -75,6 +112,7 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
     recompute = getattr(t.policy, "recompute", None)      # strive_engine.recompute: which layers are recomputed
     if recompute is not None:
         recompute.reset()                                  # its metrics: this update's forwards only
+    gather_once = gathers_once(cfg.parallel.accumulate_unsharded, t.env.world_size)
     for _epoch in range(cfg.algorithm.ppo_epochs):
         for mb_rows in torch.tensor_split(train_rows, cfg.algorithm.minibatches):
             # The normaliser covers the whole mini-batch on every rank (all-reduced inside loss_normaliser).
@@ -84,39 +122,22 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
             n_micro = torch.tensor([float(math.ceil(len(mb_rows) / mbs))])
             n_micro = max(int(all_reduce(n_micro, "max").item()), 1)
             micro_losses = []
-            for i in range(n_micro):
-                rows = mb_rows[i * mbs:(i + 1) * mbs]
-                weight = 1.0
-                if rows.numel() == 0:  # keep collectives aligned: a zero-weight pass over row 0
-                    rows, weight = torch.zeros(1, dtype=torch.long), 0.0
-                inputs = rb.inputs.select(rows)
-                if not cfg.model.freeze_vision:  # gradients must reach the vision tower: run it again
-                    inputs = inputs.without_visual()
-                targets = inputs.targets()
-                dev = targets.device
-                old = _packed(old_logp, counts, rows) if old_logp is not None else None
-                adv = row_adv[rows].repeat_interleave(counts[rows]).to(dev)
-                mask = torch.full(targets.shape, weight, device=dev)
-                seq_ids = torch.repeat_interleave(torch.arange(len(rows)), counts[rows]).to(dev)
-
-                ref = _packed(ref_logp, counts, rows) if ref_logp is not None else None
-
-                def head(h, w, b, targets=targets, old=old, adv=adv, mask=mask, seq_ids=seq_ids, ref=ref):
-                    if old is None:  # on-policy: this forward's own log-probs, without grad
-                        with torch.no_grad():
-                            old = token_logprobs(h, w, targets, cfg.rollout.temperature, b)
-                    loss, stats = policy_loss(h, w, targets, old, adv, mask, spec, norm, seq_ids=seq_ids,
-                                              ref_logp=ref, bias=b)
-                    return loss, stats, old
-
-                with t.timer("update"):
-                    loss, stats, old = t.root(t.policy, inputs, head)
-                    loss.backward()
-                if samp_all is not None and weight:
-                    gaps.append((_packed(samp_all, counts, rows).to(dev) - old.float()).abs())
-                micro_losses.append(loss.detach())
-                for k, v in stats.items():
-                    stats_acc.setdefault(k, []).append(v.detach().float())
+            with contextlib.ExitStack() as window:
+                with t.timer("update"):  # gather_once gathers every weight here
+                    micro = window.enter_context(accumulation(t.root, gather_once))
+                for i in range(n_micro):
+                    micro(i == n_micro - 1)
+                    if recompute is not None and gather_once:
+                        recompute.expect_unsharded_gradients(t.env.world_size if i == 0 else 0)
+                    loss, stats, gap = _micro_batch(t, rb, mb_rows[i * mbs:(i + 1) * mbs], counts, old_logp,
+                                                    row_adv, ref_logp, samp_all, spec, norm)
+                    if gap is not None:
+                        gaps.append(gap)
+                    micro_losses.append(loss.detach())
+                    for k, v in stats.items():
+                        stats_acc.setdefault(k, []).append(v.detach().float())
+            if recompute is not None:
+                recompute.expect_unsharded_gradients(None)
             with t.timer("optimizer"):
                 loss_sum = torch.stack(micro_losses).sum()  # this rank's (scaled) share of the mini-batch loss
                 gn, ok = t.optim.step(loss_sum)
