@@ -261,7 +261,8 @@ def test_two_process_run_shows_progress_and_logs_each_line_once(tmp_path):
     message printed once (issue 18: `train.json: kept ...` came from strive_engine.data and again from
     strive_engine); with TensorBoard installed, <output_dir>/tb holds metrics.jsonl's scalars. A memory budget
     far below the update's needs makes both ranks measure their layers (a probe forward through FSDP2) and recompute
-    every layer (strive_engine.recompute)."""
+    every layer (strive_engine.recompute), in micro-batches of one row with every weight gathered once per optimizer
+    step (parallel.accumulate_unsharded=true, which auto leaves off at two ranks)."""
     import importlib.util
     import re
     from collections import Counter
@@ -270,7 +271,7 @@ def test_two_process_run_shows_progress_and_logs_each_line_once(tmp_path):
     out = tmp_path / "run"
     args = [*SMALL, f"--data.synthetic_dir={tmp_path / 'syn'}", "--run.steps=2", f"--run.output_dir={out}",
             "--logging.progress=true", "--logging.plot=true", f"--logging.tensorboard={str(tb).lower()}",
-            "--parallel.memory_budget_gib=0.01"]
+            "--parallel.memory_budget_gib=0.01", "--parallel.accumulate_unsharded=true", "--parallel.micro_batch_size=1"]
     text = _finish(_torchrun(args))
     assert all(r["memory/recomputed_layers"] == 2 for r in _rl_rows(out).values())
     pieces = [p.strip() for line in text.splitlines() for p in line.split("\r")]  # tqdm redraws with \r
