@@ -53,7 +53,8 @@ def table(fast: dict, ref: dict | None, stable: float) -> str:
                  f"{'ok' if fast['rollout_repeatable'] else f'noisy (> {100 * stable:.0f}%): use more --steps'}"
                  + (f"; reference's rollout {ref['stages_s'].get('rollout', 0):.4f} s" if ref else ""))
     mem = fast["memory"]
-    lines.append("memory: " + ", ".join(f"{k} {v:.2f}" for k, v in mem.items()))
+    lines.append("memory: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"
+                                        for k, v in mem.items()))
     if "ops" in fast:
         where = "device->host reads" if fast["shape"]["device"].startswith("cuda") else \
             "host reads (CPU run: host bookkeeping included)"

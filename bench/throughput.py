@@ -176,6 +176,7 @@ class BenchTimer(StageTimer):
         super().__init__(sync=sync)
         self.stack: list[str] = []
         self.peak_bytes: dict[str, int] = defaultdict(int)
+        self.peak_reserved = 0  # the allocator's segments: above peak_bytes by what fragmentation costs
         self.cuda = torch.cuda.is_available()
 
     @property
@@ -193,6 +194,7 @@ class BenchTimer(StageTimer):
         finally:
             if self.cuda:
                 self.peak_bytes[stage] = max(self.peak_bytes[stage], torch.cuda.max_memory_allocated())
+                self.peak_reserved = max(self.peak_reserved, torch.cuda.max_memory_reserved())
             self.stack.pop()
 
 
@@ -357,6 +359,9 @@ def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = Fa
     stage_work = [step_work(shape, calls, vision, cfg, elem) for calls, vision in works]
     destroy_distributed()
     out = explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt, build_s, argv)
+    if env.device.type == "cuda":  # the allocator's segments: above peak_gib by what fragmentation costs
+        out["memory"]["reserved_gib"] = t.timer.peak_reserved / GiB
+        out["memory"]["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF", ""))
     if profile_path is not None:
         out["profile"] = t.stage_profile
     if count_ops:

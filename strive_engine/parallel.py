@@ -49,6 +49,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ALLOCATOR_SETTINGS = "expandable_segments:True"
+
+
+def configure_cuda_allocator() -> str | None:
+    """Expandable segments for PyTorch's CUDA caching allocator, unless the user configured it
+    (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF set, even empty). Every step frees the rollout's K/V caches and
+    allocates the update's activations, both sized by that step's prompts and answers; with fixed-size segments
+    the freed blocks fragment, and the reserved memory grows past the allocated peak until an allocation fails
+    with memory free (torchtitan and verl run with this setting for that reason). Returns what it set, or None.
+    Set in the process's allocator config (read when CUDA initialises; once initialised, it applies to segments
+    created from then on) and in the environment (for child processes)."""
+    if "PYTORCH_CUDA_ALLOC_CONF" in os.environ or "PYTORCH_ALLOC_CONF" in os.environ:
+        return None
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTINGS
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)   # torch >= 2.9; before: torch.cuda's
+    (setter or torch.cuda.memory._set_allocator_settings)(ALLOCATOR_SETTINGS)
+    log.info("CUDA allocator: %s (set PYTORCH_CUDA_ALLOC_CONF to choose otherwise)", ALLOCATOR_SETTINGS)
+    return ALLOCATOR_SETTINGS
+
+
 def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Initialise the process group from torchrun's environment, or a world of one without torchrun.
 
@@ -57,6 +77,7 @@ def init_distributed(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        configure_cuda_allocator()
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
