@@ -365,7 +365,8 @@ class ParallelConfig:
     memory_budget_gib: float = doc(0.0, "the update's memory under checkpointing auto; 0 = 90 % of the GPU's")
     micro_batch_size: int = doc(0, "sequences per forward/backward in the update; 0 = whole mini-batch")
     accumulate_unsharded: str = doc("auto", "the update gathers each weight once per optimizer step and reduces "
-                                    "gradients once (parallel.accumulation): auto (on a world of one) | true | false")
+                                    "gradients once (parallel.accumulation): auto (on a world of one, or where "
+                                    "holding them whole takes <= 10 % of the memory budget) | true | false")
 
     def __post_init__(self):
         _choice(self.backend, ("auto", "nccl", "gloo"), "parallel.backend")

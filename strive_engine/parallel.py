@@ -216,10 +216,24 @@ def unsharded(root: nn.Module) -> Iterator[None]:
             m.reshard()
 
 
-def gathers_once(setting: str, world_size: int) -> bool:
-    """parallel.accumulate_unsharded: auto keeps the update's weights gathered on a world of one, where sharding
-    saves nothing and every gather and reduce-scatter is a full-model copy on the compute stream."""
-    return world_size == 1 if setting == "auto" else setting == "true"
+GATHER_ONCE_FRACTION = 0.1   # accumulate_unsharded=auto: of the memory budget that holding everything whole may take
+
+
+def unsharded_extra_bytes(params: list[torch.Tensor], world_size: int, compute_bytes: int) -> float:
+    """Memory that `accumulation(gather_once=True)` holds beyond FSDP2's default, per rank: every weight whole in
+    the compute dtype and every gradient whole in fp32, less the fp32 shard gradients the default keeps."""
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+    return float(local) * (world_size * (compute_bytes + 4) - 4)
+
+
+def gathers_once(setting: str, world_size: int, extra_bytes: float = 0.0, budget_bytes: float | None = None) -> bool:
+    """parallel.accumulate_unsharded. auto: on a world of one, where sharding saves nothing and every gather and
+    reduce-scatter is a full-model copy on the compute stream; elsewhere where holding everything whole
+    (`extra_bytes`, unsharded_extra_bytes) takes at most a tenth of the memory budget (None: no limit, as on the
+    CPU): a small model across ranks, not a 3B one on eight GPUs."""
+    if setting != "auto":
+        return setting == "true"
+    return world_size == 1 or budget_bytes is None or extra_bytes <= GATHER_ONCE_FRACTION * budget_bytes
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from strive_engine.keyframes import FrameScorer, build_scorer
 from strive_engine.metrics import StageTimer
 from strive_engine.model import build_model
 from strive_engine.optim import LRSchedule, TrainOptimizer
-from strive_engine.parallel import DistEnv, Root, apply_fsdp, reshard_all
+from strive_engine.parallel import DistEnv, Root, apply_fsdp, gathers_once, reshard_all, unsharded_extra_bytes
 from strive_engine.policy import Policy
 from strive_engine.recompute import Recompute
 from strive_engine.synthetic import ensure_synthetic
@@ -112,6 +112,7 @@ class Trainer:
     optim: TrainOptimizer              # AdamW, schedule, clipping, non-finite skips (RL)
     timer: StageTimer
     reference: Reference | None        # frozen KL reference, exactly when algorithm.beta > 0
+    gather_once: bool = False          # the update holds every weight gathered (parallel.accumulation)
 
     def __post_init__(self):
         beta = self.cfg.algorithm.beta
@@ -151,5 +152,14 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     reference = Reference.build(cfg, env) if cfg.algorithm.beta > 0 else None
     if reference is not None:
         log.info("reference policy for the KL term (beta=%g) built", cfg.algorithm.beta)
+    # ---- the update's micro-batches: every weight gathered once per optimizer step where memory allows
+    rec = policy.recompute
+    extra = unsharded_extra_bytes(optim.params, env.world_size, rec.compute_bytes)
+    gather_once = gathers_once(cfg.parallel.accumulate_unsharded, env.world_size, extra, rec.budget)
+    log.info("update: %s (parallel.accumulate_unsharded=%s; whole weights and gradients %.2f GiB more per rank%s)",
+             "weights gathered once per optimizer step" if gather_once else "FSDP2 gathers per micro-batch",
+             cfg.parallel.accumulate_unsharded, extra / 2**30,
+             f" of a {rec.budget / 2**30:.1f} GiB budget" if rec.budget is not None else ", no memory budget")
     return Trainer(cfg=cfg, env=env, root=root, policy=policy, tokenizer=tokenizer, scorer=scorer, views=views,
-                   source=source, loader=loader, optim=optim, timer=StageTimer(), reference=reference)
+                   source=source, loader=loader, optim=optim, timer=StageTimer(), reference=reference,
+                   gather_once=gather_once)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from strive_engine.config import Config
 from strive_engine.loss import LossSpec, loss_normaliser, policy_loss, token_logprobs
-from strive_engine.parallel import accumulation, all_reduce, gathers_once
+from strive_engine.parallel import accumulation, all_reduce
 from strive_engine.policy import Policy
 from strive_engine.rollout import RolloutBatch
 from strive_engine.trainer import Trainer
@@ -112,7 +112,7 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
     recompute = getattr(t.policy, "recompute", None)      # strive_engine.recompute: which layers are recomputed
     if recompute is not None:
         recompute.reset()                                  # its metrics: this update's forwards only
-    gather_once = gathers_once(cfg.parallel.accumulate_unsharded, t.env.world_size)
+    gather_once = t.gather_once                           # build_trainer decided it (parallel.gathers_once)
     for _epoch in range(cfg.algorithm.ppo_epochs):
         for mb_rows in torch.tensor_split(train_rows, cfg.algorithm.minibatches):
             # The normaliser covers the whole mini-batch on every rank (all-reduced inside loss_normaliser).

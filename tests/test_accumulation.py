@@ -1,7 +1,7 @@
 """The update's micro-batches under FSDP2 with every weight gathered once per optimizer step and the gradients
 reduced once (`parallel.accumulation`, `parallel.accumulate_unsharded`): the same training as FSDP2's default
-(bitwise on a world of one, where `auto` turns it on; to fp32 rounding on two ranks), one gather and one
-reduce-scatter per group instead of one per micro-batch, and the memory plan's gradients counted once."""
+(bitwise on a world of one; to fp32 rounding on two ranks), one gather and one reduce-scatter per group instead of
+one per micro-batch, the memory plan's gradients counted once, and `auto`'s choice by world size and memory."""
 import dataclasses
 import os
 
@@ -10,8 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from strive_engine.config import ConfigError, load_config
-from strive_engine.parallel import gathers_once
-from strive_engine.policy import Policy
+from strive_engine.parallel import gathers_once, unsharded_extra_bytes
 from test_train import _trainer, dist_cleanup  # noqa: F401  (dist_cleanup: a fixture)
 
 
@@ -30,9 +29,19 @@ def _spread_rewards(monkeypatch):
 
 
 def test_configuration_of_accumulate_unsharded():
+    """auto: on a world of one; on more ranks where holding everything whole takes at most a tenth of the memory
+    budget (none on the CPU: no limit). The extra bytes per rank: whole weights (compute dtype) and fp32 gradients,
+    less the fp32 shard gradients."""
     assert load_config([]).parallel.accumulate_unsharded == "auto"
-    assert gathers_once("auto", 1) and not gathers_once("auto", 2)
-    assert gathers_once("true", 8) and not gathers_once("false", 1)
+    gib = 2**30
+    assert gathers_once("auto", 1, 50 * gib, 10 * gib)                   # a world of one: always
+    assert gathers_once("auto", 2, 1 * gib, 127 * gib)                   # a small model on two ranks
+    assert not gathers_once("auto", 8, 20 * gib, 127 * gib)              # 3.75 B on eight GPUs: 24 GiB whole
+    assert gathers_once("auto", 8, 20 * gib, None)                       # no budget (the CPU)
+    assert gathers_once("true", 8, 20 * gib, 127 * gib) and not gathers_once("false", 1)
+    shards = [torch.zeros(10), torch.zeros(5)]                           # 15 local elements of a world of 4
+    assert unsharded_extra_bytes(shards, 4, 2) == 15 * (4 * (2 + 4) - 4)
+    assert unsharded_extra_bytes(shards, 1, 2) == 15 * 2                 # one rank: the bf16 copy only
     with pytest.raises(ConfigError, match="parallel.accumulate_unsharded"):
         load_config(["--parallel.accumulate_unsharded=sometimes"])
 
@@ -104,6 +113,7 @@ def test_gathering_once_copies_the_weights_once_per_optimizer_step(tmp_path, mon
 
     _spread_rewards(monkeypatch)
     t = _trainer(tmp_path / "t", str(tmp_path / "syn"))
+    assert t.gather_once                            # auto on a world of one
     seen = {}
     real = step_mod.policy_update
     monkeypatch.setattr(step_mod, "policy_update", lambda *a, **k: seen.setdefault("args", (a, k)) and real(*a, **k))
@@ -115,8 +125,8 @@ def test_gathering_once_copies_the_weights_once_per_optimizer_step(tmp_path, mon
     copied = {}
     for mode in ("true", "false"):
         for mbs in (0, 1):                          # one micro-batch, or one per row
-            par = dataclasses.replace(t.cfg.parallel, accumulate_unsharded=mode, micro_batch_size=mbs)
-            t.cfg = dataclasses.replace(t.cfg, parallel=par)
+            t.cfg = dataclasses.replace(t.cfg, parallel=dataclasses.replace(t.cfg.parallel, micro_batch_size=mbs))
+            t.gather_once = mode == "true"
             with _CopiedBytes() as c:
                 update_mod.policy_update(t, *args, **kw)
             copied[mode, mbs] = c.bytes / param_bytes
@@ -139,7 +149,7 @@ def test_the_memory_plan_counts_unsharded_gradients_once(tmp_path, monkeypatch, 
             "--parallel.micro_batch_size=1", "--parallel.memory_budget_gib=0.01",
             f"--parallel.accumulate_unsharded={mode}"])
         rec = t.policy.recompute
-        assert rec.active
+        assert rec.active and t.gather_once == (mode == "true")
         seen = pending[mode] = []
         real = rec.plan
 
@@ -161,9 +171,8 @@ def _two_rank_worker(rank, world, init_file, out_dir):
     """One model per mode from one seed under FSDP2 (gloo), three micro-batches of rank-specific rows, one SGD
     step; the collectives each mode issues are counted."""
     import torch.distributed as dist
-    from strive_engine.config import ModelConfig
-    from strive_engine.model import build_model
-    from strive_engine.parallel import accumulation, apply_fsdp
+    from sharded import tiny_sharded_policy
+    from strive_engine.parallel import accumulation
     from test_prompt_sharing import rollout_batch
 
     torch.set_num_threads(1)
@@ -171,13 +180,7 @@ def _two_rank_worker(rank, world, init_file, out_dir):
     try:
         out = {}
         for gather_once in (True, False):
-            torch.manual_seed(0)
-            cfg = ModelConfig(tokenizer_dir=os.path.join(out_dir, "tok"), tiny_hidden_size=64, tiny_layers=2,
-                              tiny_heads=4, tiny_vision_depth=2, tiny_vision_hidden_size=32)
-            model, tok = build_model(cfg, "cpu")
-            pol = Policy(model)
-            root = apply_fsdp(pol, model, mixed_precision="off", reshard_after_forward=True,
-                              device=torch.device("cpu"))
+            _, tok, pol, root = tiny_sharded_policy(out_dir)
             opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=1e-2)
             before = [p.detach().to_local().clone() for p in root.parameters()]
             with _Collectives() as comm:

@@ -380,18 +380,13 @@ def test_decode_step_compiles_fullgraph(tiny):
 def _fsdp_worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
 
-    from strive_engine.parallel import apply_fsdp, unsharded
+    from sharded import tiny_sharded_policy
+    from strive_engine.parallel import unsharded
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        cfg = ModelConfig(tokenizer_dir=os.path.join(out_dir, "tok"), tiny_hidden_size=64, tiny_layers=2,
-                          tiny_heads=4, tiny_vision_depth=1, tiny_vision_hidden_size=32)
-        model, tok = build_model(cfg, "cpu")
-        policy = Policy(model)
-        root = apply_fsdp(policy, model, mixed_precision="off", reshard_after_forward=True,
-                          device=torch.device("cpu"))
+        model, tok, policy, root = tiny_sharded_policy(out_dir, vision_depth=1)
         opt = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=3e-2)
         reqs = _requests("qwen2_5_vl", seed=rank)[:2]
         rc = RolloutConfig(num_generations=2, max_new_tokens=8, prompt="short")

@@ -228,22 +228,16 @@ def _ranks_worker(rank, world, init_file, out_dir):
 
     import torch.distributed as dist
 
-    from strive_engine.config import ModelConfig
-    from strive_engine.model import build_model
-    from strive_engine.parallel import apply_fsdp, reshard_all
+    from sharded import tiny_sharded_policy
+    from strive_engine.parallel import reshard_all
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         out = {}
         for run, budget in (("mixed", 0.001 if rank == 0 else 100.0), ("none", None)):
-            torch.manual_seed(0)
-            cfg = ModelConfig(tokenizer_dir=os.path.join(out_dir, "tok"), tiny_hidden_size=64, tiny_layers=2,
-                              tiny_heads=4, tiny_vision_depth=2, tiny_vision_hidden_size=32)
-            model, tok = build_model(cfg, "cpu")
-            pol = Policy(model)
-            pol.recompute = Recompute.build(model, "auto" if budget else "false", budget or 0.0, CPU, 4)
-            root = apply_fsdp(pol, model, mixed_precision="off", reshard_after_forward=True, device=CPU)
+            model, tok, pol, root = tiny_sharded_policy(out_dir, recompute=lambda m, b=budget: Recompute.build(
+                m, "auto" if b else "false", b or 0.0, CPU, 4))
             pol.recompute.track_gradients(model.parameters())
             if pol.recompute.active:
                 pol.recompute.measure_paths(pol, lambda x: root(pol, x, _head),

@@ -262,7 +262,7 @@ def test_two_process_run_shows_progress_and_logs_each_line_once(tmp_path):
     strive_engine); with TensorBoard installed, <output_dir>/tb holds metrics.jsonl's scalars. A memory budget
     far below the update's needs makes both ranks measure their layers (a probe forward through FSDP2) and recompute
     every layer (strive_engine.recompute), in micro-batches of one row with every weight gathered once per optimizer
-    step (parallel.accumulate_unsharded=true, which auto leaves off at two ranks)."""
+    step (parallel.accumulate_unsharded=true: under this budget auto would leave it off)."""
     import importlib.util
     import re
     from collections import Counter
