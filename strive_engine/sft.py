@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from strive_engine.data import RecordLoader
 from strive_engine.optim import LRSchedule, TrainOptimizer
-from strive_engine.parallel import all_reduce
+from strive_engine.parallel import accumulation, all_reduce
 from strive_engine.pipeline import DecodedBatch, decode_batch
 from strive_engine.policy import Policy, PolicyInputs
 from strive_engine.rollout import RolloutRequest, encode_prompts
@@ -92,8 +92,10 @@ def run_sft(t: Trainer, log_fn: Callable[[dict], None] | None = None,
         targets = inputs.targets()
         # zero weight for placeholder rows (bad videos): drop their tokens from the loss
         row_w = decoded.valid.float().repeat_interleave(inputs.completion_mask[:, 1:].sum(1).cpu()).to(device)
-        loss = t.root(t.policy, inputs, lambda h, w, b: masked_ce(h, w, b, targets, row_w))
-        loss.backward()
+        with accumulation(t.root, t.gather_once) as micro:  # one micro-batch: gathered for forward and backward
+            micro(True)
+            loss = t.root(t.policy, inputs, lambda h, w, b: masked_ce(h, w, b, targets, row_w))
+            loss.backward()
         gn, ok = opt.step(loss)
         skipped_videos = int(all_reduce(torch.tensor([float((~decoded.valid).sum())])).item())
         last = {"phase": "sft", "step": step, "loss": float(loss.detach()), "grad_norm": float(gn),

@@ -48,8 +48,8 @@ def test_configuration_of_accumulate_unsharded():
 
 @pytest.mark.slow
 def test_gathering_once_trains_bitwise_like_gathering_per_micro_batch(tmp_path, monkeypatch, dist_cleanup):
-    """A world of one, micro-batches of one row: three RL steps (the first at learning rate 0, the second moves
-    the weights, the third's rollout must see them) with the weights gathered once per optimizer step and with
+    """A world of one, micro-batches of one row: two SFT steps, then three RL steps (the first at learning rate 0,
+    the second moves the weights, the third's rollout must see them) with the weights gathered once per step and with
     FSDP2's default give bitwise the same metrics and weights, and every group is sharded again after each
     update (a group left gathered would hand the next rollout stale weights)."""
     import strive_engine.step as step_mod
@@ -60,6 +60,10 @@ def test_gathering_once_trains_bitwise_like_gathering_per_micro_batch(tmp_path, 
     once = _trainer(tmp_path / "once", syn, extra=[*extra, "--parallel.accumulate_unsharded=true"])
     each = _trainer(tmp_path / "each", syn, extra=[*extra, "--parallel.accumulate_unsharded=false"])
     fresh = {n: p.detach().full_tensor().clone() for n, p in once.root.named_parameters()}
+    from strive_engine.sft import run_sft
+
+    a, b = run_sft(once), run_sft(each)             # SFT too: one micro-batch, gathered for forward and backward
+    assert {k: v for k, v in a.items() if k != "time/step"} == {k: v for k, v in b.items() if k != "time/step"}
     for step in range(3):
         a, b = step_mod.rl_step(once, step), step_mod.rl_step(each, step)
         assert a["data/kept_rows"] > 1        # several micro-batches per optimizer step
