@@ -125,6 +125,8 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
             with contextlib.ExitStack() as window:
                 with t.timer("update"):  # gather_once gathers every weight here
                     micro = window.enter_context(accumulation(t.root, gather_once))
+                if recompute is not None:  # the shards' gradients again once the window closes, also on error
+                    window.callback(recompute.expect_unsharded_gradients, None)
                 for i in range(n_micro):
                     micro(i == n_micro - 1)
                     if recompute is not None and gather_once:
@@ -136,8 +138,6 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
                     micro_losses.append(loss.detach())
                     for k, v in stats.items():
                         stats_acc.setdefault(k, []).append(v.detach().float())
-            if recompute is not None:
-                recompute.expect_unsharded_gradients(None)
             with t.timer("optimizer"):
                 loss_sum = torch.stack(micro_losses).sum()  # this rank's (scaled) share of the mini-batch loss
                 gn, ok = t.optim.step(loss_sum)
