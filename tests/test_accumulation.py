@@ -47,7 +47,8 @@ def test_configuration_of_accumulate_unsharded():
 
 
 @pytest.mark.slow
-def test_gathering_once_trains_bitwise_like_gathering_per_micro_batch(tmp_path, monkeypatch, dist_cleanup):
+@pytest.mark.parametrize("precision", ["off", "bf16"])   # bf16: fp32 masters, gradients accumulated in fp32
+def test_gathering_once_trains_bitwise_like_gathering_per_micro_batch(precision, tmp_path, monkeypatch, dist_cleanup):
     """A world of one, micro-batches of one row: two SFT steps, then three RL steps (the first at learning rate 0,
     the second moves the weights, the third's rollout must see them) with the weights gathered once per step and with
     FSDP2's default give bitwise the same metrics and weights, and every group is sharded again after each
@@ -56,7 +57,7 @@ def test_gathering_once_trains_bitwise_like_gathering_per_micro_batch(tmp_path, 
 
     _spread_rewards(monkeypatch)
     syn = str(tmp_path / "syn")
-    extra = ["--parallel.micro_batch_size=1"]
+    extra = ["--parallel.micro_batch_size=1", f"--parallel.mixed_precision={precision}"]
     once = _trainer(tmp_path / "once", syn, extra=[*extra, "--parallel.accumulate_unsharded=true"])
     each = _trainer(tmp_path / "each", syn, extra=[*extra, "--parallel.accumulate_unsharded=false"])
     fresh = {n: p.detach().full_tensor().clone() for n, p in once.root.named_parameters()}
@@ -183,8 +184,8 @@ def _two_rank_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         out = {}
-        for gather_once in (True, False):
-            _, tok, pol, root = tiny_sharded_policy(out_dir)
+        for precision, gather_once in ((p, g) for p in ("off", "bf16") for g in (True, False)):
+            _, tok, pol, root = tiny_sharded_policy(out_dir, precision=precision)
             opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=1e-2)
             before = [p.detach().to_local().clone() for p in root.parameters()]
             with _Collectives() as comm:
@@ -194,7 +195,7 @@ def _two_rank_worker(rank, world, init_file, out_dir):
                         x = rollout_batch(pol, tok, "qwen2_5_vl", seed=3 * rank + i)
                         root(pol, x, lambda h, w, b: (h.double() @ w.double().t()).logsumexp(-1).sum()).backward()
             opt.step()
-            out[gather_once] = {"comm": comm.counts, "before": before,
+            out[precision, gather_once] = {"comm": comm.counts, "before": before,
                                 "params": [p.detach().to_local().clone() for p in root.parameters()],
                                 "sharded": all(type(p).__name__ == "DTensor" for p in root.parameters())}
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
@@ -212,8 +213,8 @@ def test_two_ranks_gathering_once_reduce_once_and_train_the_same(tmp_path):
 
     mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     res = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
-    for r in res:
-        once, each = r[True], r[False]
+    for r, precision in ((r, p) for r in res for p in ("off", "bf16")):
+        once, each = r[precision, True], r[precision, False]
         assert once["sharded"] and each["sharded"]
         gather = lambda c: sum(v for k, v in c.items() if "gather" in k)  # noqa: E731
         scatter = lambda c: sum(v for k, v in c.items() if "reduce_scatter" in k)  # noqa: E731
