@@ -19,7 +19,8 @@
 #                       kernels); the update at micro-batch 128 instead of 32; the shared prompts' attention
 #                       split in two causal calls (--model.shared_attention=split); one row per answer
 #                       (--model.share_prompts=false); the HF rollout backend
-#            kernels14  issue 14's kernel checks: log-prob engine shapes + memory, public-call costs, GPU tests
+#            kernels14  issue 14's kernel checks: log-prob engine shapes + memory, public-call costs, FSDP2's
+#                       gathers at gpu_3b's size (bench_accumulation), GPU tests
 #            dali       DALI / NVDEC: colour, bad files, concurrency tests and bench_decode --quick (needs the
 #                       DALI parts unpacked to /tmp/sd and /tmp/site, see ../shared/device/pack_dali.sh)
 #            gpu3b      bench/throughput.py --recipe gpu_3b, one timed step (activation checkpointing auto: the
@@ -166,6 +167,9 @@ for s in $STAGES; do
     run_py bench_logprob_engine 100 bench/bench_logprob.py --engine --quick --trace-dir "$OUTDIR"
     run_py bench_keyframe_engine 40 bench/bench_keyframe.py --engine-sizes --quick
     run_py bench_advantage_engine 40 bench/bench_advantage.py --engine-sizes --quick
+    # FSDP2's traffic alone at gpu_3b's 3.75 B parameters and 16 micro-batches: gathered once vs per micro-batch
+    run_py bench_accumulation 60 bench/bench_accumulation.py --out "$OUTDIR/accumulation.json"
+    grep -E "^(per_micro|gathered|saved)" "$OUTDIR/bench_accumulation.log"
     run_tests kernels14 90 tests/kernels/test_logprob.py tests/kernels/test_logprob_resources.py \
       tests/kernels/test_keyframe.py \
       tests/kernels/test_advantage.py -k "gpu or one_compile or allocates_no or value_check or layout_check" ;;

@@ -400,6 +400,17 @@ def test_vision_and_rollout_benches_run_tiny(tmp_path):
     assert r["logits_check"]["max_rel_err"] < 1e-4
 
 
+def test_accumulation_bench_runs_tiny(tmp_path):
+    """bench_accumulation.py as users run it, at a tiny width: both modes timed, and the weights gathered once copy
+    fewer bytes per optimizer step than FSDP2's default (a gather in every forward and backward)."""
+    _script("bench/bench_accumulation.py", ["--layers", "2", "--width", "32", "--mlp", "64", "--vision-blocks", "2",
+                                            "--vision-width", "16", "--vocab", "100", "--micro", "3", "--reps", "1",
+                                            "--out", str(tmp_path / "a.json")])
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["gathered_once_ms"] > 0 and a["per_micro_batch_ms"] > 0 and a["micro"] == 3
+    assert 0 < a["gathered_once_copied_gb"] < a["per_micro_batch_copied_gb"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 with a stand-in driver: a CPU check")
 def test_kernel_resources_of_the_decode_kernels_on_sm90(tmp_path):
     """bench/kernel_resources.py compiles the decode kernels for an H100 / H200 through the engine's launch code
