@@ -229,3 +229,32 @@ def test_two_ranks_gathering_once_reduce_once_and_train_the_same(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
             moved += not torch.equal(a, p0)
         assert moved > 0.9 * len(once["params"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_gathering_once_trains_like_fsdp2s_default(tmp_path):
+    """On CUDA (NCCL, a world of one, bf16 gathers and fp32 reduces as the engine runs): three micro-batches'
+    gradients on the shards equal FSDP2's default to fp32 rounding (on the CPU they are bitwise equal), and every
+    group is sharded again after the window."""
+    from sharded import tiny_sharded_policy
+    from strive_engine.parallel import accumulation, destroy_distributed, init_distributed
+    from test_prompt_sharing import rollout_batch
+
+    env = init_distributed("auto")
+    try:
+        grads = {}
+        for once in (True, False):
+            _, tok, pol, root = tiny_sharded_policy(str(tmp_path), precision="bf16", device=str(env.device))
+            with accumulation(root, once) as micro:
+                for i in range(3):
+                    micro(i == 2)
+                    x = rollout_batch(pol, tok, "qwen2_5_vl", seed=i).to(env.device)
+                    root(pol, x, lambda h, w, b: (h.float() @ w.float().t()).logsumexp(-1).sum()).backward()
+            assert all(type(p).__name__ == "DTensor" for p in root.parameters())
+            grads[once] = [p.grad.to_local().clone() for p in root.parameters() if p.grad is not None]
+        assert len(grads[True]) == len(grads[False]) > 10
+        for a, b in zip(grads[True], grads[False]):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    finally:
+        destroy_distributed()
