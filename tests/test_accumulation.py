@@ -195,9 +195,10 @@ def _two_rank_worker(rank, world, init_file, out_dir):
                         x = rollout_batch(pol, tok, "qwen2_5_vl", seed=3 * rank + i)
                         root(pol, x, lambda h, w, b: (h.double() @ w.double().t()).logsumexp(-1).sum()).backward()
             opt.step()
-            out[precision, gather_once] = {"comm": comm.counts, "before": before,
-                                "params": [p.detach().to_local().clone() for p in root.parameters()],
-                                "sharded": all(type(p).__name__ == "DTensor" for p in root.parameters())}
+            out[precision, gather_once] = {
+                "comm": comm.counts, "before": before,
+                "params": [p.detach().to_local().clone() for p in root.parameters()],
+                "sharded": all(type(p).__name__ == "DTensor" for p in root.parameters())}
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
         dist.barrier()
     finally:
