@@ -118,7 +118,7 @@ for s in $STAGES; do
       tests/kernels/test_sampling.py tests/test_decode.py tests/test_policy.py tests/test_positions.py \
       tests/test_vision_attention.py tests/test_prompt_sharing.py tests/test_recompute.py \
       tests/test_split_attention.py tests/test_parallel.py \
-      tests/test_accumulation.py::test_cuda_bf16_gathering_once_trains_like_fsdp2s_default \
+      tests/test_accumulation.py::test_cuda_bf16_gathering_once_trains_like_the_default \
       -k "not evaluate_agrees and not fsdp and not rl_step" ;;
   vision)
     run_py bench_vision 60 bench/bench_vision.py --out "$OUTDIR/vision.json"

@@ -233,7 +233,7 @@ def test_two_ranks_gathering_once_reduce_once_and_train_the_same(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_bf16_gathering_once_trains_like_fsdp2s_default(tmp_path):
+def test_cuda_bf16_gathering_once_trains_like_the_default(tmp_path):
     """On CUDA (NCCL, a world of one, bf16 gathers and fp32 reduces as the engine runs): three micro-batches'
     gradients on the shards equal FSDP2's default to fp32 rounding (on the CPU they are bitwise equal), and every
     group is sharded again after the window."""
