@@ -72,9 +72,17 @@ class TrainOptimizer:
 
     @classmethod
     def build(cls, params: list[nn.Parameter], *, lr: float, schedule: LRSchedule, grad_clip: float,
-              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-              weight_decay: float = 0.0) -> "TrainOptimizer":
-        opt = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+              fused: bool | None = None) -> "TrainOptimizer":
+        """fused None: torch's fused AdamW (one pass over parameter, gradient and both moments; FSDP2's DTensor
+        shards included) where every parameter is on CUDA, as torchtitan runs it; the multi-tensor ("foreach")
+        path elsewhere, whose seven passes over the state read and write ~70 bytes per parameter against ~28
+        (~40 ms of each gpu_3b optimizer step at 3.75 B parameters, estimated). The CPU keeps foreach: its
+        results (and the demo's metrics) stay what they were."""
+        if fused is None:
+            fused = bool(params) and all(p.device.type == "cuda" for p in params)
+        opt = torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                **({"fused": True} if fused else {}))
         return cls(params, opt, schedule, grad_clip)
 
     @property
