@@ -82,7 +82,7 @@ def test_schedule_state_resumes_under_the_runs_own_schedule():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def test_fused_adamw_on_fsdp2_shards_steps_as_foreach(device):
+def test_fused_adamw_on_the_shards_steps_as_foreach(device):
     """AdamW over FSDP2's DTensor shards (a world of one): torch's fused step, which the engine takes on CUDA,
     gives the multi-tensor step's weights to fp32 rounding (with weight decay, clipping, three steps); the CPU
     keeps the multi-tensor step by default, CUDA takes the fused one."""
@@ -91,21 +91,24 @@ def test_fused_adamw_on_fsdp2_shards_steps_as_foreach(device):
 
     from strive_engine.parallel import destroy_distributed, init_distributed
 
-    env = init_distributed("gloo" if device == "cpu" else "auto")
+    init_distributed("gloo" if device == "cpu" else "auto")   # (on a GPU machine the "cpu" case stays on the CPU)
     try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device, (1,))        # FSDP2's default mesh would be CUDA's wherever CUDA exists
         weights = {}
         for fused in (False, True, None):
             torch.manual_seed(0)
-            m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(env.device)
-            fully_shard(m[0])
-            fully_shard(m)
+            m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(device)
+            fully_shard(m[0], mesh=mesh)
+            fully_shard(m, mesh=mesh)
             start = [p.detach().full_tensor().cpu().clone() for p in m.parameters()]
             opt = TrainOptimizer.build(list(m.parameters()), lr=1e-2, schedule=LRSchedule(0, False, 1.0, 0, 1),
                                        grad_clip=0.5, weight_decay=0.1, fused=fused)
             assert all(type(p).__name__ == "DTensor" for p in opt.params)
             if fused is None:
                 assert bool(opt.optimizer.defaults.get("fused")) == (device == "cuda")
-            x = torch.randn(7, 6, generator=torch.Generator().manual_seed(1)).to(env.device)
+            x = torch.randn(7, 6, generator=torch.Generator().manual_seed(1)).to(device)
             for _ in range(3):
                 loss = m(x).square().sum()
                 loss.backward()
