@@ -1,5 +1,6 @@
-"""A tiny policy sharded by FSDP2 on the CPU, for the gloo workers of the multi-process tests."""
+"""A tiny policy sharded by FSDP2 on the CPU, and the gloo process group the multi-process tests run it in."""
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -26,3 +27,25 @@ def tiny_sharded_policy(out_dir: str, *, vision_depth: int = 2, precision: str =
     root = apply_fsdp(policy, model, mixed_precision=precision, reshard_after_forward=True,
                       device=torch.device(device))
     return model, tok, policy, root
+
+
+def run_ranks(fn: Callable[[int, str], Any], out_dir: Any, world: int = 2) -> list[Any]:
+    """fn(rank, out_dir) in `world` processes of one gloo group (one thread each); returns each rank's result (saved
+    by the rank, loaded here with weights_only), in rank order. `fn` must be a module-level function."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank, args=(fn, world, str(out_dir)), nprocs=world, join=True)
+    return [torch.load(Path(out_dir) / f"{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _rank(rank: int, fn: Callable[[int, str], Any], world: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'init')}", rank=rank,
+                            world_size=world)
+    try:
+        torch.save(fn(rank, out_dir), os.path.join(out_dir, f"{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

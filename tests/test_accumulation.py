@@ -3,7 +3,6 @@ reduced once (`parallel.accumulation`, `parallel.accumulate_unsharded`): the sam
 (bitwise on a world of one; to fp32 rounding on two ranks), one gather and one reduce-scatter per group instead of
 one per micro-batch, the memory plan's gradients counted once, and `auto`'s choice by world size and memory."""
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -172,37 +171,30 @@ def test_the_memory_plan_counts_unsharded_gradients_once(tmp_path, monkeypatch, 
     assert pending["true"] == pending["false"]
 
 
-def _two_rank_worker(rank, world, init_file, out_dir):
+def _two_rank_worker(rank, out_dir):
     """One model per mode from one seed under FSDP2 (gloo), three micro-batches of rank-specific rows, one SGD
     step; the collectives each mode issues are counted."""
-    import torch.distributed as dist
     from sharded import tiny_sharded_policy
     from strive_engine.parallel import accumulation
     from test_prompt_sharing import rollout_batch
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out = {}
-        for precision, gather_once in ((p, g) for p in ("off", "bf16") for g in (True, False)):
-            _, tok, pol, root = tiny_sharded_policy(out_dir, precision=precision)
-            opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=1e-2)
-            before = [p.detach().to_local().clone() for p in root.parameters()]
-            with _Collectives() as comm:
-                with accumulation(root, gather_once) as micro:
-                    for i in range(3):
-                        micro(i == 2)
-                        x = rollout_batch(pol, tok, "qwen2_5_vl", seed=3 * rank + i)
-                        root(pol, x, lambda h, w, b: (h.double() @ w.double().t()).logsumexp(-1).sum()).backward()
-            opt.step()
-            out[precision, gather_once] = {
-                "comm": comm.counts, "before": before,
-                "params": [p.detach().to_local().clone() for p in root.parameters()],
-                "sharded": all(type(p).__name__ == "DTensor" for p in root.parameters())}
-        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    out = {}
+    for precision, gather_once in ((p, g) for p in ("off", "bf16") for g in (True, False)):
+        _, tok, pol, root = tiny_sharded_policy(out_dir, precision=precision)
+        opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=1e-2)
+        before = [p.detach().to_local().clone() for p in root.parameters()]
+        with _Collectives() as comm:
+            with accumulation(root, gather_once) as micro:
+                for i in range(3):
+                    micro(i == 2)
+                    x = rollout_batch(pol, tok, "qwen2_5_vl", seed=3 * rank + i)
+                    root(pol, x, lambda h, w, b: (h.double() @ w.double().t()).logsumexp(-1).sum()).backward()
+        opt.step()
+        out[precision, gather_once] = {
+            "comm": comm.counts, "before": before,
+            "params": [p.detach().to_local().clone() for p in root.parameters()],
+            "sharded": all(type(p).__name__ == "DTensor" for p in root.parameters())}
+    return out
 
 
 @pytest.mark.timeout(300)
@@ -210,10 +202,9 @@ def test_two_ranks_gathering_once_reduce_once_and_train_the_same(tmp_path):
     """Two ranks, three micro-batches each: gathered once, every group is all-gathered and reduce-scattered once
     (FSDP2's default: three times each, plus the backward's gathers); the weights after the step equal the
     default's to fp32 rounding (the ranks' sums are added in another order), and every group is sharded again."""
-    import torch.multiprocessing as mp
+    from sharded import run_ranks
 
-    mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    res = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    res = run_ranks(_two_rank_worker, tmp_path)
     for r, precision in ((r, p) for r in res for p in ("off", "bf16")):
         once, each = r[precision, True], r[precision, False]
         assert once["sharded"] and each["sharded"]

@@ -377,55 +377,44 @@ def test_decode_step_compiles_fullgraph(tiny):
 # ------------------------------------------------------------------------------------------- FSDP2
 
 
-def _fsdp_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-
+def _fsdp_worker(rank, out_dir):
     from sharded import tiny_sharded_policy
     from strive_engine.parallel import unsharded
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model, tok, policy, root = tiny_sharded_policy(out_dir, vision_depth=1)
-        opt = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=3e-2)
-        reqs = _requests("qwen2_5_vl", seed=rank)[:2]
-        rc = RolloutConfig(num_generations=2, max_new_tokens=8, prompt="short")
+    model, tok, policy, root = tiny_sharded_policy(out_dir, vision_depth=1)
+    opt = torch.optim.AdamW([p for p in root.parameters() if p.requires_grad], lr=3e-2)
+    reqs = _requests("qwen2_5_vl", seed=rank)[:2]
+    rc = RolloutConfig(num_generations=2, max_new_tokens=8, prompt="short")
 
-        def rollout(seed):
-            with unsharded(root), torch.no_grad():
-                return generate_rollouts(policy, tok, reqs, rc, seed)
+    def rollout(seed):
+        with unsharded(root), torch.no_grad():
+            return generate_rollouts(policy, tok, reqs, rc, seed)
 
-        def score(b):
-            tgt = b.inputs.targets()
-            return policy(b.inputs, lambda h, w, bias: torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None])[:, 0])
+    def score(b):
+        tgt = b.inputs.targets()
+        return policy(b.inputs, lambda h, w, bias: torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None])[:, 0])
 
-        before = root(rollout, 1)
-        loss = -root(score, before).sum()                            # one training step on the samples
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        after = root(rollout, 1)                                     # the same seed: only the weights differ
-        with torch.no_grad():
-            train_lp = root(score, after)                            # a training forward on the new samples
-            stale_lp = root(score, before)
-        sel = after.completion_mask.bool()
-        torch.save({"rollout": after.sampling_logprobs[sel], "train": train_lp,
-                    "old_rollout": before.sampling_logprobs[before.completion_mask.bool()], "old_train": stale_lp},
-                   os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    before = root(rollout, 1)
+    loss = -root(score, before).sum()                            # one training step on the samples
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    after = root(rollout, 1)                                     # the same seed: only the weights differ
+    with torch.no_grad():
+        train_lp = root(score, after)                            # a training forward on the new samples
+        stale_lp = root(score, before)
+    sel = after.completion_mask.bool()
+    return {"rollout": after.sampling_logprobs[sel], "train": train_lp,
+            "old_rollout": before.sampling_logprobs[before.completion_mask.bool()], "old_train": stale_lp}
 
 
 @pytest.mark.timeout(300)
 def test_rollout_follows_fsdp2_weights_after_an_optimizer_step(tmp_path):
     """2 processes, gloo, FSDP2: after an optimizer step the native rollout decodes with the new weights — its
     sampling log-probs equal a training forward's on the same tokens (fp32, 1e-5) — and not the old ones."""
-    import torch.multiprocessing as mp
+    from sharded import run_ranks
 
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        res = torch.load(tmp_path / f"{r}.pt", weights_only=True)
+    for res in run_ranks(_fsdp_worker, tmp_path):
         torch.testing.assert_close(res["rollout"], res["train"], **TOL)
         # the step moved the policy: stale weights would have given the old log-probs on the old samples
         assert (res["old_rollout"] - res["old_train"]).abs().max() > 1e-3

@@ -221,39 +221,29 @@ def test_a_trainer_under_a_budget_recomputes_every_layer_and_trains_the_same(tmp
         assert torch.equal(p.detach(), q.detach()) and torch.equal(p.detach(), r.detach()), n
 
 
-def _ranks_worker(rank, world, init_file, out_dir):
+def _ranks_worker(rank, out_dir):
     """Two models from one seed under FSDP2 (gloo): one where this rank's budget makes it recompute every layer
     (rank 0) or none (rank 1), one with nothing recomputed anywhere; one update on rank-specific rows each."""
-    import os
-
-    import torch.distributed as dist
-
     from sharded import tiny_sharded_policy
     from strive_engine.parallel import reshard_all
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out = {}
-        for run, budget in (("mixed", 0.001 if rank == 0 else 100.0), ("none", None)):
-            model, tok, pol, root = tiny_sharded_policy(out_dir, recompute=lambda m, b=budget: Recompute.build(
-                m, "auto" if b else "false", b or 0.0, CPU, 4))
-            pol.recompute.track_gradients(model.parameters())
-            if pol.recompute.active:
-                pol.recompute.measure_paths(pol, lambda x: root(pol, x, _head),
-                                            pol.recompute.probe_inputs(pol, tok, "video_r1"), lambda: reshard_all(root))
-            opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=1e-2)
-            x = rollout_batch(pol, tok, "qwen2_5_vl", seed=rank)
-            before = [p.detach().to_local().clone() for p in root.parameters()]
-            root(pol, x, _head).backward()
-            opt.step()
-            plan = pol.recompute.history[-1] if pol.recompute.history else {}
-            out[run] = {"recomputed": (plan.get("recomputed_layers"), plan.get("recomputed_blocks")),
-                        "params": [p.detach().to_local().clone() for p in root.parameters()], "before": before}
-        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    out = {}
+    for run, budget in (("mixed", 0.001 if rank == 0 else 100.0), ("none", None)):
+        model, tok, pol, root = tiny_sharded_policy(out_dir, recompute=lambda m, b=budget: Recompute.build(
+            m, "auto" if b else "false", b or 0.0, CPU, 4))
+        pol.recompute.track_gradients(model.parameters())
+        if pol.recompute.active:
+            pol.recompute.measure_paths(pol, lambda x: root(pol, x, _head),
+                                        pol.recompute.probe_inputs(pol, tok, "video_r1"), lambda: reshard_all(root))
+        opt = torch.optim.SGD([p for p in root.parameters() if p.requires_grad], lr=1e-2)
+        x = rollout_batch(pol, tok, "qwen2_5_vl", seed=rank)
+        before = [p.detach().to_local().clone() for p in root.parameters()]
+        root(pol, x, _head).backward()
+        opt.step()
+        plan = pol.recompute.history[-1] if pol.recompute.history else {}
+        out[run] = {"recomputed": (plan.get("recomputed_layers"), plan.get("recomputed_blocks")),
+                    "params": [p.detach().to_local().clone() for p in root.parameters()], "before": before}
+    return out
 
 
 @pytest.mark.timeout(300)
@@ -262,10 +252,9 @@ def test_ranks_that_recompute_different_layers_run_the_same_collectives(tmp_path
     layer, rank 1 none. FSDP2 unshards a layer for its backward before the recompute, so no rank waits on a
     collective the other does not make, and the weights after the update are bitwise those of a run where no rank
     recomputes anything."""
-    import torch.multiprocessing as mp
+    from sharded import run_ranks
 
-    mp.spawn(_ranks_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    res = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    res = run_ranks(_ranks_worker, tmp_path)
     assert res[0]["mixed"]["recomputed"] == (2, 2) and res[1]["mixed"]["recomputed"] == (0, 0)
     assert res[0]["none"]["recomputed"] == res[1]["none"]["recomputed"] == (None, None)
     for r in res:
