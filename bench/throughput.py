@@ -471,6 +471,8 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
     # activation checkpointing "auto" (strive_engine.recompute): the layers it recomputed and the update's peak it
     # predicted, the most over the timed steps (absent when it had no budget: on the CPU nothing is recomputed)
     out["memory"].update({k.split("/", 1)[1]: max(r[k] for r in rows) for k in rows[0] if k.startswith("memory/")})
+    # the update's micro-batches per optimizer step (parallel.micro_batch_size; 0 sizes them by the memory budget)
+    out["memory"]["micro_batches"] = max(r.get("update/micro_batches", 0) for r in rows)
     return out
 
 

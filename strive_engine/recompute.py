@@ -353,24 +353,49 @@ class Recompute:
             counts.update({u.name: len(u.modules) for u in order})
         return counts
 
+    def _sizes(self, patches: int, mask_elems: int, split: tuple[int, bool] | None) -> tuple[int, int, float, str]:
+        """(patches kept for backward, the mask's bytes, the split attention's key-row bytes per layer, path) for a
+        forward whose split attention gathers split = (key rows, boolean mask needed), or None: one call."""
+        patches = patches if self.vision_trained else 0     # a frozen tower keeps nothing for backward
+        path = "one" if split is None else "split"
+        kv_bytes = 0 if split is None else split[0] * (self.kv_row_bytes if split[1] else self.kv_row_bytes_grouped)
+        return patches, mask_elems * self.compute_bytes, kv_bytes, path
+
+    def resident_bytes(self) -> int:
+        """Memory the next forward starts from: allocated now (CUDA's allocator; 0 on the CPU) + gradients to come."""
+        resident = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        return resident + self.pending_gradients()
+
+    def free_bytes(self) -> float | None:
+        """What the budget leaves a forward's activations now; None where nothing is planned (no budget, a mode
+        other than auto, or before `measure`)."""
+        if not (self.active and self.measured):
+            return None
+        return float(self.budget - self.resident_bytes())
+
+    def activation_bytes(self, tokens: int, patches: int, mask_elems: int = 0,
+                         split: tuple[int, bool] | None = None) -> float:
+        """Predicted activation bytes of a forward + backward of these sizes (`plan`'s, the split attention's as
+        `split_attention.split_shape` gives them) with nothing recomputed: what `strive_engine.micro_batches`
+        packs micro-batches by."""
+        patches, extra, kv_bytes, path = self._sizes(patches, mask_elems, split)
+        self._use(path)
+        return self.predict({}, tokens, patches, extra, kv_bytes)
+
     def plan(self, tokens: int, patches: int, mask_elems: int = 0, layout: Any = None) -> None:
         """Called by `Policy.forward` before a forward with grad: `tokens` the language model runs (padding
         included), `patches` the vision tower runs, `mask_elems` the elements of its attention mask, `layout` the
         split attention's (`strive_engine.split_attention.SplitLayout`; None: one call): its answers' gathered key
         rows are counted per row, with their KV heads grouped when no boolean mask is needed (`kept_kv_heads`)."""
-        patches = patches if self.vision_trained else 0     # a frozen tower keeps nothing for backward
-        extra = mask_elems * self.compute_bytes
-        path = "one" if layout is None else "split"
-        kv_bytes = 0 if layout is None else layout.k_index.numel() * (
-            self.kv_row_bytes_grouped if layout.mask is None else self.kv_row_bytes)
+        split = None if layout is None else (layout.k_index.numel(), layout.mask is not None)
+        patches, extra, kv_bytes, path = self._sizes(patches, mask_elems, split)
         self._seen = (tokens, patches, mask_elems, kv_bytes, path)
         self._use(path)
         if self.mode == "true":
             self.set_all(True)    # every forward: Policy.forward switches them off again after each one
         if not (self.active and self.measured):
             return
-        resident = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
-        resident += self.pending_gradients()
+        resident = self.resident_bytes()
         counts = self.choose(tokens, patches, extra, self.budget - resident, kv_bytes)
         for u in self.units:
             self.set(u, counts[u.name])

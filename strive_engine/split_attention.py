@@ -122,6 +122,19 @@ def choose(segment: Tensor, mode: str, device: torch.device) -> SplitLayout | No
     return None if mode == "auto" and pairs < MIN_SAVED_PAIRS else split_layout(segment, device, pairs)
 
 
+def split_shape(prompts: list[int], answers: list[list[int]], Lg: int, mode: str) -> tuple[int, bool] | None:
+    """What `choose` decides for a layout of these prompt lengths and answer lengths per group (Lg slots each),
+    from the lengths alone: None for the one masked call, else (key rows the answers gather: A x (P + L), whether
+    a boolean mask is needed: prompts of several lengths). For sizing micro-batches before their layout exists."""
+    P = max(prompts, default=0)
+    lens = [n for group in answers for n in group if n > 0]
+    A, L = len(lens), max(lens, default=0)
+    pairs = len(prompts) * Lg * Lg - (len(prompts) * P * (P + 1) // 2 + A * L * (P + L))
+    if mode == "masked" or (mode == "auto" and pairs < MIN_SAVED_PAIRS) or not A or P == 0:
+        return None
+    return A * (P + L), any(p < P for p in prompts)
+
+
 def saved_pairs(segment: Tensor) -> int:
     """`SplitLayout.saved_pairs` of a layout from its segment counts alone (no index tensors: cheap on the host)."""
     U, Lg = segment.shape

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from strive_engine.config import Config
+from strive_engine.micro_batches import by_memory
 from strive_engine.loss import LossSpec, loss_normaliser, policy_loss, token_logprobs
 from strive_engine.parallel import accumulation, all_reduce
 from strive_engine.policy import Policy
@@ -92,6 +93,19 @@ def _micro_batch(t: Trainer, rb: RolloutBatch, rows: Tensor, counts: Tensor, old
     return loss, stats, gap
 
 
+def _micro_batches(t: Trainer, rb: RolloutBatch, rows: Tensor) -> list[Tensor]:
+    """A mini-batch's rows as micro-batches: parallel.micro_batch_size rows each, in order; with 0, whole prompt
+    groups, as many per micro-batch as the memory budget holds (`strive_engine.micro_batches`; the whole
+    mini-batch where nothing is planned: no budget, as on the CPU)."""
+    mbs = t.cfg.parallel.micro_batch_size
+    if mbs:
+        return list(rows.split(mbs))
+    policy = t.policy
+    parts = by_memory(rb.inputs, rows, getattr(policy, "recompute", None), policy.share_prompts,
+                      policy.shared_attention, vision_runs=not t.cfg.model.freeze_vision)
+    return parts if parts is not None else [rows] if rows.numel() else []
+
+
 def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv: Tensor, row_keep: Tensor,
                   ref_logp: Tensor | None = None) -> dict:
     """algorithm.ppo_epochs x algorithm.minibatches optimizer steps over the kept rows (row_keep (M,) bool) with
@@ -104,11 +118,10 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
     spec = LossSpec.from_config(cfg.algorithm, cfg.rollout)
     counts = _row_token_counts(rb)                                              # (M,)
     train_rows = row_keep.nonzero().flatten()
-    mbs_cfg = cfg.parallel.micro_batch_size
     samp_all = rb.sampling_logprobs[rb.completion_mask.bool()] \
         if old_logp is None and rb.sampling_logprobs is not None else None      # (N,) packed as old_logp
     gaps: list[Tensor] = []
-    update_losses, stats_acc, grad_norms, skipped = [], {}, [], 0
+    update_losses, stats_acc, grad_norms, skipped, micro_counts = [], {}, [], 0, []
     recompute = getattr(t.policy, "recompute", None)      # strive_engine.recompute: which layers are recomputed
     if recompute is not None:
         recompute.reset()                                  # its metrics: this update's forwards only
@@ -118,21 +131,24 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
             # The normaliser covers the whole mini-batch on every rank (all-reduced inside loss_normaliser).
             mb_mask = rb.inputs.completion_mask[mb_rows][:, 1:]
             norm = loss_normaliser(mb_mask, spec.loss_agg, spec.max_new_tokens)
-            mbs = mbs_cfg or max(len(mb_rows), 1)
-            n_micro = torch.tensor([float(math.ceil(len(mb_rows) / mbs))])
-            n_micro = max(int(all_reduce(n_micro, "max").item()), 1)
             micro_losses = []
             with contextlib.ExitStack() as window:
                 with t.timer("update"):  # gather_once gathers every weight here
                     micro = window.enter_context(accumulation(t.root, gather_once))
-                if recompute is not None:  # the shards' gradients again once the window closes, also on error
-                    window.callback(recompute.expect_unsharded_gradients, None)
+                    if recompute is not None:  # the shards' gradients again once the window closes, also on error
+                        window.callback(recompute.expect_unsharded_gradients, None)
+                        if gather_once:        # whole-size accumulators to come (the weights are gathered now)
+                            recompute.expect_unsharded_gradients(t.env.world_size)
+                    parts = _micro_batches(t, rb, mb_rows)        # sized by the memory left now (0: by memory)
+                    n_micro = max(int(all_reduce(torch.tensor([float(len(parts))]), "max").item()), 1)
+                micro_counts.append(n_micro)
                 for i in range(n_micro):
                     micro(i == n_micro - 1)
                     if recompute is not None and gather_once:
                         recompute.expect_unsharded_gradients(t.env.world_size if i == 0 else 0)
-                    loss, stats, gap = _micro_batch(t, rb, mb_rows[i * mbs:(i + 1) * mbs], counts, old_logp,
-                                                    row_adv, ref_logp, samp_all, spec, norm)
+                    rows = parts[i] if i < len(parts) else mb_rows[:0]
+                    loss, stats, gap = _micro_batch(t, rb, rows, counts, old_logp, row_adv, ref_logp, samp_all,
+                                                    spec, norm)
                     if gap is not None:
                         gaps.append(gap)
                     micro_losses.append(loss.detach())
@@ -148,7 +164,8 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
     per_update = all_reduce(torch.stack(update_losses).float()) / t.env.world_size  # (updates,)
     out = {"loss": float(per_update.mean()),
            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-           "nonfinite_skipped_updates": skipped, "nonfinite_skipped_total": t.optim.nonfinite_skips}
+           "nonfinite_skipped_updates": skipped, "nonfinite_skipped_total": t.optim.nonfinite_skips,
+           "update/micro_batches": sum(micro_counts) / max(len(micro_counts), 1)}
     for k, v in stats_acc.items():
         out[f"loss/{k}"] = float(torch.stack(v).mean())
     if samp_all is not None:

@@ -186,9 +186,10 @@ def test_a_trainer_under_a_budget_recomputes_every_layer_and_trains_the_same(tmp
     import strive_engine.step as step_mod
 
     syn = str(tmp_path / "syn")
-    free = _trainer(tmp_path / "free", syn)
-    tight = _trainer(tmp_path / "tight", syn, extra=["--parallel.memory_budget_gib=0.01"])
-    every = _trainer(tmp_path / "every", syn, extra=["--parallel.activation_checkpointing=true"])
+    one = ["--parallel.micro_batch_size=100"]   # one micro-batch in all three (0 would size them by the budget)
+    free = _trainer(tmp_path / "free", syn, extra=one)
+    tight = _trainer(tmp_path / "tight", syn, extra=[*one, "--parallel.memory_budget_gib=0.01"])
+    every = _trainer(tmp_path / "every", syn, extra=[*one, "--parallel.activation_checkpointing=true"])
     rec = tight.policy.recompute
     assert not free.policy.recompute.active and rec.active and rec.measured
     # under FSDP2 the probe counts what the bare model keeps: the all-gathered weights a matmul saves are not

@@ -1,0 +1,202 @@
+"""The update's micro-batches sized by memory (strive_engine.micro_batches): whole prompt groups, the fewest
+micro-batches whose predicted activations fit the budget, predicted from the sizes the forward itself reports to
+the memory plan; nothing is recomputed in them, and training is the same as with one micro-batch."""
+import dataclasses
+
+import pytest
+import torch
+
+from strive_engine import split_attention
+from strive_engine.micro_batches import by_memory, forward_sizes, pack, row_groups
+from strive_engine.policy import Policy
+from strive_engine.recompute import Recompute
+from test_decode import tiny  # noqa: F401  (tiny: a fixture)
+from test_prompt_sharing import _model, rollout_batch, tok_and_base  # noqa: F401  (tok_and_base: a fixture)
+from test_train import _trainer, dist_cleanup, syn_dir  # noqa: F401  (dist_cleanup, syn_dir: fixtures)
+
+CPU = torch.device("cpu")
+
+
+def _head(h, w, b):
+    return (h.double() @ w.double().t()).logsumexp(-1).sum()
+
+
+def test_pack_fewest_parts_in_order_then_balanced():
+    costs = [5.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    cap = lambda p: sum(costs[i] for i in p) <= 6  # noqa: E731
+    parts = pack(costs, cap)
+    # greedy in order gives [0, 1], [2, 3, 4, 5] (6 and 4); the even re-cut at 5 / 10 keeps two parts that fit
+    assert [i for p in parts for i in p] == list(range(6)) and len(parts) == 2
+    assert all(cap(p) for p in parts)
+    # the fewest parts: no two consecutive parts could merge
+    assert not any(cap(a + b) for a, b in zip(parts, parts[1:]))
+    # an item over the cap alone is a part of its own; nothing is dropped or reordered
+    costs2 = [2.0, 9.0, 2.0, 2.0]
+    parts2 = pack(costs2, lambda p: sum(costs2[i] for i in p) <= 4)
+    assert parts2 == [[0], [1], [2, 3]]
+    # balancing: greedy [0..3] (4), [4] (1) becomes [0, 1, 2], [3, 4] (3 and 2)
+    costs3 = [1.0] * 5
+    assert pack(costs3, lambda p: len(p) <= 4) == [[0, 1, 2], [3, 4]]
+    assert pack([], lambda p: True) == []
+    assert pack([3.0, 3.0], lambda p: True) == [[0, 1]]
+
+
+def _setup(tok_and_base, kind="qwen2_5_vl", attention="auto", budget_gib=1.0):
+    tok, _ = tok_and_base
+    model = _model(kind, tok_and_base)
+    model.eval()
+    pol = Policy(model, shared_attention=attention)
+    pol.recompute = Recompute.build(model, "auto", budget_gib, CPU, compute_bytes=4)
+    rec = pol.recompute
+    rec.measure_paths(pol, lambda x: pol(x, _head), rec.probe_inputs(pol, tok, "video_r1"))
+    return pol, tok, rec
+
+
+@pytest.mark.parametrize("kind,attention,split_at", [("qwen2_5_vl", "auto", 0), ("qwen2_5_vl", "auto", 10**12),
+                                                      ("qwen2_5_vl", "masked", None), ("qwen3_vl", "split", None)])
+def test_sizes_are_what_the_forward_reports_to_the_plan(kind, attention, split_at, tok_and_base, monkeypatch):
+    """For subsets of a batch (whole prompt groups, rows of several groups in any order, rows that share no
+    prompt, the prompt-only row), the packer's sizes and predicted bytes equal those `Policy.forward` gives the
+    memory plan when the selection runs."""
+    if split_at is not None:
+        monkeypatch.setattr(split_attention, "MIN_SAVED_PAIRS", split_at)
+    pol, tok, rec = _setup(tok_and_base, kind, attention)
+    x = rollout_batch(pol, tok, kind)
+    rows = torch.arange(x.num_rows)
+    rg = row_groups(x, rows)
+    assert sorted(m for g in rg.members for m in g) == rows.tolist()
+    assert len(rg.members) == 3 and sorted(len(g) for g in rg.members) == [3, 3, 4]   # + the prompt-only row
+    solo = [g[0] for g in rg.members]                              # one row of each group: nothing shared
+    for sel in ([0, 1, 2], [0], [2, 0], [1]):
+        groups = sel
+        picked = [m for g in groups for m in rg.members[g]]
+        _check(pol, rec, x, picked, forward_sizes(rg, groups, True, attention))
+    sub = row_groups(x, torch.tensor(solo))
+    _check(pol, rec, x, solo, forward_sizes(sub, list(range(3)), True, attention))
+    _check(pol, rec, x, [0, 1, 2], forward_sizes(row_groups(x, torch.tensor([0, 1, 2])),
+                                                  list(range(len(row_groups(x, torch.tensor([0, 1, 2])).members))),
+                                                  True, attention))
+    # two prompts on one video (a question's rows whose first prompt token differs): the video runs once
+    ids = x.input_ids.clone()
+    g0 = rg.members[0]
+    first = int(x.attention_mask[g0[1]].nonzero()[0])
+    ids[g0[1:], first] += 1
+    y = dataclasses.replace(x, input_ids=ids)
+    ry = row_groups(y, rows)
+    assert len(ry.members) == 4 and len(set(ry.video)) == 3
+    _check(pol, rec, y, [m for g in ry.members for m in g], forward_sizes(ry, list(range(4)), True, attention))
+
+
+def _check(pol, rec, x, picked, sizes):
+    tokens, patches, mask_elems, split = sizes
+    sel = x.select(torch.tensor(picked))
+    with torch.enable_grad():
+        pol(sel, _head)
+    seen = rec._seen
+    kv = 0 if split is None else split[0] * (rec.kv_row_bytes if split[1] else rec.kv_row_bytes_grouped)
+    assert (tokens, patches, mask_elems, kv, "one" if split is None else "split") == seen, picked
+    # the plan's predicted peak for that forward (nothing recomputed: 1 GiB holds it) = resident + these bytes
+    assert rec.history[-1]["recomputed_layers"] == 0
+    want = rec.history[-1]["predicted_peak_gib"] * 2**30 - rec.resident_bytes()
+    assert rec.activation_bytes(tokens, patches, mask_elems, split) == pytest.approx(want, rel=1e-12)
+
+
+def test_micro_batches_are_the_fewest_that_fit_and_recompute_nothing(tok_and_base):
+    pol, tok, rec = _setup(tok_and_base)
+    x = rollout_batch(pol, tok, "qwen2_5_vl")
+    rows = torch.arange(x.num_rows)
+    rg = row_groups(x, rows)
+    need = [rec.activation_bytes(*forward_sizes(rg, [g], True, "auto")) for g in range(3)]
+    both = rec.activation_bytes(*forward_sizes(rg, [0, 1], True, "auto"))
+    whole = rec.activation_bytes(*forward_sizes(rg, [0, 1, 2], True, "auto"))
+    resident = rec.resident_bytes()
+    # a budget for the largest single group but not for two: one group per micro-batch
+    rec.budget = int(resident + (max(need) + min(both, whole)) / 2)
+    assert max(need) < min(both, whole)
+    parts = by_memory(x, rows, rec, True, "auto", vision_runs=True)
+    assert sorted(p.numel() for p in parts) == [3, 3, 4]
+    assert sorted(torch.cat(parts).tolist()) == rows.tolist()
+    for p in parts:                        # each part one prompt group, and its forward recomputes nothing
+        assert len(row_groups(x, p).members) == 1
+        with torch.enable_grad():
+            pol(x.select(p), _head)
+        assert rec.history[-1]["recomputed_layers"] == 0 and rec.history[-1]["recomputed_blocks"] == 0
+    # a budget for the whole batch: one micro-batch; kept rows only (a subset), never a row outside it
+    rec.budget = int(resident + whole * 1.01)
+    assert [p.tolist() for p in by_memory(x, rows, rec, True, "auto", vision_runs=True)] == \
+        [[m for g in rg.members for m in g]]
+    some = torch.tensor([4, 1, 7])
+    assert sorted(torch.cat(by_memory(x, some, rec, True, "auto", vision_runs=True)).tolist()) == [1, 4, 7]
+    # a budget below every group: each alone (its forward's plan then recomputes layers)
+    rec.budget = int(resident + min(need) / 4)
+    assert len(by_memory(x, rows, rec, True, "auto", vision_runs=True)) == 3
+    # nothing to plan by: no budget, or no plan
+    rec.budget = None
+    assert by_memory(x, rows, rec, True, "auto", vision_runs=True) is None
+    assert by_memory(x, rows, None, True, "auto", vision_runs=True) is None
+
+
+def test_a_trainer_runs_one_micro_batch_per_group_under_a_small_budget_and_trains_the_same(tmp_path, syn_dir,
+                                                                                          monkeypatch, dist_cleanup):
+    """The engine's path (FSDP2 world of 1, fused loss, prompt sharing, gathered once): under a budget no group
+    fits, every kept prompt group is a micro-batch of its own (never split, never dropped), and the losses,
+    gradient norms and weights equal those of the same update in one micro-batch (fp32 summation order aside;
+    both recompute every layer)."""
+    import strive_engine.step as step_mod
+    import strive_engine.update as update_mod
+
+    tight = ["--parallel.memory_budget_gib=0.01"]
+    one = _trainer(tmp_path / "one", syn_dir, extra=[*tight, "--parallel.micro_batch_size=100"])
+    packed = _trainer(tmp_path / "packed", syn_dir, extra=tight)
+    seen = []
+    real = update_mod._micro_batches
+
+    def spy(t, rb, rows):
+        parts = real(t, rb, rows)
+        seen.append((t is packed, rb, rows, parts))
+        return parts
+
+    monkeypatch.setattr(update_mod, "_micro_batches", spy)
+    for step in (0, 1):   # the first step's learning rate is 0 (warm-up): the second one moves the weights
+        a, b = step_mod.rl_step(one, step), step_mod.rl_step(packed, step)
+        (_, _, rows_a, parts_a), (is_packed, rb, rows, parts) = seen[-2:]
+        assert is_packed and [p.tolist() for p in parts_a] == [rows_a.tolist()]
+        groups = row_groups(rb.inputs, rows).members
+        assert [p.tolist() for p in parts] == groups and b["update/micro_batches"] == len(groups)
+        assert a["update/micro_batches"] == 1 and b["memory/recomputed_layers"] == a["memory/recomputed_layers"] > 0
+        for k in ("loss", "grad_norm", "rollout/logp_mismatch_mean"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (step, k)
+    assert len(groups) == packed.cfg.variants.num_variants * packed.cfg.data.batch_size   # 2: the test means it
+    for (n, p), q in zip(one.root.named_parameters(), packed.root.parameters()):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("mode,threshold", [("split", None), ("masked", None), ("auto", 0), ("auto", 2_000)])
+def test_split_shape_from_lengths_is_the_layout_choose_builds(mode, threshold, monkeypatch):
+    """Random layouts (1-4 groups, prompts of 0-40 tokens, 1-4 answers of 0-12 tokens each, some prompts of one
+    length): the key rows and the mask flag from the lengths equal the index tensors `choose` builds."""
+    if threshold is not None:
+        monkeypatch.setattr(split_attention, "MIN_SAVED_PAIRS", threshold)
+    g = torch.Generator().manual_seed(0)
+    kinds = set()
+    for _ in range(60):
+        U = int(torch.randint(1, 5, (1,), generator=g))
+        prompts = torch.randint(0, 41, (U,), generator=g).tolist()
+        if torch.rand(1, generator=g) < 0.3:
+            prompts = [prompts[0]] * U
+        answers = [torch.randint(0, 13, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(U)]
+        Lg = -(-max(max(p + sum(a) for p, a in zip(prompts, answers)), 1) // 16) * 16
+        segment = torch.full((U, Lg), -1, dtype=torch.long)
+        for u, (p, a) in enumerate(zip(prompts, answers)):
+            segment[u, :p] = 0
+            at = p
+            for k, n in enumerate(a, start=1):
+                segment[u, at:at + n] = k
+                at += n
+        layout = split_attention.choose(segment, mode, CPU)
+        got = split_attention.split_shape(prompts, answers, Lg, mode)
+        want = None if layout is None else (layout.k_index.numel(), layout.mask is not None)
+        assert got == want, (prompts, answers)
+        kinds.add("none" if got is None else "mask" if got[1] else "grouped")
+    assert kinds == ({"none"} if mode == "masked" else {"none", "mask", "grouped"})
