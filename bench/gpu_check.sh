@@ -117,7 +117,7 @@ for s in $STAGES; do
     run_tests decode 150 tests/kernels/test_decode_attention.py tests/kernels/test_decode_layer.py \
       tests/kernels/test_sampling.py tests/test_decode.py tests/test_policy.py tests/test_positions.py \
       tests/test_vision_attention.py tests/test_prompt_sharing.py tests/test_recompute.py \
-      tests/test_split_attention.py tests/test_parallel.py tests/test_optim.py \
+      tests/test_split_attention.py tests/test_parallel.py tests/test_optim.py tests/test_micro_batches.py \
       tests/test_accumulation.py::test_cuda_bf16_gathering_once_trains_like_the_default \
       -k "not evaluate_agrees and not fsdp and not rl_step" ;;
   vision)
