@@ -214,3 +214,49 @@ def test_split_shape_from_lengths_is_the_layout_choose_builds(mode, threshold, m
         assert got == want, (prompts, answers)
         kinds.add("none" if got is None else "mask" if got[1] else "grouped")
     assert kinds == ({"none"} if mode == "masked" else {"none", "mask", "grouped"})
+
+
+def _two_ranks_worker(rank, out_dir):
+    """Two RL steps on each rank of a gloo group (FSDP2 gathering per micro-batch), under one small budget (the
+    start-up probe is a collective forward: every rank has the same budget). "packed" sizes micro-batches by memory:
+    rank 0 finds room for one prompt group at a time (2 micro-batches), rank 1 is given room for all of them (one,
+    as a rank with less resident memory would), so it must run a zero-weight micro-batch to match rank 0's
+    collectives; "one" runs one micro-batch on both."""
+    import os
+
+    import strive_engine.step as step_mod
+    from strive_engine.config import load_config
+    from strive_engine.parallel import init_distributed
+    from strive_engine.trainer import build_trainer
+    from test_train import SMALL
+
+    out = {}
+    for run in ("packed", "one"):
+        extra = ["--parallel.accumulate_unsharded=false", "--parallel.memory_budget_gib=0.01"]
+        if run == "one":
+            extra.append("--parallel.micro_batch_size=100")
+        cfg = load_config([*SMALL, f"--data.synthetic_dir={os.path.join(out_dir, 'syn')}",
+                           f"--run.output_dir={os.path.join(out_dir, run)}", *extra])
+        t = build_trainer(cfg, init_distributed("gloo"))
+        if rank == 1:
+            t.policy.recompute.free_bytes = lambda: 1e15
+        rows = [step_mod.rl_step(t, step) for step in (0, 1)]
+        out[run] = {"micro": [r["update/micro_batches"] for r in rows], "loss": [r["loss"] for r in rows],
+                    "params": [p.detach().to_local().clone() for p in t.root.parameters()]}
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_ranks_that_pack_different_micro_batch_counts_stay_in_step(tmp_path):
+    """Each rank sizes its own micro-batches; the count is agreed (the most of any rank) and a rank with fewer runs
+    zero-weight passes, so no rank waits on a collective the other does not make, and training equals the run in
+    one micro-batch per rank (fp32 summation order aside)."""
+    from sharded import run_ranks
+
+    res = run_ranks(_two_ranks_worker, tmp_path)
+    for r in res:
+        assert r["packed"]["micro"] == [2, 2] and r["one"]["micro"] == [1, 1]
+        assert r["packed"]["loss"] == pytest.approx(r["one"]["loss"], rel=1e-5, abs=1e-7)
+        assert len(r["packed"]["params"]) > 10
+        for a, b in zip(r["packed"]["params"], r["one"]["params"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
