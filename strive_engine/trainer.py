@@ -160,6 +160,11 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
              "weights gathered once per optimizer step" if gather_once else "FSDP2 gathers per micro-batch",
              cfg.parallel.accumulate_unsharded, extra / 2**30,
              f" of a {rec.budget / 2**30:.1f} GiB budget" if rec.budget is not None else ", no memory budget")
+    mbs, G = cfg.parallel.micro_batch_size, cfg.rollout.num_generations
+    if mbs and mbs % G and policy.share_prompts:
+        log.warning("parallel.micro_batch_size=%d is not a multiple of rollout.num_generations=%d: prompt groups are "
+                    "split across micro-batches, and their prompts and videos run in each part; use a multiple of %d, "
+                    "or 0 (micro-batches by memory, whole groups)", mbs, G, G)
     return Trainer(cfg=cfg, env=env, root=root, policy=policy, tokenizer=tokenizer, scorer=scorer, views=views,
                    source=source, loader=loader, optim=optim, timer=StageTimer(), reference=reference,
                    gather_once=gather_once)

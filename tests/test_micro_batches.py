@@ -260,3 +260,19 @@ def test_ranks_that_pack_different_micro_batch_counts_stay_in_step(tmp_path):
         assert len(r["packed"]["params"]) > 10
         for a, b in zip(r["packed"]["params"], r["one"]["params"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fixed_size_that_splits_prompt_groups_is_named(tmp_path, syn_dir, caplog, dist_cleanup):
+    """parallel.micro_batch_size not a multiple of G splits each group's rows across micro-batches (its prompt and
+    video then run in each part): the trainer says so once, at build; a multiple of G or 0 says nothing."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="strive_engine.trainer"):
+        _trainer(tmp_path / "three", syn_dir, extra=["--parallel.micro_batch_size=3"])   # SMALL: G = 2
+    said = [r.getMessage() for r in caplog.records if "micro_batch_size" in r.getMessage()]
+    assert len(said) == 1 and "micro_batch_size=3" in said[0] and "num_generations=2" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="strive_engine.trainer"):
+        _trainer(tmp_path / "four", syn_dir, extra=["--parallel.micro_batch_size=4"])
+        _trainer(tmp_path / "zero", syn_dir)
+    assert not [r for r in caplog.records if "micro_batch_size" in r.getMessage()]
