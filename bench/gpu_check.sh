@@ -203,7 +203,13 @@ for s in $STAGES; do
     # every layer recomputed (what activation_checkpointing=true costs the update; "auto" chose the line above)
     run_py bench_throughput_3b_ckpt 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
       --parallel.activation_checkpointing=true --out "$OUTDIR/throughput_3b_ckpt"
-    grep -E "^(update|step_s|memory)" "$OUTDIR/bench_throughput_3b_ckpt.log" ;;
+    grep -E "^(update|step_s|memory)" "$OUTDIR/bench_throughput_3b_ckpt.log"
+    # last (the budget trims it first): micro-batches sized by memory instead of the recipe's one group of 8 rows
+    # (parallel.micro_batch_size=0, strive_engine.micro_batches); the memory line's micro_batches is 16 if the
+    # packer finds room for one group at a time, as the recipe's numbers predict, and fewer if it packs more
+    run_py bench_throughput_3b_bymem 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
+      --parallel.micro_batch_size=0 --out "$OUTDIR/throughput_3b_bymem"
+    grep -E "^(update|step_s|memory|MFU)" "$OUTDIR/bench_throughput_3b_bymem.log" ;;
   ablation)
     needs ablation av || continue
     wait_build
