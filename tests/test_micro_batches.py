@@ -97,6 +97,10 @@ def test_sizes_are_what_the_forward_reports_to_the_plan(kind, attention, split_a
     ry = row_groups(y, rows)
     assert len(ry.members) == 4 and len(set(ry.video)) == 3
     _check(pol, rec, y, [m for g in ry.members for m in g], forward_sizes(ry, list(range(4)), True, attention))
+    # one row per answer (share_prompts off, as under flash_attention_2): whole groups, rows at their trimmed width
+    pol.share_prompts = False
+    for groups in ([0, 2], [1]):
+        _check(pol, rec, x, [m for g in groups for m in rg.members[g]], forward_sizes(rg, groups, False, attention))
 
 
 def _check(pol, rec, x, picked, sizes):
