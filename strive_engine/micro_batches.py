@@ -15,16 +15,20 @@ How. The rows of a mini-batch are grouped by prompt (`prompt_sharing.group_by_pr
 uses): a group's rows share one prompt, which the forward runs once, so a group is never split across
 micro-batches. Groups are packed in order, greedily, while the predicted activations of the candidate
 micro-batch (`Recompute.activation_bytes`, with the forward's own sizes: the shared layout's padded tokens, its
-mask, the split attention's key rows, the videos' patches) fit what the budget leaves (`Recompute.free_bytes`:
-the budget minus the memory allocated and the gradients still to come); then the same number of micro-batches is
-re-cut to balance their tokens where every part still fits. A group that does not fit alone is a micro-batch of
-its own, and the forward's plan recomputes layers for it. Without a budget (the CPU; `activation_checkpointing`
-other than auto) a mini-batch is one micro-batch, as 0 meant before.
+mask, the split attention's key rows, the videos' patches) fit what the budget leaves (`Recompute.packing_free`:
+the budget minus what the update holds by design, counted from sizes: weights, AdamW moments, gradients, gathered
+weights, the rollout batch, a reference model); then the same number of micro-batches is re-cut to balance their
+tokens where every part still fits. Sizes, not the allocator's live count: that count also holds whatever else is
+alive at the moment (the next step's prefetched videos), so identical runs, and a resumed one, could cut different
+micro-batches and sum their gradients in a different order. The live count still guards memory: each forward's
+plan checks it and recomputes layers when the rest does not fit, as it does for a group that does not fit alone
+(a micro-batch of its own). Without a budget (the CPU; `activation_checkpointing` other than auto) a mini-batch is
+one micro-batch, as 0 meant before.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -115,12 +119,26 @@ def pack(costs: list[float], fits: Callable[[list[int]], bool]) -> list[list[int
     return parts
 
 
+def held_bytes(inputs, *modules) -> int:
+    """Bytes the update holds besides the policy's state: the rollout batch's tensors (`inputs`, a PolicyInputs,
+    with its visual tokens) and every parameter (local shard) of `modules` (a KL reference)."""
+    tensors = [getattr(inputs, f.name) for f in fields(inputs) if f.name != "visual"]
+    if inputs.visual is not None:
+        tensors += [inputs.visual.merged, *(inputs.visual.deepstack or [])]
+    total = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    for m in modules:
+        for p in m.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
+    return total
+
+
 def by_memory(inputs, rows: Tensor, recompute, share_prompts: bool, shared_attention: str,
-              vision_runs: bool) -> list[Tensor] | None:
+              vision_runs: bool, held: int = 0) -> list[Tensor] | None:
     """The micro-batches (row tensors) of a mini-batch's `rows` sized by the memory plan, or None when there is no
     plan to size them by (no budget, or activation checkpointing not auto): then the mini-batch is one micro-batch.
-    vision_runs: the forward runs the vision tower (its patches count)."""
-    free = None if recompute is None else recompute.free_bytes()
+    vision_runs: the forward runs the vision tower (its patches count); held: `held_bytes`."""
+    free = None if recompute is None else recompute.packing_free(held)
     if free is None or rows.numel() == 0:
         return None
     rg = row_groups(inputs, rows)

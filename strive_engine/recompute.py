@@ -168,7 +168,9 @@ class Recompute:
         # numbers: {unit name: (kept, shared)} and "other"; `plan` loads the path its forward takes
         self.paths: dict[str, dict[str, Any]] = {}
         self._grad_bytes: list[tuple[nn.Parameter, int]] | None = None
+        self._param_bytes = self._param_elems = 0    # every parameter's local shard (trainable or not), at tracking
         self._unsharded_grads: int | None = None    # see expect_unsharded_gradients
+        self._window_world = 0                      # > 0 while an update accumulates unsharded (weights gathered)
         self.set_all(False)                  # on only inside a forward with grad (`plan`, then Policy.forward)
 
     @property
@@ -305,7 +307,10 @@ class Recompute:
         shards right after sharding, outside any forward: inside the root's forward FSDP2 puts unsharded copies on
         the modules, whose .grad stays None (listed then, the root group's embeddings and lm_head would count as
         pending forever, at bf16 size, and their fp32 shards' gradients not at all)."""
+        params = list(params)
         self._grad_bytes = [(p, _numel_bytes(p)) for p in params if p.requires_grad]
+        self._param_bytes = sum(_numel_bytes(p) for p in params)
+        self._param_elems = sum(_numel_bytes(p) // p.element_size() for p in params)
 
     def pending_gradients(self) -> int:
         """Bytes of the gradients backward will allocate (parameters that need one and have none yet); the list is
@@ -323,6 +328,30 @@ class Recompute:
         backward (accumulators of world x shard bytes still to come), 0 after it (allocated: the allocator counts
         them), None when the window has closed (the shards' gradients again)."""
         self._unsharded_grads = scale
+        self._window_world = 0 if scale is None else (scale or self._window_world)
+
+    def state_bytes(self) -> int:
+        """What an update holds by design, from sizes alone (not the allocator's count, which also holds whatever
+        else happens to be alive, e.g. the next step's prefetched videos): the parameter shards, the AdamW moments
+        of the trainable ones (two per element, counted before the first step allocates them, so every step sees
+        the same number), their gradients (whole-size while they accumulate unsharded), and then also the weights
+        gathered whole in the compute dtype (`expect_unsharded_gradients`)."""
+        if self._grad_bytes is None:
+            self.track_gradients(self.hf.parameters())
+        trained = sum(b for _, b in self._grad_bytes)
+        world = self._window_world
+        gathered = world * self._param_elems * self.compute_bytes        # every group is gathered, frozen ones too
+        return self._param_bytes + 2 * trained + max(world, 1) * trained + gathered
+
+    def packing_free(self, held: int = 0) -> float | None:
+        """What the budget leaves an update micro-batch's activations by `state_bytes` (+ `held`: the rollout batch,
+        a reference model), for sizing micro-batches (`strive_engine.micro_batches`): deterministic, so identical
+        runs (and a resumed one) cut identical micro-batches and sum their gradients in the same order; the plan of
+        each forward still checks the allocator's count and recomputes layers if the rest does not fit. None where
+        nothing is planned (no budget, a mode other than auto, or before `measure`)."""
+        if not (self.active and self.measured):
+            return None
+        return float(self.budget - self.state_bytes() - held)
 
     def predict(self, counts: dict[str, int], tokens: int, patches: int, extra: int, kv_bytes: float = 0) -> float:
         """Activation bytes of one forward + backward with counts[unit] modules of each unit checkpointed
@@ -365,13 +394,6 @@ class Recompute:
         """Memory the next forward starts from: allocated now (CUDA's allocator; 0 on the CPU) + gradients to come."""
         resident = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         return resident + self.pending_gradients()
-
-    def free_bytes(self) -> float | None:
-        """What the budget leaves a forward's activations now; None where nothing is planned (no budget, a mode
-        other than auto, or before `measure`)."""
-        if not (self.active and self.measured):
-            return None
-        return float(self.budget - self.resident_bytes())
 
     def activation_bytes(self, tokens: int, patches: int, mask_elems: int = 0,
                          split: tuple[int, bool] | None = None) -> float:

@@ -161,7 +161,7 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
              cfg.parallel.accumulate_unsharded, extra / 2**30,
              f" of a {rec.budget / 2**30:.1f} GiB budget" if rec.budget is not None else ", no memory budget")
     mbs, G = cfg.parallel.micro_batch_size, cfg.rollout.num_generations
-    if mbs and mbs % G and policy.share_prompts:
+    if mbs and mbs % G and policy.share_prompts and env.is_main:      # a setting: said once, not per rank
         log.warning("parallel.micro_batch_size=%d is not a multiple of rollout.num_generations=%d: prompt groups are "
                     "split across micro-batches, and their prompts and videos run in each part; use a multiple of %d, "
                     "or 0 (micro-batches by memory, whole groups)", mbs, G, G)

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from strive_engine.config import Config
-from strive_engine.micro_batches import by_memory
 from strive_engine.loss import LossSpec, loss_normaliser, policy_loss, token_logprobs
+from strive_engine.micro_batches import by_memory, held_bytes
 from strive_engine.parallel import accumulation, all_reduce
 from strive_engine.policy import Policy
 from strive_engine.rollout import RolloutBatch
@@ -101,8 +101,9 @@ def _micro_batches(t: Trainer, rb: RolloutBatch, rows: Tensor) -> list[Tensor]:
     if mbs:
         return list(rows.split(mbs))
     policy = t.policy
+    held = held_bytes(rb.inputs, *([t.reference.root] if t.reference is not None else []))
     parts = by_memory(rb.inputs, rows, getattr(policy, "recompute", None), policy.share_prompts,
-                      policy.shared_attention, vision_runs=not t.cfg.model.freeze_vision)
+                      policy.shared_attention, vision_runs=not t.cfg.model.freeze_vision, held=held)
     return parts if parts is not None else [rows] if rows.numel() else []
 
 

@@ -127,7 +127,7 @@ def test_micro_batches_are_the_fewest_that_fit_and_recompute_nothing(tok_and_bas
     need = [rec.activation_bytes(*forward_sizes(rg, [g], True, "auto")) for g in range(3)]
     both = rec.activation_bytes(*forward_sizes(rg, [0, 1], True, "auto"))
     whole = rec.activation_bytes(*forward_sizes(rg, [0, 1, 2], True, "auto"))
-    resident = rec.resident_bytes()
+    resident = rec.state_bytes()          # what the packer subtracts (held: 0 here)
     # a budget for the largest single group but not for two: one group per micro-batch
     rec.budget = int(resident + (max(need) + min(both, whole)) / 2)
     assert max(need) < min(both, whole)
@@ -243,7 +243,7 @@ def _two_ranks_worker(rank, out_dir):
                            f"--run.output_dir={os.path.join(out_dir, run)}", *extra])
         t = build_trainer(cfg, init_distributed("gloo"))
         if rank == 1:
-            t.policy.recompute.free_bytes = lambda: 1e15
+            t.policy.recompute.packing_free = lambda held=0: 1e15
         rows = [step_mod.rl_step(t, step) for step in (0, 1)]
         out[run] = {"micro": [r["update/micro_batches"] for r in rows], "loss": [r["loss"] for r in rows],
                     "params": [p.detach().to_local().clone() for p in t.root.parameters()]}
@@ -280,3 +280,56 @@ def test_a_fixed_size_that_splits_prompt_groups_is_named(tmp_path, syn_dir, capl
         _trainer(tmp_path / "four", syn_dir, extra=["--parallel.micro_batch_size=4"])
         _trainer(tmp_path / "zero", syn_dir)
     assert not [r for r in caplog.records if "micro_batch_size" in r.getMessage()]
+
+
+def test_the_packing_budget_counts_the_state_by_design(tmp_path, syn_dir, dist_cleanup):
+    """What the packer subtracts from the budget is the update's state counted from sizes: every parameter shard,
+    two AdamW moments and a gradient per trainable one (whole-size gradients and the weights gathered in the
+    compute dtype while the update accumulates unsharded), the rollout batch and a reference model; the same before
+    the first optimizer step and after it, whatever the allocator holds (so identical runs cut identical
+    micro-batches)."""
+    import strive_engine.step as step_mod
+    from strive_engine.micro_batches import held_bytes
+
+    t = _trainer(tmp_path / "t", syn_dir, extra=["--parallel.memory_budget_gib=1000"])
+    rec = t.policy.recompute
+    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731
+    every = [local(p) for p in t.root.parameters()]
+    trained = [local(p) for p in t.params]
+    nbytes = lambda ts: sum(x.numel() * x.element_size() for x in ts)  # noqa: E731
+    want = nbytes(every) + 3 * nbytes(trained)
+    assert rec.state_bytes() == want and len(trained) > 10
+    assert rec.packing_free(123) == rec.budget - want - 123
+    rec.expect_unsharded_gradients(1)          # the update's window on a world of one: weights gathered whole
+    gathered = sum(x.numel() for x in every) * rec.compute_bytes
+    assert rec.state_bytes() == want + gathered
+    rec.expect_unsharded_gradients(0)          # after the first backward: still the same
+    assert rec.state_bytes() == want + gathered
+    rec.expect_unsharded_gradients(None)
+    for step in (0, 1):                        # AdamW's moments exist after the first step: nothing changes
+        step_mod.rl_step(t, step)
+        assert rec.state_bytes() == want and t.optim.optimizer.state
+    x = rollout_batch(t.policy, t.tokenizer, "qwen2_5_vl")
+    assert held_bytes(x) == nbytes([x.input_ids, x.attention_mask, x.completion_mask, x.pixel_values_videos,
+                                    x.video_grid_thw, x.second_per_grid_ts, x.video_index])
+    assert held_bytes(x, t.root) == held_bytes(x) + nbytes(every)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_packing_does_not_follow_what_else_is_allocated(tok_and_base):
+    """On CUDA the memory plan reads the allocator; the packer does not: a 1 GiB tensor alive elsewhere (a
+    prefetched video) changes the plan's resident count and not the micro-batches."""
+    pol, tok, rec = _setup(tok_and_base, device=torch.device("cuda"))
+    x = rollout_batch(pol, tok, "qwen2_5_vl").to("cuda")
+    rows = torch.arange(x.num_rows)
+    rg = row_groups(x, rows)
+    need = [rec.activation_bytes(*forward_sizes(rg, [g], True, "auto")) for g in range(3)]
+    pairs = [rec.activation_bytes(*forward_sizes(rg, p, True, "auto")) for p in ([0, 1], [1, 2])]
+    assert max(need) < min(pairs)
+    rec.budget = int(rec.state_bytes() + (max(need) + min(pairs)) / 2)      # one group at a time
+    before, live = by_memory(x, rows, rec, True, "auto", vision_runs=True), rec.resident_bytes()
+    junk = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    after = by_memory(x, rows, rec, True, "auto", vision_runs=True)
+    assert rec.resident_bytes() >= live + 2**30
+    assert [p.tolist() for p in after] == [p.tolist() for p in before] and len(before) == 3
+    del junk
