@@ -101,10 +101,12 @@ def _micro_batches(t: Trainer, rb: RolloutBatch, rows: Tensor) -> list[Tensor]:
     if mbs:
         return list(rows.split(mbs))
     policy = t.policy
+    rec = getattr(policy, "recompute", None)
+    if rec is None or rec.packing_free() is None or not rows.numel():   # nothing to size them by: one
+        return [rows] if rows.numel() else []
     held = held_bytes(rb.inputs, *([t.reference.root] if t.reference is not None else []))
-    parts = by_memory(rb.inputs, rows, getattr(policy, "recompute", None), policy.share_prompts,
-                      policy.shared_attention, vision_runs=not t.cfg.model.freeze_vision, held=held)
-    return parts if parts is not None else [rows] if rows.numel() else []
+    return by_memory(rb.inputs, rows, rec, policy.share_prompts, policy.shared_attention,
+                     vision_runs=not t.cfg.model.freeze_vision, held=held)
 
 
 def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv: Tensor, row_keep: Tensor,
