@@ -11,7 +11,6 @@ and a rank with nothing to train on runs a zero-weight micro-batch instead of sk
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import Tensor
@@ -112,8 +111,9 @@ def _micro_batches(t: Trainer, rb: RolloutBatch, rows: Tensor) -> list[Tensor]:
 def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv: Tensor, row_keep: Tensor,
                   ref_logp: Tensor | None = None) -> dict:
     """algorithm.ppo_epochs x algorithm.minibatches optimizer steps over the kept rows (row_keep (M,) bool) with
-    per-row advantages row_adv (M,), each mini-batch in micro-batches of parallel.micro_batch_size rows. Times
-    "update" (forward + backward) and "optimizer"; returns the update's metrics (global over ranks).
+    per-row advantages row_adv (M,), each mini-batch in micro-batches (`_micro_batches`: parallel.micro_batch_size
+    rows, or sized by memory). Times "update" (forward + backward) and "optimizer"; returns the update's metrics
+    (global over ranks).
     old_logp None (`on_policy`): each micro-batch's old log-probs are its own forward's, detached (the log-prob
     head once more without grad, instead of a whole forward of the model); the rollout/trainer mismatch is then
     measured here, over the trained rows."""
@@ -142,7 +142,7 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
                         window.callback(recompute.expect_unsharded_gradients, None)
                         if gather_once:        # whole-size accumulators to come (the weights are gathered now)
                             recompute.expect_unsharded_gradients(t.env.world_size)
-                    parts = _micro_batches(t, rb, mb_rows)        # sized by the memory left now (0: by memory)
+                    parts = _micro_batches(t, rb, mb_rows)        # 0: sized by memory (micro_batches.py)
                     n_micro = max(int(all_reduce(torch.tensor([float(len(parts))]), "max").item()), 1)
                 micro_counts.append(n_micro)
                 for i in range(n_micro):
