@@ -363,9 +363,9 @@ class ParallelConfig:
     activation_checkpointing: str = doc("auto", "auto (recompute only the layers the update's memory needs: "
                                                 "strive_engine.recompute) | true (all) | false (none)")
     memory_budget_gib: float = doc(0.0, "the update's memory under checkpointing auto; 0 = 90 % of the GPU's")
-    micro_batch_size: int = doc(0, "rows per forward/backward in the update; 0 = by memory: whole prompt groups, "
-                                "as many as the budget holds without recomputing (strive_engine.micro_batches; "
-                                "the whole mini-batch without a budget, as on the CPU)")
+    micro_batch_size: int = doc(0, "rows per forward/backward in the update; 0 = by memory under checkpointing auto "
+                                "with a budget (a GPU): whole prompt groups, as many as fit without recomputing "
+                                "(strive_engine.micro_batches), else the whole mini-batch")
     accumulate_unsharded: str = doc("auto", "the update gathers each weight once per optimizer step and reduces "
                                     "gradients once (parallel.accumulation): auto (on a world of one, or where "
                                     "holding them whole takes <= 10 % of the memory budget) | true | false")
