@@ -129,8 +129,7 @@ def split_shape(prompts: list[int], answers: list[list[int]], Lg: int, mode: str
     P = max(prompts, default=0)
     lens = [n for group in answers for n in group if n > 0]
     A, L = len(lens), max(lens, default=0)
-    pairs = len(prompts) * Lg * Lg - (len(prompts) * P * (P + 1) // 2 + A * L * (P + L))
-    if mode == "masked" or (mode == "auto" and pairs < MIN_SAVED_PAIRS) or not A or P == 0:
+    if mode == "masked" or (mode == "auto" and _pairs(len(prompts), Lg, P, A, L) < MIN_SAVED_PAIRS) or not A or P == 0:
         return None
     return A * (P + L), any(p < P for p in prompts)
 
@@ -142,6 +141,12 @@ def saved_pairs(segment: Tensor) -> int:
     lens = torch.zeros(U, int(segment.max()) + 1, dtype=torch.long).scatter_add_(
         1, segment.clamp(min=0), torch.ones_like(segment))[:, 1:]             # (U, K) answer lengths, 0 if absent
     A, L = int((lens > 0).sum()), int(lens.max()) if lens.numel() else 0
+    return _pairs(U, Lg, P, A, L)
+
+
+def _pairs(U: int, Lg: int, P: int, A: int, L: int) -> int:
+    """(query, key) pairs of U groups' one masked call (U x Lg^2) that the split's two calls do not compute: the
+    prompts causal over the longest prompt P, A answers of at most L tokens over [P prompt keys | own keys]."""
     return U * Lg * Lg - (U * P * (P + 1) // 2 + A * L * (P + L))
 
 

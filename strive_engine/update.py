@@ -100,12 +100,10 @@ def _micro_batches(t: Trainer, rb: RolloutBatch, rows: Tensor) -> list[Tensor]:
     if mbs:
         return list(rows.split(mbs))
     policy = t.policy
-    rec = getattr(policy, "recompute", None)
-    if rec is None or rec.packing_free() is None or not rows.numel():   # nothing to size them by: one
-        return [rows] if rows.numel() else []
     held = held_bytes(rb.inputs, *([t.reference.root] if t.reference is not None else []))
-    return by_memory(rb.inputs, rows, rec, policy.share_prompts, policy.shared_attention,
-                     vision_runs=not t.cfg.model.freeze_vision, held=held)
+    parts = by_memory(rb.inputs, rows, getattr(policy, "recompute", None), policy.share_prompts,
+                      policy.shared_attention, vision_runs=not t.cfg.model.freeze_vision, held=held)
+    return parts if parts is not None else [rows] if rows.numel() else []
 
 
 def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv: Tensor, row_keep: Tensor,
@@ -147,8 +145,8 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
                 micro_counts.append(n_micro)
                 for i in range(n_micro):
                     micro(i == n_micro - 1)
-                    if recompute is not None and gather_once:
-                        recompute.expect_unsharded_gradients(t.env.world_size if i == 0 else 0)
+                    if recompute is not None and gather_once and i > 0:   # the accumulators exist now
+                        recompute.expect_unsharded_gradients(0)
                     rows = parts[i] if i < len(parts) else mb_rows[:0]
                     loss, stats, gap = _micro_batch(t, rb, rows, counts, old_logp, row_adv, ref_logp, samp_all,
                                                     spec, norm)
