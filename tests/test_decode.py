@@ -374,6 +374,37 @@ def test_decode_step_compiles_fullgraph(tiny):
     assert int(states[1].t) == 5
 
 
+def test_step_computes_its_counter_once_whatever_the_depth(tiny):
+    """The completion index is advanced by one op per step and the suffix length it implies is computed once,
+    not once per layer: on CUDA each such op is a node of the replayed graph (38 per step at the 3B shape's 36
+    layers before). Counted as the ops (views aside) whose result is a one-element int64 tensor, over one eager step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            kernel = not func.is_view and func is not torch.ops.aten.scalar_tensor.default  # a wrapped Python int
+            if kernel and isinstance(out, torch.Tensor) and out.dtype == torch.long and out.numel() == 1:
+                self.ops.append(str(func))
+            return out
+
+    pol, tok = tiny
+    assert len(pol.hf.model.language_model.layers) >= 2
+    ids = special_token_ids(tok)
+    engine = DecodeEngine(pol)
+    with torch.no_grad():
+        prefix = engine.prefill(_prompts(pol, tok, _requests("qwen2_5_vl")[:2]))
+        st = engine.new_state(prefix, 2, 4, SamplingSpec(greedy=True), [ids["eos_token_id"]], ids["pad_token_id"])
+        with Counter() as c:
+            engine.step(st)
+    assert sorted(c.ops) == ["aten.add.Tensor", "aten.add_.Tensor"], c.ops   # n = t + 1; t += 1
+    assert int(st.t) == 1
+
+
 # ------------------------------------------------------------------------------------------- FSDP2
 
 
