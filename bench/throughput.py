@@ -520,6 +520,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="strive_throughput_") as run_dir:
         argv = ["--recipe", args.recipe, f"--run.output_dir={run_dir}", *rest]
         fast = _child(argv, args, "auto", stamp)
+        if args.compare:  # the fast record first, on a line of its own: a reference run cut short by a time limit
+            # (gpu_check.sh's stages) cannot take it along; the full record below repeats it
+            print(json.dumps({"bench": "throughput", "partial": "fast column only", **_versions(), "fast": fast}),
+                  flush=True)
         ref = _child(argv, args, "reference", stamp) if args.compare else None
     print(table(fast, ref, STABLE))
     record = {"bench": "throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
