@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -223,8 +224,11 @@ def apply_liger(model: nn.Module, device: torch.device, enabled: bool = True) ->
     """liger-kernel's RMSNorm / SwiGLU / mRoPE patches for this model instance, on CUDA when installed.
 
     The fused-linear cross-entropy patch stays off: the loss head is ours (Policy.forward + head_fn).
-    liger patches the transformers module of the family globally (its design): every model of that family
-    built in this process afterwards runs liger's CUDA kernels, so it is applied only to CUDA models.
+    liger also rebinds the classes of the family's transformers module (its design), so that every model of that
+    family built in this process afterwards would be built from liger's modules, CPU ones included (whose Triton
+    kernels then fail on CPU tensors): those classes are put back once this instance is patched. Functions it
+    rebinds (its mRoPE, read when the model runs) stay, as liger needs them; transformers 5.x no longer calls the
+    one it replaces, so only RMSNorm and SwiGLU take effect there.
     """
     if not enabled or torch.device(device).type != "cuda":
         return False
@@ -240,8 +244,16 @@ def apply_liger(model: nn.Module, device: torch.device, enabled: bool = True) ->
     wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
                   model=model)
     params = inspect.signature(fn).parameters
-    fn(**{k: v for k, v in wanted.items() if k in params})
-    _log_once("liger:on", "liger-kernel patches applied (RMSNorm, SwiGLU, mRoPE) to %s", model.config.model_type)
+    family = sys.modules[type(model).__module__]
+    classes = {k: v for k, v in vars(family).items() if isinstance(v, type)}
+    try:
+        fn(**{k: v for k, v in wanted.items() if k in params})
+    finally:
+        for k, v in list(vars(family).items()):
+            if isinstance(v, type) and classes.get(k) is not v:   # rebound, or added (Qwen2RMSNorm on 5.x)
+                setattr(family, k, classes[k]) if k in classes else delattr(family, k)
+    _log_once("liger:on", "liger-kernel patches applied to %s's instance (RMSNorm, SwiGLU, mRoPE where the model "
+              "calls it)", model.config.model_type)
     return True
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils._pytree import tree_map
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +169,9 @@ def apply_fsdp(policy: nn.Module, hf_model: nn.Module, *, mixed_precision: str, 
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    bf16 = mixed_precision == "bf16"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -185,10 +187,31 @@ def apply_fsdp(policy: nn.Module, hf_model: nn.Module, *, mixed_precision: str, 
         r = reshard_after_forward and i < len(layers) - 1
         fully_shard(layer, reshard_after_forward=r, **kw)
         root.reshard_plan.append((layer, r))
-    fully_shard(root, reshard_after_forward=False, **kw)
+    if bf16:
+        for block in blocks + layers:
+            block.register_forward_pre_hook(_cast_float_inputs, with_kwargs=True)
+    # The root's inputs are the callable and its arguments (`root(fn, *args)`): FSDP2 would cast every float tensor
+    # in them to bf16, dataclasses copied (a rollout's float64 frame timestamps became bf16 before its mRoPE
+    # positions were computed). The blocks cast their own inputs; the root's modules cast theirs (patch_embed) or
+    # take ids.
+    root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False) if bf16 else mp
+    fully_shard(root, reshard_after_forward=False, mesh=mesh, mp_policy=root_mp)
     log.info("FSDP2: %d vision blocks + %d decoder blocks + root sharded over %d ranks (mixed precision: %s)",
              len(blocks), len(layers), dist.get_world_size(), mixed_precision)
     return root
+
+
+def _cast_float_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block's floating-point inputs in bf16, as FSDP2's mixed precision casts them in forward, also when an
+    activation-checkpointed block is recomputed in backward: torch < 2.13's FSDP2 skips its cast there, so the vision
+    blocks' fp32 rotary tables met a recompute in fp32 that the forward had seen in bf16, and their gradients came
+    from activations the forward never produced (torch 2.11: 20 of 56 gradients of a tiny model off by up to 2e-3).
+    A no-op where FSDP2 has cast already."""
+    def cast(t: Any) -> Any:
+        return t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return tree_map(cast, args), tree_map(cast, kwargs)
 
 
 @contextlib.contextmanager

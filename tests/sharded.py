@@ -19,7 +19,8 @@ def tiny_sharded_policy(out_dir: str, *, vision_depth: int = 2, precision: str =
     folder is out_dir/tok (shared by the ranks)."""
     torch.manual_seed(0)
     cfg = ModelConfig(tokenizer_dir=os.path.join(out_dir, "tok"), tiny_hidden_size=64, tiny_layers=2, tiny_heads=4,
-                      tiny_vision_depth=vision_depth, tiny_vision_hidden_size=32)
+                      tiny_vision_depth=vision_depth, tiny_vision_hidden_size=32,
+                      dtype="float32" if precision == "bf16" else "auto")  # fp32 masters, as the trainer builds them
     model, tok = build_model(cfg, device)
     policy = Policy(model)
     if recompute is not None:
