@@ -17,7 +17,8 @@ Noise: counter-based Philox-4x32-10 (Triton's `randint4x`), key = seed + step (i
 captured graph replays with the step its state holds), counter = row * NC + tile * Q + j (NC = Q x the tiles of
 a row), whose four outputs serve the four sub-blocks of a tile of 4 Q columns (column tile * 4 Q + k * Q + j takes
 output k). The draw depends only on (seed + step, row, column), not on the split plan or the rows per program, and
-a test rebuilds it from a numpy Philox. u = ((r >> 8) + 0.5) / 2^24 lies in (0, 1), so the Gumbel noise is finite.
+a test rebuilds it from a numpy Philox. u = ((r >> 9) + 0.5) / 2^23, exact in fp32, lies in [2^-24, 1 - 2^-24], so
+the Gumbel noise is finite (24 bits were not: the largest value rounded to u = 1 in fp32).
 """
 from __future__ import annotations
 
@@ -49,7 +50,9 @@ def _update(x_ptr, stride_m, rows, rok, c, j, V, r, temp, m, s, best, best_i, be
         score = x
     else:
         x = raw / temp                                              # divided, as torch does
-        u = ((r.to(tl.uint32, bitcast=True) >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08   # (0, 1)
+        # 23 bits, exact in fp32: u in [2^-24, 1 - 2^-24]. With 24 bits, (2^24 - 1) + 0.5 rounds to 2^24 in fp32:
+        # u = 1, noise +inf, and a column drawn uniformly won (2^-24 per column: 0.9 % of rows at V = 151,936)
+        u = ((r.to(tl.uint32, bitcast=True) >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
         score = tl.where(ok, x - tl.log(-tl.log(u)), float("-inf"))
     m_new = tl.maximum(m, tl.max(x, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

@@ -43,7 +43,7 @@ def noise(M: int, V: int, key: int) -> np.ndarray:
     outs = philox4x32(counter, key)
     which = (col % (4 * Q)) // Q
     r = np.select([which == k for k in range(4)], outs)
-    u = ((r >> np.uint64(8)).astype(np.float64) + 0.5) * 2.0 ** -24
+    u = ((r >> np.uint64(9)).astype(np.float64) + 0.5) * 2.0 ** -23   # exact in the kernel's fp32 too
     return -np.log(-np.log(u))
 
 
@@ -71,6 +71,22 @@ def test_draw_is_the_gumbel_max_of_its_philox_noise(M, V, T, splits, device):
     assert (tok.cpu().numpy()[clear] == want[clear]).all()
     ref = torch.log_softmax(logits.double() / T, -1).gather(1, tok[:, None]).squeeze(1)
     torch.testing.assert_close(lp.double(), ref, rtol=0, atol=2e-6)
+
+
+def test_the_largest_philox_output_gives_finite_noise(device):
+    """A column whose Philox output has its top 24 bits set: u = ((r >> 8) + 0.5) / 2^24 rounded to 1.0 in fp32 there,
+    its noise was +inf and it was sampled whatever its logit (2^-24 per column and step: 0.9 % of the rows at Qwen's
+    151,936 tokens). With the column 30 below the rest it must not be drawn, and the draw's log-prob is finite."""
+    V, key, col = 4096, 4696, 94                      # found with the numpy stream below (seed 4696, step 0)
+    Q = tile_columns(V)
+    NC = -(-V // (4 * Q)) * Q
+    r = philox4x32(np.array([(col // (4 * Q)) * Q + col % Q]), key)[(col % (4 * Q)) // Q][0]
+    assert int(r) >> 8 == 2 ** 24 - 1 and NC > 0      # the premise: the largest 24-bit value
+    logits = torch.zeros(1, V)
+    logits[0, col] = -30.0
+    tok, lp = sample_tokens(logits.to(device), 1.0, seed=_seed(key, device), step=_seed(0, device), backend="triton")
+    assert int(tok) != col and torch.isfinite(lp).all() and float(lp) > -20
+    assert int(tok) == int(gumbel_max(logits.double().numpy(), key)[0][0])
 
 
 def _tv(counts, p):
