@@ -7,7 +7,7 @@
 Each kernel is compiled ahead of time for the target (triton's own compiler and the ptxas it ships) through the
 launch code the engine runs, with inputs of the engine's sizes: the launchers pick block sizes, warps and grids
 as they would on the GPU, and the launch itself is skipped. `cuobjdump --dump-resource-usage` on the cubin gives
-registers per thread, spills (local memory) and static shared memory; triton's metadata the dynamic shared
+registers per thread, spills (ptxas -v: bytes of spill stores) and static shared memory; triton's metadata the dynamic shared
 memory. From them, the CUDA occupancy rules of sm_90 (65,536 registers, 228 KiB of shared memory, 2,048 threads
 and 32 blocks per SM; registers allocated per warp in units of 256; 1 KiB of shared memory reserved per block)
 give the blocks that fit on one SM, what limits them, and the waves a grid takes: programs / (blocks per SM x
@@ -91,6 +91,18 @@ def cubin_resources(cubin: bytes, workdir: Path) -> dict:
                          check=True).stdout
     line = next(ln for ln in out.splitlines() if "REG:" in ln)
     return {k: int(v) for k, v in re.findall(r"([A-Z]+):(\d+)", line)}
+
+
+def ptx_spills(ptx: str, workdir: Path) -> int:
+    """Bytes of spill stores `ptxas -v` reports for the kernel's PTX (for its own .target). cuobjdump's STACK is the
+    whole stack frame: spills, but also local arrays such as libdevice's sin/cos range reduction (32 B)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
+    path = workdir / "kernel.ptx"
+    path.write_text(ptx)
+    out = subprocess.run([str(tool), f"--gpu-name={target}", "-v", str(path), "-o", str(workdir / "k.o")],
+                         capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", out.stdout + out.stderr))
 
 
 class _Target:
@@ -240,7 +252,9 @@ def measure(groups: list[str], arch: int, sms: int, workdir: Path) -> list[Launc
                 smem = kernel.metadata.shared + res.get("SHARED", 0)
                 fit, limit = blocks_per_sm(res["REG"], warps, smem)
                 waves = math.prod(grid) / max(fit * sms, 1)
-                out.append(Launch(group, name, grid, warps, stages, res["REG"], res.get("LOCAL", 0), smem, fit,
+                # ptxas's own count: cuobjdump's LOCAL stays 0 when registers spill (they land in STACK)
+                spill = ptx_spills(kernel.asm["ptx"], workdir)
+                out.append(Launch(group, name, grid, warps, stages, res["REG"], spill, smem, fit,
                                   limit, round(waves, 3), note))
     return out
 

@@ -416,6 +416,35 @@ def test_accumulation_bench_runs_tiny(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 with a stand-in driver: a CPU check")
+def test_kernel_resources_counts_spills(tmp_path):
+    """The spill column is ptxas's count, so it can say something: the prefix kernel in fp32 at the 3B shape spills
+    (its bf16 tiles of 64 x 128 do not fit 255 fp32 registers); cuobjdump's LOCAL, read before, was 0 for it too."""
+    pytest.importorskip("triton.backends.nvidia")
+    script = f"""
+import sys, json, pathlib, torch
+sys.path.insert(0, {str(ROOT / "bench")!r})
+import kernel_resources as kr
+import strive_kernels.decode_attention as da
+from strive_kernels import _backend
+R, G, Hq, Hkv, D, Lp, T = 16, 8, 16, 2, 128, 2112, 256
+kp, ks = torch.empty(R, Hkv, Lp, D), torch.empty(R, G, Hkv, T, D)
+record = []
+with kr.compile_only(90, record), kr._patched(_backend, "sm_count", lambda device: 132):
+    da.shared_prefix_attention_triton(torch.empty(R, G, Hq, D), kp, kp, torch.zeros(R, dtype=torch.int32), ks, ks,
+                                      torch.tensor([T // 2], dtype=torch.int32))
+k = next(kernel for name, _, kernel, _, _ in record if name == "_prefix_kernel")
+w = pathlib.Path({str(tmp_path)!r})
+print(json.dumps([kr.ptx_spills(k.asm["ptx"], w), kr.cubin_resources(k.asm["cubin"], w).get("LOCAL", 0)]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    spills, local = json.loads(res.stdout.strip().splitlines()[-1])
+    assert spills > 0 and local == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 with a stand-in driver: a CPU check")
 def test_kernel_resources_of_the_decode_kernels_on_sm90(tmp_path):
     """bench/kernel_resources.py compiles the decode kernels for an H100 / H200 through the engine's launch code
     (no GPU): nothing spills, and the prefix kernel fits the PREFIX_PROGRAMS_PER_SM that plan_splits assumes, so
