@@ -220,6 +220,8 @@ def run_native(policy, prompts, G: int, T: int, device, reps: int = 2, pack_qkv:
                "warmup_step_ms": tm.get("warmup_step", float("nan")), "capture_ms": tm.get("capture", float("nan")),
                "decode_ms_per_step": tm["decode"] / replays if "capture" in tm else tm["decode"] / max(out.steps, 1),
                "decode_steps": out.steps, "wall_s": wall, "peak_extra_GiB": (peak() - base) / 2**30}
+        if "capture_failed" in tm:  # the engine finished eagerly (its log says why): not the graph's number
+            res["capture_failed"] = True
     return res
 
 
@@ -450,6 +452,9 @@ def main(argv=None) -> dict:
         print(f"{label:22s}{native[key]:12.3f}{h}")
     print(f"floor {floor_ms:.3f} ms/step ({nb['total'] / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s); native capture "
           f"{native['capture_ms']:.1f} ms; logits max rel err {check['max_rel_err']:.2e} over {check['steps']} steps")
+    if native.get("capture_failed") or unpacked.get("capture_failed"):
+        print("decode: CUDA graph capture FAILED, the engine decoded eagerly (see the warning above): its ms per step "
+              "are the eager step's")
     print(f"decode ms/step with q/k/v stacked {native['decode_ms_per_step']:.3f}, as three GEMMs "
           f"{unpacked['decode_ms_per_step']:.3f} ({unpacked['decode_ms_per_step'] / native['decode_ms_per_step']:.2f}x); "
           f"peak extra GiB {native['peak_extra_GiB']:.3f} vs {unpacked['peak_extra_GiB']:.3f}")

@@ -348,9 +348,17 @@ class DecodeEngine:
         if steps == 1:
             return 1
         graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads' CUDA work (the prefetcher's NVDEC decodes) must not void this capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.step(st)
+        try:
+            # thread_local: other threads' CUDA work (the prefetcher's NVDEC decodes) must not void this capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.step(st)
+        except RuntimeError as err:  # a capture records and runs nothing: the state is still after the warm-up step
+            del graph
+            torch.cuda.synchronize()
+            log.warning("decode: CUDA graph capture failed (%s); this generate call decodes eagerly",
+                        str(err).splitlines()[0][:300])
+            self._mark("capture_failed")
+            return 1 + self._run(st, steps - 1, False, check_every)
         self._mark("capture")
         addresses = self._param_addresses()
         flags = [torch.zeros(1, dtype=torch.bool, pin_memory=True) for _ in range(2)]

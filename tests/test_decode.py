@@ -522,6 +522,18 @@ def test_cuda_graph_decode_matches_hf(tmp_path, dtype):
             runs.append(engine.generate(prompts, 3, SamplingSpec(temperature=1.2), 24, eos, pad, check_every=4))
     assert torch.equal(runs[0].tokens, out.tokens) and torch.equal(runs[1].tokens, out.tokens)
     assert torch.equal(runs[1].logprobs, out.logprobs) and not torch.equal(runs[2].tokens, out.tokens)
+    # a capture that fails (refused here) finishes the call eagerly, from the warm-up step's state: the same draws
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("capture refused by the test")
+
+    with torch.no_grad(), sharpened(pol), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda.CUDAGraph, "capture_begin", refuse)
+        torch.manual_seed(0)
+        eager = engine.generate(prompts, 3, SamplingSpec(temperature=1.2), 24, eos, pad, check_every=4)
+    assert "capture_failed" in eager.timings_ms and "capture" not in eager.timings_ms
+    assert torch.equal(eager.tokens, out.tokens)
+    torch.testing.assert_close(eager.logprobs, out.logprobs, rtol=0, atol=1e-5)
     # early stop: force EOS from step 5 on through a huge logit; the loop ends at most 2 windows later
     with torch.no_grad():
         lm_bias = torch.zeros(pol.hf.lm_head.weight.shape[0], device="cuda", dtype=dtype)
