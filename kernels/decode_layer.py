@@ -114,8 +114,10 @@ def _use_triton(backend: str, *tensors: Tensor) -> bool:
 
 def add_rmsnorm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float, *,
                 backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """x, delta (M, H) contiguous, weight (H,) -> (x + delta, RMSNorm(x + delta) * weight); delta None: (x, norm)."""
-    if not _use_triton(backend, x, delta, weight):
+    """x, delta (M, H), weight (H,) -> (x + delta, RMSNorm(x + delta) * weight); delta None: (x, norm). The kernel
+    reads contiguous rows; other layouts take the twin."""
+    dense = x.is_contiguous() and weight.is_contiguous() and (delta is None or delta.is_contiguous())
+    if not (dense and _use_triton(backend, x, delta, weight)):
         return add_rmsnorm_reference(x, delta, weight, eps)
     M, H = x.shape
     h = torch.empty_like(x)
@@ -134,7 +136,9 @@ def rope_cache(q: Tensor, k: Tensor, v: Tensor, base_pos: Tensor, t: Tensor, inv
     (views of (R, G, Hkv, T, D) caches). q_norm / k_norm (D,): Qwen3-VL's per-head RMSNorm before the rotary."""
     M, Hq, D = q.shape
     Hkv, T = k.shape[1], k_cache.shape[2]
-    if not _use_triton(backend, q, k, v, k_cache, v_cache, q_norm, k_norm) or D & (D - 1) or q.stride(2) != 1:
+    readable = (not D & (D - 1) and q.stride(2) == k.stride(2) == v.stride(2) == 1
+                and base_pos.device == q.device and t.device == q.device)
+    if not (readable and _use_triton(backend, q, k, v, k_cache, v_cache, q_norm, k_norm)):
         qr = rope_reference(q, base_pos + t, inv_freq, scaling, q_norm, eps)
         kr = rope_reference(k, base_pos + t, inv_freq, scaling, k_norm, eps)
         k_cache.index_copy_(2, t, kr[:, :, None])

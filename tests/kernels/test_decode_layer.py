@@ -81,6 +81,27 @@ def test_rope_cache_kernel(norm, device):
         torch.testing.assert_close(want, rope_reference(q, base + t, inv, 1.0, qn, 1e-6), rtol=0, atol=0)
 
 
+def test_layouts_the_kernels_cannot_read_take_the_twin(device):
+    """add_rmsnorm reads contiguous rows and rope_cache unit-stride heads: other layouts (a column-sliced x, a k
+    whose head dimension is strided) are computed by the twins, not misread by the kernels."""
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(4, 96, generator=g).to(device)
+    x, d, w = wide[:, ::2], torch.randn(4, 48, generator=g).to(device), torch.rand(48, generator=g).to(device) + 0.5
+    for got, want in zip(add_rmsnorm(x, d, w, 1e-6, backend="triton"),
+                         add_rmsnorm_reference(x.contiguous(), d, w, 1e-6)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    M, Hq, Hkv, D, T = 3, 4, 2, 16, 4
+    q = torch.randn(M, Hq, D, generator=g).to(device)
+    k = torch.randn(M, Hkv, 2 * D, generator=g).to(device)[..., ::2]
+    v = torch.randn(M, Hkv, D, generator=g).to(device)
+    base, t = torch.arange(M).to(device) * 7, torch.tensor([1], device=device)
+    inv = 1.0 / (1e4 ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+    caches = [torch.zeros(M, Hkv, T, D, device=device) for _ in range(4)]
+    rope_cache(q.clone(), k, v, base, t, inv, 1.0, caches[0], caches[1], backend="triton")
+    rope_cache(q.clone(), k.contiguous(), v, base, t, inv, 1.0, caches[2], caches[3], backend="reference")
+    torch.testing.assert_close(caches[0], caches[2], rtol=1e-6, atol=1e-6)
+
+
 def test_silu_mul_kernel(device):
     for dtype in _dtypes(device):
         g = torch.Generator().manual_seed(1)
