@@ -162,6 +162,7 @@ class Recompute:
         self.vision_trained = any(p.requires_grad for m in self.units[1].modules for p in m.parameters())
         self.other = 0.0                     # bytes per token kept outside the layers (embeddings, final norm, ...)
         self.recomputed = {u.name: 0 for u in self.units}
+        self._over_budget_said = False
         self.history: list[dict[str, float]] = []
         self._seen: tuple[int, int, int, float, str] | None = None
         # per attention path ("one": one call over the layout, "split": strive_engine.split_attention) the probe's
@@ -424,6 +425,14 @@ class Recompute:
         peak = resident + self.predict(counts, tokens, patches, extra, kv_bytes)
         self.history.append({"recomputed_layers": counts["decoder"], "recomputed_blocks": counts["vision"],
                              "predicted_peak_gib": peak / 2**30})
+        if peak > self.budget and not self._over_budget_said:   # once per run, from rank 0
+            self._over_budget_said = True
+            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+                log.warning("activation checkpointing auto: a forward of %d tokens and %d patches is predicted to peak "
+                            "at %.1f GiB with %d decoder layers and %d vision blocks recomputed, above the %.1f GiB "
+                            "budget (parallel.memory_budget_gib): expect an out-of-memory error; lower "
+                            "parallel.micro_batch_size, rollout.max_new_tokens or the frames / pixels per video",
+                            tokens, patches, peak / 2**30, counts["decoder"], counts["vision"], self.budget / 2**30)
 
     def reset(self) -> None:
         self.history = []

@@ -179,7 +179,7 @@ def test_configuration_of_activation_checkpointing():
 
 
 @pytest.mark.slow
-def test_a_trainer_under_a_budget_recomputes_every_layer_and_trains_the_same(tmp_path, dist_cleanup):
+def test_a_trainer_under_a_budget_recomputes_every_layer_and_trains_the_same(tmp_path, dist_cleanup, caplog):
     """The engine's path (FSDP2 world of 1, the fused loss, prompt sharing): a budget far below what the update
     needs makes every forward with grad recompute every layer; the steps' metrics and the weights are those of
     the run without a budget (nothing recomputed on the CPU), and only the budgeted run reports the plan."""
@@ -218,6 +218,9 @@ def test_a_trainer_under_a_budget_recomputes_every_layer_and_trains_the_same(tmp
         assert b["memory/predicted_peak_gib"] > 0.01
         for k in ("loss", "grad_norm", "reward/mean", "rollout/gen_tokens"):
             assert a[k] == b[k] == c[k], (step, k)
+    # a peak predicted above the budget even with everything recomputed is said, once
+    over = [r for r in caplog.records if "above the 0.0 GiB budget" in r.getMessage()]
+    assert len(over) == 1 and over[0].levelname == "WARNING", [r.getMessage() for r in caplog.records][-5:]
     for (n, p), q, r in zip(free.root.named_parameters(), tight.root.parameters(), every.root.parameters()):
         assert torch.equal(p.detach(), q.detach()) and torch.equal(p.detach(), r.detach()), n
 
