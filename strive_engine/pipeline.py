@@ -45,8 +45,10 @@ class DecodedBatch:
     short: int = 0                         # valid pools holding fewer frames than asked (the whole video)
 
 
-def _placeholder(record: VideoQA, pool_frames: int, side: int = 56) -> DecodedVideo:
-    frames = torch.zeros(pool_frames, side, side, 3, dtype=torch.uint8)
+def _placeholder(record: VideoQA, pool_frames: int, device: str | torch.device = "cpu", side: int = 56
+                 ) -> DecodedVideo:
+    """Where the good pools are (a CPU placeholder among CUDA pools broke the step's torch.cat of their pixels)."""
+    frames = torch.zeros(pool_frames, side, side, 3, dtype=torch.uint8, device=device)
     info = VideoInfo(path=record.path, num_frames=pool_frames, fps=1.0, duration=float(pool_frames),
                      width=side, height=side, codec="placeholder")
     return DecodedVideo(frames=frames, indices=torch.arange(pool_frames),
@@ -72,7 +74,7 @@ def decode_batch(records: list[VideoQA], source: VideoSource, pool_frames: int, 
             batch.errors.append(res)
             if log_errors:
                 log.warning("skipping %s (%s): %s", rec.source, type(res).__name__, res)
-            batch.pools.append(_placeholder(rec, pool_frames))
+            batch.pools.append(_placeholder(rec, pool_frames, device))
             valid.append(False)
         else:
             batch.pools.append(res)

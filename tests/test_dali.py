@@ -499,6 +499,7 @@ def test_dali_mixed_bad_input(tmp_path, gpu_clips):
                     data_type="video", source=k) for k, p in [("good", gpu_clips["hevc"])] + list(bad.items())]
     batch = decode_batch(recs, src, pool_frames=20, device="cuda", log_errors=False)
     assert batch.valid.tolist() == [True] + [False] * len(bad)
+    assert all(p.frames.is_cuda for p in batch.pools)   # the placeholders too: the step concatenates them
     assert sum(batch.skipped.values()) == len(bad) and set(batch.skipped) == set(videoclips.BAD_TYPES.values())
     print(f"DALI NVDEC bad-input stats: {dict(src.primary.stats)}")
 

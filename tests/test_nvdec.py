@@ -273,6 +273,7 @@ def test_nvdec_bad_input(tmp_path, gpu_clips):
                     data_type="video", source=k) for k, p in [("good", gpu_clips["vp9"])] + list(bad.items())]
     batch = decode_batch(recs, src, pool_frames=20, device="cuda", log_errors=False)
     assert batch.valid.tolist() == [True] + [False] * len(bad)
+    assert all(p.frames.is_cuda for p in batch.pools)   # the placeholders too: the step concatenates them
     want: dict = {}
     for k in bad:
         want[BAD_TYPES[k]] = want.get(BAD_TYPES[k], 0) + 1

@@ -64,6 +64,23 @@ def test_a_short_video_is_decoded_whole_and_only_undecodable_ones_are_skipped(cl
     assert len(out.errors) == 1 and clips["corrupt"] in str(out.errors[0])
 
 
+def test_a_skipped_videos_placeholder_is_where_the_good_pools_are(clips):
+    """Decoding to a device (CUDA on a GPU; the meta device stands in here), the placeholder of an undecodable video
+    lies beside the good pools: a CPU one among CUDA pools broke the step's concatenation of their pixels."""
+    from strive_engine.pipeline import decode_batch
+    from strive_engine.video import PyAVSource
+
+    class ToDevice(PyAVSource):
+        def read_batch(self, requests, device="cpu"):
+            return [r if isinstance(r, Exception) else type(r)(**{**vars(r), "frames": r.frames.to(device)})
+                    for r in super().read_batch(requests)]
+
+    out = decode_batch(_records([clips["long"], clips["corrupt"]]), ToDevice(threads=1), pool_frames=16,
+                       device="meta", log_errors=False)
+    assert out.valid.tolist() == [True, False]
+    assert [p.frames.device.type for p in out.pools] == ["meta", "meta"]
+
+
 def test_short_videos_through_the_routing_source(clips):
     """video.backend=auto on this machine (DALI's CPU decoder for VP9 when installed, PyAV for H.264): the same."""
     from strive_engine.config import VideoConfig
