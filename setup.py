@@ -2,7 +2,9 @@
 
 The CUDA kernel is built only when the installed torch is a CUDA build (torch.version.cuda; STRIVE_WITH_CUDA=0
 opts out); a CPU torch gets the CPU kernel. Set STRIVE_CUDA_ARCHS="80;90" (CMake list) to choose CUDA architectures,
-STRIVE_BUILD_TYPE=Debug for a debug build, MAX_JOBS to bound parallel compilation.
+STRIVE_BUILD_TYPE=Debug for a debug build, MAX_JOBS to bound parallel compilation. Against a CUDA torch, CMake needs
+the CUDA toolkit (nvcc and its libraries: torch's CMake package asks for them, for the CPU kernel too);
+STRIVE_BUILD_EXT=0 installs without the extension, and the variant op runs its pure-torch twin.
 """
 import os
 import subprocess
@@ -46,8 +48,18 @@ class CMakeBuild(build_ext):
         except ImportError:
             pass
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
-        subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
+        try:
+            subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
+        except subprocess.CalledProcessError as e:
+            if torch.version.cuda is None:
+                raise
+            raise RuntimeError(
+                f"CMake could not configure strive_kernels._C against this CUDA build of torch (CUDA "
+                f"{torch.version.cuda}): torch's CMake package needs the CUDA toolkit (nvcc and its libraries), also "
+                f"for the CPU kernel. Put the toolkit's bin/ on PATH or set CUDA_HOME and install again, or install "
+                f"without the extension: STRIVE_BUILD_EXT=0 (the variant op then runs its pure-torch twin)") from e
         subprocess.check_call(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs])
 
 
-setup(ext_modules=[CMakeExtension("strive_kernels._C")], cmdclass={"build_ext": CMakeBuild})
+build_ext_wanted = os.environ.get("STRIVE_BUILD_EXT", "1") != "0"
+setup(ext_modules=[CMakeExtension("strive_kernels._C")] if build_ext_wanted else [], cmdclass={"build_ext": CMakeBuild})

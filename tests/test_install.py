@@ -30,3 +30,17 @@ def test_build_py_is_quiet_and_ships_every_recipe(tmp_path):
         assert noise not in out, out[-3000:]
     shipped = sorted(p.name for p in (tmp_path / "lib" / "strive_engine" / "recipes").glob("*.toml"))
     assert shipped == sorted(p.name for p in (ROOT / "strive_engine" / "recipes").glob("*.toml")) and shipped
+
+
+def test_strive_build_ext_0_installs_without_the_extension(tmp_path):
+    """STRIVE_BUILD_EXT=0 (a CUDA torch without the CUDA toolkit, whose CMake package cannot be configured): the
+    build step succeeds and builds nothing; the variant op then runs its pure-torch twin."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md", "CMakeLists.txt"):
+        shutil.copy(ROOT / name, src / name)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}, "STRIVE_BUILD_EXT": "0"}
+    res = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib")], cwd=src,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert not list((tmp_path / "lib").rglob("_C*")) and not (src / "build").exists()
