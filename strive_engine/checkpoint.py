@@ -100,6 +100,20 @@ def _state(root: nn.Module, optimizer: torch.optim.Optimizer, ref_root: nn.Modul
     return state
 
 
+class _DeviceWriter(dcp.FileSystemWriter):
+    """DCP's async writer thread on this rank's device: a fresh thread's CUDA device is cuda:0, and torch 2.11 frees
+    (cudaHostUnregister) the pinned staging buffers on that thread; every rank's calls there opened a context on GPU 0."""
+
+    def __init__(self, path: str, *, device: torch.device, **kw: Any):
+        super().__init__(path, **kw)
+        self._device = device
+
+    def write_data(self, plan, planner):
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+        return super().write_data(plan, planner)
+
+
 class Checkpointer:
     """Saves and finds checkpoints under `root_dir`. Every rank constructs it (it creates a process group)."""
 
@@ -175,7 +189,10 @@ class Checkpointer:
             small["config.json"] = self.config
         # A JSON copy taken now: fails here, in the step, if something is not JSON, and later steps cannot change it.
         small = json.loads(json.dumps(small, allow_nan=False))
-        writer = dcp.FileSystemWriter(str(path))
+        # per_thread_copy_ahead=0: the state is on the CPU already (staged, or a sync save's writer on this
+        # thread); DCP's overlapping loader would sync CUDA streams from its own thread, whose device is cuda:0.
+        writer = _DeviceWriter(str(path), device=self.env.device, per_thread_copy_ahead=0) if self.async_save \
+            else dcp.FileSystemWriter(str(path))
         try:
             if self.async_save:
                 upload = dcp.async_save(state, storage_writer=writer, process_group=self._pg,
@@ -215,8 +232,8 @@ class Checkpointer:
                 files: dict[str, Any] = {}
                 for k in range(self.env.world_size):
                     files.update(read_json(path / _PART.format(k), path))
-                for rel in shards + sorted(f.name for f in path.glob("*.distcp")):  # any shard not listed yet
-                    files.setdefault(rel, file_entry(path / rel))
+                for rel in sorted((set(shards) | {f.name for f in path.glob("*.distcp")}) - files.keys()):
+                    files[rel] = file_entry(path / rel)  # only a shard no rank listed: each file is hashed once
                 write_json(path / MANIFEST, {"step": step, "files": dict(sorted(files.items()))})
                 for k in range(self.env.world_size):
                     (path / _PART.format(k)).unlink()
