@@ -425,14 +425,14 @@ class Recompute:
         peak = resident + self.predict(counts, tokens, patches, extra, kv_bytes)
         self.history.append({"recomputed_layers": counts["decoder"], "recomputed_blocks": counts["vision"],
                              "predicted_peak_gib": peak / 2**30})
-        if peak > self.budget and not self._over_budget_said:   # once per run, from rank 0
+        if peak > self.budget and not self._over_budget_said:   # once per run, by the rank it happens on
             self._over_budget_said = True
-            if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-                log.warning("activation checkpointing auto: a forward of %d tokens and %d patches is predicted to peak "
-                            "at %.1f GiB with %d decoder layers and %d vision blocks recomputed, above the %.1f GiB "
-                            "budget (parallel.memory_budget_gib): expect an out-of-memory error; lower "
-                            "parallel.micro_batch_size, rollout.max_new_tokens or the frames / pixels per video",
-                            tokens, patches, peak / 2**30, counts["decoder"], counts["vision"], self.budget / 2**30)
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            log.warning("activation checkpointing auto (rank %d): a forward of %d tokens and %d patches is predicted "
+                        "to peak at %.1f GiB with %d decoder layers and %d vision blocks recomputed, above the %.1f GiB "
+                        "budget (parallel.memory_budget_gib): expect an out-of-memory error; lower "
+                        "parallel.micro_batch_size, rollout.max_new_tokens or the frames / pixels per video", rank,
+                        tokens, patches, peak / 2**30, counts["decoder"], counts["vision"], self.budget / 2**30)
 
     def reset(self) -> None:
         self.history = []
