@@ -421,7 +421,7 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
     stages = {}
     for s in STAGES:
         secs = [r.get(f"time/{s}", 0.0) for r in rows]
-        if s == "checkpoint" or not any(secs):
+        if s == "checkpoint" or (not any(secs) and s != "decode"):  # decode at 0: the prefetcher hid it, say so
             continue
         stages[s] = _stage_row(s, secs, [w.get(s, {}) for w in stage_work], ceilings, step_s)
         if s in peak:
