@@ -250,8 +250,12 @@ def apply_liger(model: nn.Module, device: torch.device, enabled: bool = True) ->
         fn(**{k: v for k, v in wanted.items() if k in params})
     finally:
         for k, v in list(vars(family).items()):
-            if isinstance(v, type) and classes.get(k) is not v:   # rebound, or added (Qwen2RMSNorm on 5.x)
-                setattr(family, k, classes[k]) if k in classes else delattr(family, k)
+            if not isinstance(v, type) or classes.get(k) is v:
+                continue
+            if k in classes:
+                setattr(family, k, classes[k])   # rebound
+            else:
+                delattr(family, k)               # added (Qwen2RMSNorm on transformers 5.x)
     _log_once("liger:on", "liger-kernel patches applied to %s's instance (RMSNorm, SwiGLU, mRoPE where the model "
               "calls it)", model.config.model_type)
     return True
