@@ -135,7 +135,7 @@ for s in $STAGES; do
     grep -E "_prefix_kernel|_suffix_kernel|_sample_kernel" "$OUTDIR/kernel_resources.log"
     wait_build
     run_py bench_rollout 200 bench/bench_rollout.py --out "$OUTDIR/rollout_full.json"
-    grep -E "^(prefill|decode|tokens|of floor|peak|floor|prefix|sampling)" "$OUTDIR/bench_rollout.log" ;;
+    grep -E "^(prefill|decode|tokens|of floor|peak|floor|prefix|sampling|vision)" "$OUTDIR/bench_rollout.log" ;;
   throughput|throughput_main|throughput_more)
     needs "$s" av || continue
     wait_build
