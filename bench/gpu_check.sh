@@ -21,6 +21,7 @@
 #                       (--model.shared_attention=masked); the HF rollout backend
 #            kernels14  issue 14's kernel checks: log-prob engine shapes + memory, public-call costs, FSDP2's
 #                       gathers at gpu_3b's size (bench_accumulation), GPU tests
+#            variant    the C++/CUDA variant op's GPU tests (CUDA == CPU kernel, bad inputs); run after `build`
 #            dali       DALI / NVDEC: colour, bad files, concurrency tests and bench_decode --quick (needs the
 #                       DALI parts unpacked to /tmp/sd and /tmp/site, see ../shared/device/pack_dali.sh)
 #            gpu3b      bench/throughput.py --recipe gpu_3b, one timed step (activation checkpointing auto: the
@@ -180,6 +181,9 @@ for s in $STAGES; do
     run_tests kernels14 90 tests/kernels/test_logprob.py tests/kernels/test_logprob_resources.py \
       tests/kernels/test_keyframe.py \
       tests/kernels/test_advantage.py -k "gpu or one_compile or allocates_no or value_check or layout_check" ;;
+  variant)
+    wait_build
+    run_tests variant 120 tests/kernels/test_variant_patchify.py -m gpu ;;
   dali)
     wait_build
     export PYTHONPATH=/tmp/sd:/tmp/site:$PYTHONPATH
