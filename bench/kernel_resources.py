@@ -7,8 +7,8 @@
 Each kernel is compiled ahead of time for the target (triton's own compiler and the ptxas it ships) through the
 launch code the engine runs, with inputs of the engine's sizes: the launchers pick block sizes, warps and grids
 as they would on the GPU, and the launch itself is skipped. `cuobjdump --dump-resource-usage` on the cubin gives
-registers per thread, spills (ptxas -v: bytes of spill stores) and static shared memory; triton's metadata the dynamic shared
-memory. From them, the CUDA occupancy rules of sm_90 (65,536 registers, 228 KiB of shared memory, 2,048 threads
+registers per thread and static shared memory, `ptxas -v` the bytes of spill stores, triton's metadata the dynamic
+shared memory. From them, the CUDA occupancy rules of sm_90 (65,536 registers, 228 KiB of shared memory, 2,048 threads
 and 32 blocks per SM; registers allocated per warp in units of 256; 1 KiB of shared memory reserved per block)
 give the blocks that fit on one SM, what limits them, and the waves a grid takes: programs / (blocks per SM x
 SMs). A grid of 1.1 waves runs its last 0.1 wave on a tenth of the GPU; spills are slow local memory.

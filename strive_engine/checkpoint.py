@@ -102,7 +102,8 @@ def _state(root: nn.Module, optimizer: torch.optim.Optimizer, ref_root: nn.Modul
 
 class _DeviceWriter(dcp.FileSystemWriter):
     """DCP's async writer thread on this rank's device: a fresh thread's CUDA device is cuda:0, and torch 2.11 frees
-    (cudaHostUnregister) the pinned staging buffers on that thread; every rank's calls there opened a context on GPU 0."""
+    (cudaHostUnregister) the pinned staging buffers on that thread; every rank's calls there opened a context on
+    GPU 0."""
 
     def __init__(self, path: str, *, device: torch.device, **kw: Any):
         super().__init__(path, **kw)

@@ -429,8 +429,8 @@ class Recompute:
             self._over_budget_said = True
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             log.warning("activation checkpointing auto (rank %d): a forward of %d tokens and %d patches is predicted "
-                        "to peak at %.1f GiB with %d decoder layers and %d vision blocks recomputed, above the %.1f GiB "
-                        "budget (parallel.memory_budget_gib): expect an out-of-memory error; lower "
+                        "to peak at %.1f GiB with %d decoder layers and %d vision blocks recomputed, above the "
+                        "%.1f GiB budget (parallel.memory_budget_gib): expect an out-of-memory error; lower "
                         "parallel.micro_batch_size, rollout.max_new_tokens or the frames / pixels per video", rank,
                         tokens, patches, peak / 2**30, counts["decoder"], counts["vision"], self.budget / 2**30)
 
