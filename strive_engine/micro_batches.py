@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from strive_engine import split_attention
-from strive_engine.prompt_sharing import group_by_prompt
+from strive_engine.prompt_sharing import group_by_prompt, host_rows
 
 
 @dataclass
@@ -58,10 +58,9 @@ class RowGroups:
 def row_groups(inputs, rows: Tensor) -> RowGroups:
     """`rows` (batch indices) of `inputs` (PolicyInputs) grouped by prompt, with their sizes (one copy to the host)."""
     rows = rows.reshape(-1).cpu()
-    M, L = inputs.input_ids.shape
-    host = torch.cat([inputs.input_ids.long(), inputs.attention_mask.long(), inputs.completion_mask.long(),
-                      inputs.video_index.long().to(inputs.input_ids.device)[:, None]], 1).cpu()[rows]
-    ids, mask, comp, vid = host[:, :L], host[:, L:2 * L].bool(), host[:, 2 * L:3 * L].bool(), host[:, 3 * L]
+    L = inputs.input_ids.shape[1]
+    ids, mask, comp, vid = (t[rows] for t in host_rows(inputs.input_ids, inputs.attention_mask,
+                                                       inputs.completion_mask, inputs.video_index))
     prompt, members = group_by_prompt(ids, mask, comp, vid)
     after = (mask & ~prompt).sum(1).tolist()
     plen = prompt.sum(1).tolist()

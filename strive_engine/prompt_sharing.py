@@ -58,6 +58,15 @@ class PromptGroups:
         return int(self.valid.sum())
 
 
+def host_rows(input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, video_index: Tensor
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ids (M, L) int64, mask / comp (M, L) bool, vid (M,) on the host, in one copy (one sync on CUDA)."""
+    L = input_ids.shape[1]
+    host = torch.cat([input_ids.long(), attention_mask.long(), completion_mask.long(),
+                      video_index.long().to(input_ids.device)[:, None]], 1).cpu()
+    return host[:, :L], host[:, L:2 * L].bool(), host[:, 2 * L:3 * L].bool(), host[:, 3 * L]
+
+
 def group_by_prompt(ids: Tensor, mask: Tensor, comp: Tensor, vid: Tensor) -> tuple[Tensor, list[list[int]]]:
     """Host tensors ids (M, L), mask / comp (M, L) bool, vid (M,) -> each row's prompt (M, L) bool (its attended
     tokens before its first scored completion token; all of them when it has none), and the rows grouped by
@@ -83,9 +92,7 @@ def prompt_groups(input_ids: Tensor, attention_mask: Tensor, completion_mask: Te
     A row's prompt: its attended tokens before its first scored completion token (all of it when it has none);
     its completion: the attended tokens from there on."""
     M, L = input_ids.shape
-    host = torch.cat([input_ids.long(), attention_mask.long(), completion_mask.long(),
-                      video_index.long().to(input_ids.device)[:, None]], 1).cpu()  # one copy to the host
-    ids, mask, comp, vid = host[:, :L], host[:, L:2 * L].bool(), host[:, 2 * L:3 * L].bool(), host[:, 3 * L]
+    ids, mask, comp, vid = host_rows(input_ids, attention_mask, completion_mask, video_index)
     prompt, members = group_by_prompt(ids, mask, comp, vid)
     after = mask & ~prompt
     if len(members) == M:
