@@ -198,11 +198,12 @@ def run_vision(policy, prompts, device, reps: int = 3) -> dict:
     return res
 
 
-def run_native(policy, prompts, G: int, T: int, device, reps: int = 2, pack_qkv: bool = True) -> dict:
+def run_native(policy, prompts, G: int, T: int, device, reps: int = 2, pack_qkv: bool = True,
+               fuse_rope: bool = True) -> dict:
     from strive_engine.decode import DecodeEngine
     from strive_engine.sampling import SamplingSpec
 
-    engine = DecodeEngine(policy, pack_qkv=pack_qkv)
+    engine = DecodeEngine(policy, pack_qkv=pack_qkv, fuse_rope=fuse_rope)
     p = prompts.to(device)
     p.pixel_values_videos = p.pixel_values_videos.to(policy.hf.dtype)
     res = None
@@ -406,6 +407,8 @@ def main(argv=None) -> dict:
     native = run_native(policy, prompts, args.G, args.new_tokens, args.device)
     # the engine's one weight copy (q/k/v stacked per call) against reading the three projections in place
     unpacked = run_native(policy, prompts, args.G, args.new_tokens, args.device, reps=1, pack_qkv=False)
+    # the rotary and K/V write inside the attention kernels against their own launch (rope_cache) per layer
+    rope_launch = run_native(policy, prompts, args.G, args.new_tokens, args.device, reps=1, fuse_rope=False)
     prof = profile_step(policy, prompts, args.G, args.device)
     plans = prefix_plans(policy, prompts, args.G, args.new_tokens, args.device)
     draw = sampler(args.requests * args.G, policy.hf.lm_head.weight.shape[0], args.device)
@@ -431,7 +434,8 @@ def main(argv=None) -> dict:
                      float(prompts.attention_mask.sum(1).float().mean()), "video_tokens": grid[0] * grid[1] * grid[2] // 4,
                      "new_tokens": T, "params_B": sum(p.numel() for p in policy.parameters()) / 1e9},
            "build_s": build_s, "copy_GBps": bw / 1e9, "step_bytes_GB": {k: v / 1e9 for k, v in nb.items()},
-           "floor_ms_per_step": floor_ms, "native": native, "native_unpacked_qkv": unpacked, "hf": hf, "vision_tower": vision, "logits_check": check,
+           "floor_ms_per_step": floor_ms, "native": native, "native_unpacked_qkv": unpacked,
+           "native_rope_launch": rope_launch, "hf": hf, "vision_tower": vision, "logits_check": check,
            "eager_step_kernels": prof, "prefix_attention_plans": plans, "sampler": draw}
     native["tokens_per_s"] = tok_s(native, native["decode_ms_per_step"])
     native["fraction_of_floor"] = floor_ms / native["decode_ms_per_step"]
@@ -452,12 +456,15 @@ def main(argv=None) -> dict:
         print(f"{label:22s}{native[key]:12.3f}{h}")
     print(f"floor {floor_ms:.3f} ms/step ({nb['total'] / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s); native capture "
           f"{native['capture_ms']:.1f} ms; logits max rel err {check['max_rel_err']:.2e} over {check['steps']} steps")
-    if native.get("capture_failed") or unpacked.get("capture_failed"):
+    if native.get("capture_failed") or unpacked.get("capture_failed") or rope_launch.get("capture_failed"):
         print("decode: CUDA graph capture FAILED, the engine decoded eagerly (see the warning above): its ms per step "
               "are the eager step's")
     print(f"decode ms/step with q/k/v stacked {native['decode_ms_per_step']:.3f}, as three GEMMs "
           f"{unpacked['decode_ms_per_step']:.3f} ({unpacked['decode_ms_per_step'] / native['decode_ms_per_step']:.2f}x); "
           f"peak extra GiB {native['peak_extra_GiB']:.3f} vs {unpacked['peak_extra_GiB']:.3f}")
+    print(f"decode ms/step with the rotary in the attention kernels {native['decode_ms_per_step']:.3f}, as its own "
+          f"launch {rope_launch['decode_ms_per_step']:.3f} "
+          f"({rope_launch['decode_ms_per_step'] / native['decode_ms_per_step']:.2f}x)")
     if plans:
         print(f"prefix attention per layer: planned splits {plans['planned']['splits']} {plans['planned']['us']:.1f} us "
               f"({plans['planned']['prompt_kv_GBps']:.0f} GB/s of prompt K/V), the plan before 2026-12-06 "

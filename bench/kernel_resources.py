@@ -171,13 +171,21 @@ def decode_launches():
     ks, vs = torch.empty(R, G, Hkv, T, D, dtype=bf), torch.empty(R, G, Hkv, T, D, dtype=bf)
     start = torch.zeros(R, dtype=torch.int32)
     n = torch.tensor([T // 2], dtype=torch.int32)
-    yield "shared_prefix_attention", lambda: da.shared_prefix_attention_triton(q, kp, vp, start, ks, vs, n)
     M = R * G
+    # the engine's call: q, k, v strided views of the stacked q/k/v projection, the rotary inside the kernels
+    proj = torch.empty(M, (Hq + 2 * Hkv) * D, dtype=bf).split([Hq * D, Hkv * D, Hkv * D], 1)
+    qp, kn, vn = proj[0].view(M, Hq, D), proj[1].view(M, Hkv, D), proj[2].view(M, Hkv, D)
+    pos, t = torch.zeros(M, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
+    inv = torch.ones(D // 2)
+    yield "rope_shared_prefix_attention", lambda: da.rope_shared_prefix_attention_triton(
+        qp, kn, vn, pos[:R], t, inv, 1.0, kp, vp, start, ks, vs)
+    norm = torch.empty(D, dtype=bf)  # Qwen3-VL: per-head q / k RMSNorm before the rotary
+    yield "rope_... qk-norm", lambda: da.rope_shared_prefix_attention_triton(
+        qp, kn, vn, pos[:R], t, inv, 1.0, kp, vp, start, ks, vs, q_norm=norm, k_norm=norm)
+    yield "shared_prefix_attention", lambda: da.shared_prefix_attention_triton(q, kp, vp, start, ks, vs, n)
     x, w = torch.empty(M, H, dtype=bf), torch.empty(H, dtype=bf)
     qf, kf = torch.empty(M, Hq, D, dtype=bf), torch.empty(M, Hkv, D, dtype=bf)
     kc, vc = torch.empty(M, Hkv, T, D, dtype=bf), torch.empty(M, Hkv, T, D, dtype=bf)
-    pos, t = torch.zeros(M, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
-    inv = torch.ones(D // 2)
     g = torch.empty(M, I, dtype=bf)
     with _patched(dl, "_use_triton", lambda backend, *ts: True):  # CPU tensors: the CUDA path's launches
         yield "add_rmsnorm", lambda: dl.add_rmsnorm(x, x, w, 1e-6)

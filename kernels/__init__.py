@@ -6,6 +6,8 @@
     adv, stats = sk.group_advantages(rewards, group_ids, variant_ids, mode="joint")  # Triton
     out = sk.fused_logprob_loss(hidden, weight, targets, old_logp, adv, mask, sk.LossSpec(eps_high=0.28))
     o = sk.shared_prefix_attention(q, k_prefix, v_prefix, start, k_suffix, v_suffix, n)  # Triton decode attention
+    o = sk.rope_shared_prefix_attention(q, k, v, pos, t, inv_freq, 1.0, k_prefix, v_prefix, start, k_suffix,
+                                        v_suffix)      # the same with the rotary and the K/V write of token t fused
     token, logp = sk.sample_tokens(logits, T, seed=sk.sampling_seed(dev), step=t)      # Triton one-pass sampler
 
 Every public function takes `backend=` from one vocabulary, auto | triton | native | reference, resolved by
@@ -24,6 +26,7 @@ _EXPORTS = {
     "fused_logprob_loss": "strive_kernels.logprob",
     "fused_logprobs": "strive_kernels.logprob",
     "shared_prefix_attention": "strive_kernels.decode_attention",
+    "rope_shared_prefix_attention": "strive_kernels.decode_attention",
     "add_rmsnorm": "strive_kernels.decode_layer",
     "rope_cache": "strive_kernels.decode_layer",
     "silu_mul": "strive_kernels.decode_layer",

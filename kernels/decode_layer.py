@@ -5,8 +5,9 @@ Contracts and HF's rounding points: `strive_kernels.reference.decode_layer` (the
 Why: one decode step of a 36-layer model runs ~40 small torch kernels per layer (RMSNorm alone is 7: cast,
 square, mean, add, rsqrt, multiply, cast-multiply; rotary 6 per tensor), ~1,500 per token. Replayed from a CUDA
 graph each still costs a few microseconds at M = 128 rows, which is more than the step's bandwidth floor
-(~1.8 ms at the Qwen2.5-VL-3B shape). Fused, a layer is 13 launches: add+norm, q/k/v GEMMs, rope+cache write,
-2 attention kernels, o GEMM, add+norm, gate/up GEMMs, silu*up, down GEMM.
+(~1.8 ms at the Qwen2.5-VL-3B shape). Fused, a layer is 10 launches in the engine: add+norm, the stacked q/k/v GEMM,
+2 attention kernels (`strive_kernels.rope_shared_prefix_attention`, which do rope_cache's work through `_rope`
+below), o GEMM, add+norm, gate and up GEMMs, silu*up, down GEMM.
 
     x, h = add_rmsnorm(x, delta, w, eps)        x + delta (model dtype), then RMSNorm(x + delta) * w; one row per
                                                 program, everything in registers
@@ -47,6 +48,37 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, y_ptr, h_ptr, H, eps, HAS_DELTA: tl
 
 
 @triton.jit
+def _rope(x, xp, f, sign, scaling, w, wp, eps, D: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Heads x (..., D) and their rotate-half partners xp (xp[.., d] = x[.., (d + D/2) % D]) in the model dtype ->
+    rotated, HF's rounding points (`rope_reference`). f (D,) fp32: the angle of each column, position x its
+    frequency (one position for all of x); sign (D,) -1 in the first half; w / wp (D,) fp32: Qwen3-VL's per-head
+    RMSNorm weight and its partner (HAS_NORM). Shared by rope_cache and the decode attention kernels
+    (strive_kernels.decode_attention), so that both compute the same bits."""
+    dt = x.dtype
+    if HAS_NORM:                                                        # Qwen3-VL q_norm / k_norm over the head
+        xf = x.to(tl.float32)
+        r = tl.math.rsqrt(tl.sum(xf * xf, axis=-1, keep_dims=True) / D + eps)
+        x = ((xf * r).to(dt).to(tl.float32) * w).to(dt)
+        xp = ((xp.to(tl.float32) * r).to(dt).to(tl.float32) * wp).to(dt)
+    cos = (tl.cos(f) * scaling).to(dt).to(tl.float32)
+    sin = (tl.sin(f) * scaling).to(dt).to(tl.float32)
+    a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
+    b = ((sign * xp.to(tl.float32)).to(dt).to(tl.float32) * sin).to(dt).to(tl.float32)
+    return (a + b).to(dt)
+
+
+@triton.jit
+def _norm_weights(n_ptr, d, partner, HAS_NORM: tl.constexpr):
+    """(w, wp) for `_rope`: the per-head norm weight at columns d and their partners, fp32 (1.0 without a norm)."""
+    w = 1.0
+    wp = 1.0
+    if HAS_NORM:
+        w = tl.load(n_ptr + d).to(tl.float32)
+        wp = tl.load(n_ptr + partner).to(tl.float32)
+    return w, wp
+
+
+@triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, t_ptr, inv_ptr, kc_ptr, vc_ptr, qn_ptr, kn_ptr,
                        HQ, HKV, T, scaling, eps, sq_m, sq_h, sk_m, sk_h, sv_m, sv_h,
                        D: tl.constexpr, HAS_NORM: tl.constexpr):
@@ -58,31 +90,15 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, t_ptr, inv_ptr, kc_ptr, vc_
     half: tl.constexpr = D // 2
     partner = (d + half) % D
     sign = tl.where(d < half, -1.0, 1.0)
+    f = pos * tl.load(inv_ptr + d % half)
     is_q = h < HQ
     if is_q:
         base = q_ptr + m * sq_m + h * sq_h
+        w, wp = _norm_weights(qn_ptr, d, partner, HAS_NORM)
     else:
         base = k_ptr + m * sk_m + (h - HQ) * sk_h
-    x = tl.load(base + d)
-    xp = tl.load(base + partner)
-    dt = x.dtype
-    if HAS_NORM:                                                        # Qwen3-VL q_norm / k_norm over the head
-        xf = x.to(tl.float32)
-        r = tl.math.rsqrt(tl.sum(xf * xf, 0) / D + eps)
-        if is_q:
-            w = tl.load(qn_ptr + d).to(tl.float32)
-            wp = tl.load(qn_ptr + partner).to(tl.float32)
-        else:
-            w = tl.load(kn_ptr + d).to(tl.float32)
-            wp = tl.load(kn_ptr + partner).to(tl.float32)
-        x = ((xf * r).to(dt).to(tl.float32) * w).to(dt)
-        xp = ((xp.to(tl.float32) * r).to(dt).to(tl.float32) * wp).to(dt)
-    f = pos * tl.load(inv_ptr + d % half)
-    cos = (tl.cos(f) * scaling).to(dt).to(tl.float32)
-    sin = (tl.sin(f) * scaling).to(dt).to(tl.float32)
-    a = (x.to(tl.float32) * cos).to(dt).to(tl.float32)
-    b = ((sign * xp.to(tl.float32)).to(dt).to(tl.float32) * sin).to(dt).to(tl.float32)
-    out = (a + b).to(dt)
+        w, wp = _norm_weights(kn_ptr, d, partner, HAS_NORM)
+    out = _rope(tl.load(base + d), tl.load(base + partner), f, sign, scaling, w, wp, eps, D, HAS_NORM)
     if is_q:
         tl.store(base + d, out)
     else:

@@ -13,11 +13,12 @@ Measured on an H200: ~28 ms per decode step for a 0.17 B model whose weights are
    kept once per request as the prefix (R, Hkv, Lp, D), left-padded, and the first-token logits are broadcast
    to the request's G rows.
 2. Decode. Our own step runs HF's decoder blocks from their parameters (read in place each step) on the
-   M = R*G new tokens, with HF's arithmetic and rounding points: GEMMs by cuBLAS, the elementwise work in three
-   fused kernels (`strive_kernels.decode_layer`: residual add + RMSNorm, rotary + K/V cache write, SiLU * up;
-   torch twins on the CPU). Attention is `strive_kernels.shared_prefix_attention`: one exact softmax over the
-   shared prefix (read once per step for all G rows) and each row's suffix, a static cache of max_new_tokens
-   slots. GQA is handled there.
+   M = R*G new tokens, with HF's arithmetic and rounding points: GEMMs by cuBLAS, the elementwise work in two
+   fused kernels (`strive_kernels.decode_layer`: residual add + RMSNorm, SiLU * up; torch twins on the CPU).
+   Attention is `strive_kernels.rope_shared_prefix_attention`: the rotary of q and k and the K/V cache write
+   inside the two attention kernels (`fuse_rope=False`: a `rope_cache` launch before them, one more per layer),
+   then one exact softmax over the shared prefix (read once per step for all G rows) and each row's suffix, a
+   static cache of max_new_tokens slots. GQA is handled there.
 3. Positions. The prompt's mRoPE positions come from the model's get_rope_index (every family's own rules, with
    Qwen3-VL's timestamps and interleaving). A generated token is text: its three mRoPE axes are equal, to the
    prompt's last position + 1 + t (the prompt ends with text), so its rotary angles are the plain 1-D ones at
@@ -56,7 +57,7 @@ from torch import Tensor
 
 from strive_engine.policy import Policy, PolicyInputs, VisualTokens
 from strive_engine.sampling import SamplingSpec, sample_next
-from strive_kernels import sampling_seed, shared_prefix_attention
+from strive_kernels import rope_shared_prefix_attention, sampling_seed, shared_prefix_attention
 from strive_kernels.decode_layer import add_rmsnorm, rope_cache, silu_mul
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,13 @@ def _now(cuda: bool) -> Any:
 
 class DecodeEngine:
     """Decode for a Qwen2-VL / Qwen2.5-VL / Qwen3-VL `Policy` (see the module docstring). Holds references to the
-    model's modules; the only weights it copies are the stacked q/k/v projections (`pack_qkv`, per generate call)."""
+    model's modules; the only weights it copies are the stacked q/k/v projections (`pack_qkv`, per generate call).
+    fuse_rope=False runs the rotary and cache write as their own launch (`rope_cache`), for benchmarks."""
 
-    def __init__(self, policy: Policy, pack_qkv: bool = True):
+    def __init__(self, policy: Policy, pack_qkv: bool = True, fuse_rope: bool = True):
         self.policy = policy
         self.pack_qkv = pack_qkv
+        self.fuse_rope = fuse_rope
         hf = policy.hf
         lm = hf.model.language_model
         self.lm, self.layers, self.lm_head = lm, list(lm.layers), hf.lm_head
@@ -211,12 +214,16 @@ class DecodeEngine:
             k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(M, Hkv, D)
             v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(M, Hkv, D)
         ks, vs = st.k_suffix[i], st.v_suffix[i]                                          # (R, G, Hkv, T, D)
-        T = ks.shape[3]
-        q = rope_cache(q, k, v, st.base_pos, st.t, self.inv_freq, self.rope_scaling, ks.view(M, Hkv, T, D),
-                       vs.view(M, Hkv, T, D), attn.q_norm.weight if self.qk_norm else None,
-                       attn.k_norm.weight if self.qk_norm else None, self.eps)           # k, v -> slot t
-        o = shared_prefix_attention(q.view(R, G, Hq, D), st.prefix.keys[i], st.prefix.values[i], st.prefix.start,
-                                    ks, vs, n, attn.scaling)                             # (R, G, Hq, D)
+        qn, kn = (attn.q_norm.weight, attn.k_norm.weight) if self.qk_norm else (None, None)
+        kp, vp = st.prefix.keys[i], st.prefix.values[i]
+        if self.fuse_rope:  # rotary, k / v -> slot t and attention: two launches
+            o = rope_shared_prefix_attention(q, k, v, st.prefix.next_pos, st.t, self.inv_freq, self.rope_scaling,
+                                             kp, vp, st.prefix.start, ks, vs, attn.scaling, qn, kn, self.eps)
+        else:
+            T = ks.shape[3]
+            q = rope_cache(q, k, v, st.base_pos, st.t, self.inv_freq, self.rope_scaling, ks.view(M, Hkv, T, D),
+                           vs.view(M, Hkv, T, D), qn, kn, self.eps)                       # k, v -> slot t
+            o = shared_prefix_attention(q.view(R, G, Hq, D), kp, vp, st.prefix.start, ks, vs, n, attn.scaling)
         x, h = add_rmsnorm(x, F.linear(o.reshape(M, Hq * D), attn.o_proj.weight, attn.o_proj.bias),
                            layer.post_attention_layernorm.weight, self.eps)
         up = silu_mul(F.linear(h, mlp.gate_proj.weight), F.linear(h, mlp.up_proj.weight))

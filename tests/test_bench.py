@@ -401,6 +401,7 @@ def test_vision_and_rollout_benches_run_tiny(tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["vision_tower"]["segmented_ms"] > 0 and r["vision_tower"]["hf_loop_ms"] > 0
     assert r["native"]["decode_steps"] > 0 and r["hf"]["decode_steps_timed"] > 0
+    assert r["native_rope_launch"]["decode_steps"] == r["native"]["decode_steps"]   # the step with rope_cache too
     assert r["logits_check"]["max_rel_err"] < 1e-4
 
 
@@ -463,14 +464,18 @@ def test_kernel_resources_of_the_decode_kernels_on_sm90(tmp_path):
     assert set(by) == {"_prefix_kernel", "_suffix_kernel", "_add_rmsnorm_kernel", "_rope_cache_kernel",
                        "_silu_mul_kernel", "_sample_kernel", "_merge_kernel"}
     assert all(x["spill_bytes"] == 0 and 0 < x["regs"] <= 255 for x in rec["launches"])
-    pre = by["_prefix_kernel"]
-    assert pre["blocks_per_sm"] == PREFIX_PROGRAMS_PER_SM, pre
-    assert pre["grid"] == [32, 7, 1] and pre["waves"] <= 1.0, pre
-    # the occupancy arithmetic on the compiled numbers: registers per warp in units of 256, 1 KiB reserved
-    per_warp = -(-pre["regs"] * 32 // 256) * 256
-    fit = min(65_536 // per_warp // pre["num_warps"], 233_472 // (pre["smem_bytes"] + 1024),
-              2048 // (32 * pre["num_warps"]))
-    assert fit == pre["blocks_per_sm"]
+    # the engine's call (the rotary in the prologue, its register cap), with Qwen3-VL's norms, and the plain call
+    prefix = [x for x in rec["launches"] if x["kernel"] == "_prefix_kernel"]
+    assert sorted(x["note"] for x in prefix) == ["rope_... qk-norm", "rope_shared_prefix_attention",
+                                                  "shared_prefix_attention"]
+    for pre in prefix:
+        assert pre["blocks_per_sm"] == PREFIX_PROGRAMS_PER_SM, pre
+        assert pre["grid"] == [32, 7, 1] and pre["waves"] <= 1.0, pre
+        # the occupancy arithmetic on the compiled numbers: registers per warp in units of 256, 1 KiB reserved
+        per_warp = -(-pre["regs"] * 32 // 256) * 256
+        fit = min(65_536 // per_warp // pre["num_warps"], 233_472 // (pre["smem_bytes"] + 1024),
+                  2048 // (32 * pre["num_warps"]))
+        assert fit == pre["blocks_per_sm"]
     assert "_prefix_kernel" in res.stdout and "waves" in res.stdout
     # the sampler over (128, 151,936) logits: the split plan's PROGRAMS_PER_SM is the compiled kernel's, one wave
     draw = next(x for x in rec["launches"] if x["note"] == "sample_tokens" and x["kernel"] == "_sample_kernel")

@@ -453,10 +453,13 @@ def test_rollout_follows_fsdp2_weights_after_an_optimizer_step(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors through the interpreter; on CUDA "
                     "test_cuda_graph_decode_matches_hf runs the compiled kernels")
-def test_triton_kernels_in_the_step_match_the_twins(tiny, monkeypatch):
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_vl"])
+def test_triton_kernels_in_the_step_match_the_twins(tiny, kind, monkeypatch):
     """The whole decode step with every Triton kernel (the interpreter here, compiled on CUDA) gives the logits
-    and tokens of the step built from the torch twins: strides, cache layout and slot indexing agree. Greedy
-    tokens come from the one-pass sampler (strive_kernels.sample_tokens) in the fused run."""
+    and tokens of the step built from the torch twins: strides, cache layout and slot indexing agree, with the
+    rotary inside the attention kernels (the default) and as its own launch (fuse_rope=False), and with
+    Qwen3-VL's per-head q / k norms. Greedy tokens come from the one-pass sampler (strive_kernels.sample_tokens)
+    in the Triton runs."""
     import functools
 
     import strive_engine.sampling as sampling_mod
@@ -464,24 +467,28 @@ def test_triton_kernels_in_the_step_match_the_twins(tiny, monkeypatch):
     import strive_kernels.decode_layer as dl
     import strive_kernels.sampling as ks
 
-    pol, tok = tiny
+    pol0, tok = tiny
+    pol = pol0 if kind == "qwen2_5_vl" else _tiny_other(kind, tok)
     ids = special_token_ids(tok)
-    prompts = _prompts(pol, tok, _requests("qwen2_5_vl")[:2])
-    engine = DecodeEngine(pol)
+    prompts = _prompts(pol, tok, _requests(kind)[:2])
     runs = []
     with torch.no_grad(), sharpened(pol):
-        for fused in (False, True):
+        for triton_kernels, fuse_rope in ((False, True), (True, True), (True, False)):
             with monkeypatch.context() as mp:
-                if fused:
+                if triton_kernels:
                     mp.setattr(dl, "_use_triton", lambda backend, *t: True)
-                    mp.setattr(decode_mod, "shared_prefix_attention",
-                               functools.partial(da.shared_prefix_attention, backend="triton"))
+                    for name in ("shared_prefix_attention", "rope_shared_prefix_attention"):
+                        mp.setattr(decode_mod, name, functools.partial(getattr(da, name), backend="triton"))
                     mp.setattr(sampling_mod, "sample_tokens", functools.partial(ks.sample_tokens, backend="triton"))
+                engine = DecodeEngine(pol, fuse_rope=fuse_rope)
                 runs.append(engine.generate(prompts, 2, SamplingSpec(greedy=True), 4, [ids["eos_token_id"]],
                                             ids["pad_token_id"], keep_logits=True))
-    assert torch.equal(runs[0].tokens, runs[1].tokens)
-    torch.testing.assert_close(runs[0].logits, runs[1].logits, **TOL)
-    torch.testing.assert_close(runs[0].logprobs, runs[1].logprobs, **TOL)
+    for run in runs[1:]:
+        assert torch.equal(runs[0].tokens, run.tokens)
+        torch.testing.assert_close(runs[0].logits, run.logits, **TOL)
+        torch.testing.assert_close(runs[0].logprobs, run.logprobs, **TOL)
+    # the fused kernels compute the rotary the launch before them computed: the same bits
+    assert torch.equal(runs[1].logits, runs[2].logits)
 
 
 @pytest.mark.gpu

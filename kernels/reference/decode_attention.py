@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from strive_kernels.reference.decode_layer import rope_reference
+
 
 class DecodeAttentionInputError(ValueError):
     """Inconsistent shapes, dtypes or devices in a shared-prefix attention call (the message names them)."""
@@ -66,8 +68,55 @@ def shared_prefix_attention_reference(q: Tensor, k_prefix: Tensor, v_prefix: Ten
                                       k_suffix: Tensor, v_suffix: Tensor, suffix_len: Tensor,
                                       scale: float | None = None) -> Tensor:
     """See the module docstring. fp32 (or fp64) math, one softmax over prefix and suffix; no host sync."""
+    return _attend(q, k_prefix, v_prefix, prefix_start, k_suffix, v_suffix, suffix_len, scale, last_slot=False)
+
+
+def rope_shared_prefix_attention_reference(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, t: Tensor,
+                                           inv_freq: Tensor, rope_scaling: float, k_prefix: Tensor,
+                                           v_prefix: Tensor, prefix_start: Tensor, k_suffix: Tensor,
+                                           v_suffix: Tensor, scale: float | None = None,
+                                           q_norm: Tensor | None = None, k_norm: Tensor | None = None,
+                                           eps: float = 1e-6) -> Tensor:
+    """The decode step's rotary, cache write and attention in one contract (`strive_kernels.
+    rope_shared_prefix_attention`): q (R * G, Hq, D), k / v (R * G, Hkv, D) of the token at completion index t
+    (1-element int tensor) before the rotary. pos (R,): the position after request r's prompt; its G rows share the
+    prompt, so all of them decode token t at position pos[r] + t. Writes k rotated and v into slot t of
+    k_suffix / v_suffix (R, G, Hkv, T, D) and returns the attention of the rotated q over the prefix and slots
+    [0, t] (R, G, Hq, D): `rope_cache` (at pos repeated G times) followed by `shared_prefix_attention` with
+    suffix_len = t + 1."""
+    check_rope_inputs(q, k, v, pos, k_suffix, q_norm, k_norm)
+    R, G, Hkv, T, D = k_suffix.shape
+    at = pos.repeat_interleave(G) + t
+    qr = rope_reference(q, at, inv_freq, rope_scaling, q_norm, eps)
+    kr = rope_reference(k, at, inv_freq, rope_scaling, k_norm, eps)
+    k_suffix.index_copy_(3, t, kr.view(R, G, Hkv, 1, D))
+    v_suffix.index_copy_(3, t, v.reshape(R, G, Hkv, 1, D))
+    return _attend(qr.view(R, G, -1, D), k_prefix, v_prefix, prefix_start, k_suffix, v_suffix, t, scale,
+                   last_slot=True)
+
+
+def check_rope_inputs(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, k_suffix: Tensor, q_norm: Tensor | None,
+                      k_norm: Tensor | None) -> None:
+    """The rotary arguments of `rope_shared_prefix_attention_reference` against the suffix cache's (R, G, Hkv, T, D)
+    (shapes only; the attention's own arguments are checked by check_decode_attention_inputs)."""
+    if k_suffix.dim() != 5:
+        raise DecodeAttentionInputError(f"k_suffix must be (R, G, Hkv, T, D), got {tuple(k_suffix.shape)}")
+    R, G, Hkv, T, D = k_suffix.shape
+    if q.dim() != 3 or q.shape[0] != R * G or k.shape != (R * G, Hkv, D) or v.shape != k.shape:
+        raise DecodeAttentionInputError(f"q must be (R * G = {R * G}, Hq, {D}) and k / v ({R * G}, {Hkv}, {D}), got "
+                                        f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if tuple(pos.shape) != (R,) or pos.dtype.is_floating_point or pos.device != q.device:
+        raise DecodeAttentionInputError(f"pos must be (R = {R},) integers on {q.device} (one position per request), "
+                                        f"got {tuple(pos.shape)} {pos.dtype} on {pos.device}")
+    if (q_norm is None) != (k_norm is None):
+        raise DecodeAttentionInputError("q_norm and k_norm come together (Qwen3-VL) or not at all")
+
+
+def _attend(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, prefix_start: Tensor, k_suffix: Tensor,
+            v_suffix: Tensor, length: Tensor, scale: float | None, last_slot: bool) -> Tensor:
+    """last_slot: `length` is the last valid suffix slot t (slots [0, t]), else the suffix length."""
     R, G, Hq, Hkv, D, Lp, T = check_decode_attention_inputs(q, k_prefix, v_prefix, prefix_start, k_suffix,
-                                                            v_suffix, suffix_len)
+                                                            v_suffix, length)
     n_rep = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     ct = torch.promote_types(q.dtype, torch.float32)                                  # fp32, or fp64 for fp64
@@ -82,7 +131,8 @@ def shared_prefix_attention_reference(q: Tensor, k_prefix: Tensor, v_prefix: Ten
     # suffix: each row against its own generated tokens
     ss = torch.matmul(qf, k_suffix.to(ct).transpose(-1, -2)) * scale                   # (R, G, Hkv, n_rep, T)
     slots = torch.arange(T, device=q.device)
-    ss = ss.masked_fill(slots >= suffix_len.reshape(()).to(slots.dtype), float("-inf"))
+    n = length.reshape(()).to(slots.dtype)
+    ss = ss.masked_fill(slots > n if last_slot else slots >= n, float("-inf"))
     p = torch.softmax(torch.cat([sp, ss], -1), -1)                                      # one exact softmax
     pp = p[..., :Lp].permute(0, 2, 1, 3, 4).reshape(R, Hkv, G * n_rep, Lp)
     out = torch.matmul(pp, v_prefix.to(ct)).reshape(R, Hkv, G, n_rep, D).permute(0, 2, 1, 3, 4)

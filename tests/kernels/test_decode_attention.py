@@ -121,6 +121,84 @@ def test_bad_inputs_are_named():
         shared_prefix_attention(**x, backend="cuda")
 
 
+def _projections(M, Hq, Hkv, D, g, device, dtype):
+    """q, k, v as the engine has them: strided views of one (M, (Hq + 2 Hkv) * D) projection output."""
+    proj = torch.randn(M, (Hq + 2 * Hkv) * D, generator=g).to(device, dtype)
+    q, k, v = proj.split([Hq * D, Hkv * D, Hkv * D], 1)
+    return q.view(M, Hq, D), k.view(M, Hkv, D), v.view(M, Hkv, D)
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["qwen2", "qk-norm"])
+@pytest.mark.parametrize("R,G,Hq,Hkv,D,Lp,T,t", [(2, 3, 4, 2, 16, 37, 9, 4), (1, 5, 6, 3, 32, 70, 6, 0),
+                                                 (3, 2, 8, 1, 16, 150, 70, 69)])
+def test_rope_attention_equals_rotary_then_attention(R, G, Hq, Hkv, D, Lp, T, t, norm, device):
+    """rope_shared_prefix_attention (the rotary and the K/V write inside the attention kernels) gives what
+    rope_cache followed by shared_prefix_attention gives — the same bits where the arithmetic is the same — and its
+    twin's result; it writes slot t of the suffix caches and nothing else, and slots after t are not attended.
+    q, k, v are strided views of one projection (the engine's layout), G is not a power of two in one case, the
+    suffix is longer than a block in another, and the prompts are left-padded at random."""
+    from strive_kernels import rope_cache, rope_shared_prefix_attention
+
+    for dtype in [torch.float32] + ([torch.bfloat16] if device == "cuda" else []):
+        g = torch.Generator().manual_seed(R * 100 + t + norm)
+        M = R * G
+        x = make(R, G, Hq, Hkv, D, Lp, T, t + 1, dtype=dtype, device=device, seed=t)
+        q, k, v = _projections(M, Hq, Hkv, D, g, device, dtype)
+        pos = torch.randint(0, 3000, (R,), generator=g).to(device)
+        tt = torch.tensor([t], device=device)
+        inv = 1.0 / (1e6 ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+        qn, kn = ((1 + 0.1 * torch.randn(D, generator=g)).to(device, dtype) for _ in range(2)) if norm else (None,
+                                                                                                               None)
+        common = dict(k_prefix=x["k_prefix"], v_prefix=x["v_prefix"], prefix_start=x["prefix_start"])
+        caches = {name: (x["k_suffix"].clone(), x["v_suffix"].clone()) for name in ("fused", "two", "twin")}
+        fused = rope_shared_prefix_attention(q, k, v, pos, tt, inv, 0.9, **common, k_suffix=caches["fused"][0],
+                                             v_suffix=caches["fused"][1], q_norm=qn, k_norm=kn, backend="triton")
+        ks, vs = caches["two"]
+        qr = rope_cache(q.clone(), k, v, pos.repeat_interleave(G), tt, inv, 0.9, ks.view(M, Hkv, T, D),
+                        vs.view(M, Hkv, T, D), qn, kn, backend="triton")
+        two = shared_prefix_attention(qr.view(R, G, Hq, D), **common, k_suffix=ks, v_suffix=vs, suffix_len=tt + 1,
+                                      backend="triton")
+        twin = rope_shared_prefix_attention(q, k, v, pos, tt, inv, 0.9, **common, k_suffix=caches["twin"][0],
+                                            v_suffix=caches["twin"][1], q_norm=qn, k_norm=kn, backend="reference")
+        if dtype == torch.float32 and not (norm and device == "cuda"):  # a norm's sum may be reduced in another order
+            assert torch.equal(fused, two) and torch.equal(caches["fused"][0], caches["two"][0])
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(fused, two, **tol)
+        torch.testing.assert_close(fused, twin, **tol)
+        torch.testing.assert_close(caches["fused"][0], caches["twin"][0], **tol)
+        for name in ("fused", "twin"):
+            kc, vc = caches[name]
+            assert torch.equal(vc[:, :, :, t], v.view(R, G, Hkv, D))                      # v copied into slot t
+            other = torch.arange(T, device=device) != t
+            assert torch.equal(kc[:, :, :, other], x["k_suffix"][:, :, :, other])          # nothing else written
+            assert torch.equal(vc[:, :, :, other], x["v_suffix"][:, :, :, other])
+        # slots after t hold stale values: changing them changes nothing
+        if t + 1 < T:
+            kc, vc = caches["fused"][0].clone(), caches["fused"][1].clone()
+            kc[:, :, :, t + 1:] = 1e3
+            again = rope_shared_prefix_attention(q, k, v, pos, tt, inv, 0.9, **common, k_suffix=kc, v_suffix=vc,
+                                                 q_norm=qn, k_norm=kn, backend="triton")
+            assert torch.equal(again, fused)
+
+
+def test_rope_attention_bad_inputs_are_named():
+    from strive_kernels import rope_shared_prefix_attention
+
+    x = make(2, 2, 4, 2, 16, 8, 4, 2)
+    q, k, v = _projections(4, 4, 2, 16, torch.Generator().manual_seed(0), "cpu", torch.float32)
+    args = dict(k_prefix=x["k_prefix"], v_prefix=x["v_prefix"], prefix_start=x["prefix_start"],
+                k_suffix=x["k_suffix"], v_suffix=x["v_suffix"])
+    pos, t, inv = torch.zeros(2, dtype=torch.long), torch.tensor([1]), torch.ones(8)
+    for backend in ("triton", "reference"):
+        with pytest.raises(DecodeAttentionInputError, match=r"pos must be \(R = 2,\) integers"):
+            rope_shared_prefix_attention(q, k, v, torch.zeros(4, dtype=torch.long), t, inv, 1.0, **args,
+                                         backend=backend)
+        with pytest.raises(DecodeAttentionInputError, match=r"q must be \(R \* G = 4, Hq, 16\)"):
+            rope_shared_prefix_attention(q[:3], k[:3], v[:3], pos, t, inv, 1.0, **args, backend=backend)
+        with pytest.raises(DecodeAttentionInputError, match="q_norm and k_norm come together"):
+            rope_shared_prefix_attention(q, k, v, pos, t, inv, 1.0, **args, q_norm=torch.ones(16), backend=backend)
+
+
 _SM90_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -135,15 +213,24 @@ def build(fn, sig, consts, warps):
 for dt in ("bf16", "fp32"):
     p = f"*{dt}"
     ieee = dt == "fp32"
-    build(A._prefix_kernel, {"q_ptr": p, "k_ptr": p, "v_ptr": p, "start_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32",
-                             "acc_ptr": "*fp32", "Lp": "i32", "HKV": "i32", "GN": "i32", "SPLIT": "i32", "scale": "fp32",
-                             **{n: "i32" for n in ("sq_r", "sq_g", "sq_h", "sk_r", "sk_h", "sk_n", "sv_r", "sv_h", "sv_n")}},
-          {"N_REP": 8, "QB": 64, "D": 128, "BLOCK_N": 64, "IEEE": ieee}, 8)
-    build(A._suffix_kernel, {"q_ptr": p, "k_ptr": p, "v_ptr": p, "len_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32",
-                             "acc_ptr": "*fp32", "o_ptr": p, "G": "i32", "HKV": "i32", "S": "i32", "scale": "fp32",
-                             **{n: "i32" for n in ("sq_r", "sq_g", "sq_h", "sk_r", "sk_g", "sk_h", "sk_t", "sv_r", "sv_g",
-                                                   "sv_h", "sv_t", "so_r", "so_g", "so_h")}},
-          {"N_REP": 8, "QS": 16, "QB": 64, "D": 128, "BLOCK_T": 32, "IEEE": ieee}, 4)
+    for rope, norm in ((False, False), (True, False), (True, True)):
+        rot = {"scaling": "fp32", "eps": "fp32", "pos_ptr": "*i64", "inv_ptr": "*fp32", "qn_ptr": p}
+        build(A._prefix_kernel, {"q_ptr": p, "k_ptr": p, "v_ptr": p, "start_ptr": "*i32", "m_ptr": "*fp32",
+                                 "l_ptr": "*fp32", "acc_ptr": "*fp32", "Lp": "i32", "HKV": "i32", "GN": "i32",
+                                 "SPLIT": "i32", "scale": "fp32", "t_ptr": "*i64", "kn_ptr": p, "nk_ptr": p,
+                                 "nv_ptr": p, "kc_ptr": p, "vc_ptr": p, **rot,
+                                 **{n: "i32" for n in ("sq_r", "sq_g", "sq_h", "sk_r", "sk_h", "sk_n", "sv_r", "sv_h",
+                                                       "sv_n", "snk_m", "snk_h", "snv_m", "snv_h", "sc_r", "sc_g",
+                                                       "sc_h", "sc_t", "svc_r", "svc_g", "svc_h", "svc_t")}},
+              {"N_REP": 8, "QB": 64, "D": 128, "BLOCK_N": 64, "IEEE": ieee, "ROPE": rope, "HAS_NORM": norm,
+               "GB": 8}, 8)
+        build(A._suffix_kernel, {"q_ptr": p, "k_ptr": p, "v_ptr": p, "len_ptr": "*i64", "m_ptr": "*fp32",
+                                 "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": p, "G": "i32", "HKV": "i32",
+                                 "S": "i32", "scale": "fp32", **rot,
+                                 **{n: "i32" for n in ("sq_r", "sq_g", "sq_h", "sk_r", "sk_g", "sk_h", "sk_t", "sv_r",
+                                                       "sv_g", "sv_h", "sv_t", "so_r", "so_g", "so_h")}},
+              {"N_REP": 8, "QS": 16, "QB": 64, "D": 128, "BLOCK_T": 32, "IEEE": ieee, "ROPE": rope,
+               "HAS_NORM": norm}, 4)
     build(L._add_rmsnorm_kernel, {"x_ptr": p, "d_ptr": p, "w_ptr": p, "y_ptr": p, "h_ptr": p, "H": "i32", "eps": "fp32"},
           {"HAS_DELTA": True, "BLOCK": 2048}, 4)
     for norm in (False, True):
