@@ -221,14 +221,15 @@ def _model_class(config: Any) -> type:
 
 
 def apply_liger(model: nn.Module, device: torch.device, enabled: bool = True) -> bool:
-    """liger-kernel's RMSNorm / SwiGLU / mRoPE patches for this model instance, on CUDA when installed.
+    """liger-kernel's RMSNorm / SwiGLU / rotary patches for this model instance, on CUDA when installed.
 
     The fused-linear cross-entropy patch stays off: the loss head is ours (Policy.forward + head_fn).
     liger also rebinds the classes of the family's transformers module (its design), so that every model of that
     family built in this process afterwards would be built from liger's modules, CPU ones included (whose Triton
-    kernels then fail on CPU tensors): those classes are put back once this instance is patched. Functions it
-    rebinds (its mRoPE, read when the model runs) stay, as liger needs them; transformers 5.x no longer calls the
-    one it replaces, so only RMSNorm and SwiGLU take effect there.
+    kernels then fail on CPU tensors): those classes are put back once this instance is patched. The functions it
+    rebinds (the rotary, read when the model runs) stay rebound for the process, as a patched model needs them, but
+    dispatch on the device: liger's for CUDA tensors, transformers' own for others. See `_text_rotary` for the one
+    rotary liger 0.8.5 misses on transformers 5.x.
     """
     if not enabled or torch.device(device).type != "cuda":
         return False
@@ -245,19 +246,60 @@ def apply_liger(model: nn.Module, device: torch.device, enabled: bool = True) ->
                   model=model)
     params = inspect.signature(fn).parameters
     family = sys.modules[type(model).__module__]
-    classes = {k: v for k, v in vars(family).items() if isinstance(v, type)}
+    before = dict(vars(family))
     try:
         fn(**{k: v for k, v in wanted.items() if k in params})
     finally:
         for k, v in list(vars(family).items()):
-            if not isinstance(v, type) or classes.get(k) is v:
+            old = before.get(k)
+            if v is old:
                 continue
-            if k in classes:
-                setattr(family, k, classes[k])   # rebound
-            else:
-                delattr(family, k)               # added (Qwen2RMSNorm on transformers 5.x)
-    _log_once("liger:on", "liger-kernel patches applied to %s's instance (RMSNorm, SwiGLU, mRoPE where the model "
-              "calls it)", model.config.model_type)
+            if isinstance(v, type):
+                if k in before:
+                    setattr(family, k, old)  # rebound class
+                else:
+                    delattr(family, k)       # added class (Qwen2RMSNorm on transformers 5.x)
+            elif callable(v) and callable(old):  # rebound function (again: the dispatch made the first time)
+                setattr(family, k, old if getattr(old, "_strive_on_cuda", None) is v else _on_cuda(v, old))
+    rotary = _text_rotary(family, before)
+    _log_once("liger:on", "liger-kernel patches applied to %s's instance (RMSNorm, SwiGLU, rotary%s)",
+              model.config.model_type, " with the text rotary fused" if rotary else "")
+    return True
+
+
+def _on_cuda(fused: Any, hf: Any) -> Any:
+    """A module-level function of transformers rebound to liger's `fused` for CUDA tensors and to transformers'
+    own `hf` for the others (its first argument decides)."""
+
+    def dispatch(x, *args, **kwargs):
+        return (fused if x.is_cuda else hf)(x, *args, **kwargs)
+
+    dispatch.__name__ = getattr(hf, "__name__", "dispatch")
+    dispatch._strive_on_cuda, dispatch._strive_hf = fused, hf
+    return dispatch
+
+
+def _text_rotary(family: Any, before: dict) -> bool:
+    """transformers 5.x folds Qwen2-VL / Qwen2.5-VL's mRoPE sections into the rotary module (cos, sin (B, L, D))
+    and their text attention calls the plain `apply_rotary_pos_emb`; liger-kernel 0.8.5 still replaces only
+    `apply_multimodal_rotary_pos_emb`, which it adds to the module and nothing calls. The update and the
+    trainer's forwards then ran transformers' unfused rotary: rotate_half's negation and concatenation, two
+    products and a sum per tensor, each a full pass over q or k, forward and backward. Here that function goes to
+    liger's fused rope (one kernel for q and k, cos / sin per batch row) on CUDA, as liger does for Qwen3-VL.
+    Returns whether it was rebound."""
+    hf = getattr(family, "apply_rotary_pos_emb", None)
+    if hf is None or "apply_multimodal_rotary_pos_emb" in before:
+        return False  # transformers 4.x: liger's mRoPE is the one called
+    if "apply_multimodal_rotary_pos_emb" in vars(family):
+        del family.apply_multimodal_rotary_pos_emb  # liger's, added by its patch: nothing calls it
+    if getattr(hf, "_strive_on_cuda", None) is not None:
+        return True   # liger replaced it (Qwen3-VL), or a model patched before this one
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    def fused(q, k, cos, sin, unsqueeze_dim=1):
+        return liger_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    family.apply_rotary_pos_emb = _on_cuda(fused, hf)
     return True
 
 

@@ -130,13 +130,14 @@ def _projections(M, Hq, Hkv, D, g, device, dtype):
 
 @pytest.mark.parametrize("norm", [False, True], ids=["qwen2", "qk-norm"])
 @pytest.mark.parametrize("R,G,Hq,Hkv,D,Lp,T,t", [(2, 3, 4, 2, 16, 37, 9, 4), (1, 5, 6, 3, 32, 70, 6, 0),
-                                                 (3, 2, 8, 1, 16, 150, 70, 69)])
+                                                 (3, 2, 8, 1, 16, 150, 70, 69), (2, 1, 2, 2, 16, 9, 3, 1)])
 def test_rope_attention_equals_rotary_then_attention(R, G, Hq, Hkv, D, Lp, T, t, norm, device):
     """rope_shared_prefix_attention (the rotary and the K/V write inside the attention kernels) gives what
     rope_cache followed by shared_prefix_attention gives — the same bits where the arithmetic is the same — and its
     twin's result; it writes slot t of the suffix caches and nothing else, and slots after t are not attended.
     q, k, v are strided views of one projection (the engine's layout), G is not a power of two in one case, the
-    suffix is longer than a block in another, and the prompts are left-padded at random."""
+    suffix is longer than a block in another, G = 1 (evaluation) in the last, and the prompts are left-padded at
+    random."""
     from strive_kernels import rope_cache, rope_shared_prefix_attention
 
     for dtype in [torch.float32] + ([torch.bfloat16] if device == "cuda" else []):
@@ -213,7 +214,7 @@ def build(fn, sig, consts, warps):
 for dt in ("bf16", "fp32"):
     p = f"*{dt}"
     ieee = dt == "fp32"
-    for rope, norm in ((False, False), (True, False), (True, True)):
+    for rope, norm, gb in ((False, False, 8), (True, False, 8), (True, True, 8), (True, False, 1)):
         rot = {"scaling": "fp32", "eps": "fp32", "pos_ptr": "*i64", "inv_ptr": "*fp32", "qn_ptr": p}
         build(A._prefix_kernel, {"q_ptr": p, "k_ptr": p, "v_ptr": p, "start_ptr": "*i32", "m_ptr": "*fp32",
                                  "l_ptr": "*fp32", "acc_ptr": "*fp32", "Lp": "i32", "HKV": "i32", "GN": "i32",
@@ -223,7 +224,7 @@ for dt in ("bf16", "fp32"):
                                                        "sv_n", "snk_m", "snk_h", "snv_m", "snv_h", "sc_r", "sc_g",
                                                        "sc_h", "sc_t", "svc_r", "svc_g", "svc_h", "svc_t")}},
               {"N_REP": 8, "QB": 64, "D": 128, "BLOCK_N": 64, "IEEE": ieee, "ROPE": rope, "HAS_NORM": norm,
-               "GB": 8}, 8)
+               "GB": gb}, 8)
         build(A._suffix_kernel, {"q_ptr": p, "k_ptr": p, "v_ptr": p, "len_ptr": "*i64", "m_ptr": "*fp32",
                                  "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": p, "G": "i32", "HKV": "i32",
                                  "S": "i32", "scale": "fp32", **rot,
