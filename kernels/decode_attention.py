@@ -1,4 +1,6 @@
-"""Decode attention for G rows that share a prompt: `strive_kernels.shared_prefix_attention` (Triton).
+"""Decode attention for G rows that share a prompt: `strive_kernels.shared_prefix_attention` (Triton), and
+`strive_kernels.rope_shared_prefix_attention`, the same from unrotated q / k with the rotary and the K/V cache
+write of the new token in the kernels (the native decode engine's call).
 
 Contract: `strive_kernels.reference.decode_attention` (the pure-torch twin, oracle and CPU fallback).
 
@@ -20,6 +22,11 @@ Two launches, flash-decoding style:
 
 Partials: S x (R * Hkv * QB) x (D + 2) fp32, written once and read once: 7.5 MB per layer at the 3B rollout
 shape (S = 7), against 34 MB of prompt K/V.
+
+With the rotary (ROPE): both kernels rotate the q rows they load (angles from pos[r] + t, computed in place by
+`decode_layer._rope`, rope_cache's arithmetic), the split-0 programs of the prefix kernel also rotate the G rows'
+new k and write k and v to suffix slot t, and the suffix kernel reads t and attends over slots [0, t]. One launch
+per layer fewer than rope_cache + shared_prefix_attention, the same bits.
 """
 from __future__ import annotations
 
