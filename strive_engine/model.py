@@ -268,11 +268,11 @@ def apply_liger(model: nn.Module, device: torch.device, enabled: bool = True) ->
 
 
 def _on_cuda(fused: Any, hf: Any) -> Any:
-    """A module-level function of transformers rebound to liger's `fused` for CUDA tensors and to transformers'
-    own `hf` for the others (its first argument decides)."""
+    """A module-level function of transformers rebound to liger's `fused`, except for a CPU (non-CUDA) tensor as
+    its first argument, which goes to transformers' own `hf`."""
 
     def dispatch(x, *args, **kwargs):
-        return (fused if x.is_cuda else hf)(x, *args, **kwargs)
+        return (hf if isinstance(x, Tensor) and not x.is_cuda else fused)(x, *args, **kwargs)
 
     dispatch.__name__ = getattr(hf, "__name__", "dispatch")
     dispatch._strive_on_cuda, dispatch._strive_hf = fused, hf
