@@ -269,7 +269,8 @@ def _main(argv: list[str]) -> int:
     with open(pred_path, "a") as fh:
         for i in range(0, len(todo), cfg.eval.batch_size):
             batch = todo[i:i + cfg.eval.batch_size]
-            decoded = decode_batch(batch, source, cfg.video.pool_frames)
+            decoded = decode_batch(batch, source, cfg.video.pool_frames,
+                                   device=env.device)  # the pools where the model is: crops on its device
             for rec, ok in zip(batch, decoded.valid.tolist()):
                 if not ok:
                     fh.write(json.dumps({"id": rec.id, "key": key, "category": rec.category,

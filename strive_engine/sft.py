@@ -83,7 +83,7 @@ def run_sft(t: Trainer, log_fn: Callable[[dict], None] | None = None,
     last: dict[str, Any] = {}
     for step in range(s.steps):
         t0 = time.perf_counter()
-        decoded = decode_batch(loader.next_batch(), t.source, cfg.video.pool_frames)
+        decoded = decode_batch(loader.next_batch(), t.source, cfg.video.pool_frames, device=device)
         if on_decoded is not None:
             on_decoded(decoded)
         reqs = t.views.canonical(decoded.records, decoded.pools, cfg.keyframes.num_frames)

@@ -222,3 +222,25 @@ def test_a_run_without_decodable_videos_stops_with_the_reasons(tmp_path):
             in res.stderr), res.stderr[-3000:]
     assert "VideoCorrupt x3" in res.stderr  # 2 in the SFT step, 1 in the RL step
     assert not (tmp_path / "run" / "hf").exists()  # nothing exported
+
+
+def test_every_caller_decodes_to_the_runs_device():
+    """Every call of pipeline.decode_batch in the engine (the RL step, the prefetcher, SFT, evaluation) names the
+    device its pools go to: on a GPU run, pools decoded to the host would be cropped and patchified on the CPU and
+    copied over (SFT and evaluation did so until 2026-12-07)."""
+    import ast
+    from pathlib import Path
+
+    calls = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "strive_engine").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            fn, args = node.func, node.args
+            name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
+            if name == "partial" and args and isinstance(args[0], ast.Name):
+                name = args[0].id
+            if name == "decode_batch":
+                calls.append((path.name, node.lineno, {k.arg for k in node.keywords}))
+    assert {c[0] for c in calls} >= {"step.py", "train.py", "sft.py", "evaluate.py"}, calls
+    assert all("device" in kw for _, _, kw in calls), [c for c in calls if "device" not in c[2]]
