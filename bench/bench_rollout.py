@@ -36,6 +36,7 @@ import argparse
 import datetime
 import functools
 import inspect
+import os
 import platform
 import sys
 import time
@@ -246,8 +247,10 @@ def best_us(fns: dict, calls: int, rounds: int) -> dict[str, float]:
 def sampler(M: int, V: int, device, calls: int = 200, rounds: int = 3) -> dict | None:
     """The decode step's sampling at M rows x V: the one-pass Triton sampler (strive_kernels.sample_tokens)
     against the torch chain it replaced (its twin: fp32 copy, / T, log-softmax, exponential noise, log, argmax;
-    eight kernels), sampled and greedy, with the GB/s of the bf16 logits read once. None off CUDA."""
-    if device.type != "cuda":
+    eight kernels), sampled and greedy, with the GB/s of the bf16 logits read once. None off CUDA (under
+    TRITON_INTERPRET=1 the answers are checked there, untimed: the GPU run's calls, exercised)."""
+    interpreted = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
         return None
     from strive_kernels.reference.sampling import sample_tokens_reference
     from strive_kernels.sampling import sample_tokens, sampling_seed
@@ -258,7 +261,6 @@ def sampler(M: int, V: int, device, calls: int = 200, rounds: int = 3) -> dict |
            "torch": lambda: sample_tokens_reference(x, 1.0),
            "fused_greedy": lambda: sample_tokens(x, greedy=True, backend="triton"),
            "torch_greedy": lambda: sample_tokens_reference(x, greedy=True)}
-    us = best_us(fns, calls, rounds)
     # the kernel's answers at this shape: greedy tokens equal torch.argmax's, log-probs equal log_softmax's (fp64)
     ref = torch.log_softmax(x.double(), -1)
     g_tok, g_lp = fns["fused_greedy"]()
@@ -267,6 +269,10 @@ def sampler(M: int, V: int, device, calls: int = 200, rounds: int = 3) -> dict |
              "greedy_logp_max_abs_err": float((g_lp.double() - ref.gather(1, g_tok[:, None])[:, 0]).abs().max()),
              "sampled_logp_max_abs_err": float((s_lp.double() - ref.gather(1, s_tok[:, None])[:, 0]).abs().max()),
              "sampled_distinct_tokens": int(s_tok.unique().numel())}
+    if interpreted:
+        assert check["greedy_tokens_equal"] and check["sampled_logp_max_abs_err"] < 1e-3, check
+        return None
+    us = best_us(fns, calls, rounds)
     return {"rows": M, "vocab": V, "us": us, "check": check, "logits_GBps": {k: x.numel() * 2 / v / 1e3 for k, v in us.items()},
             "speedup": us["torch"] / us["fused"], "speedup_greedy": us["torch_greedy"] / us["fused_greedy"]}
 
@@ -281,10 +287,12 @@ def _plan_before_2026_12_06(R: int, Hkv: int, Lp: int, block_n: int, sms: int) -
 
 
 def prefix_plans(policy, prompts, G: int, T: int, device, calls: int = 200, rounds: int = 3) -> dict | None:
-    """The prefix attention kernel alone at this bench's decode shape (one layer's K/V, suffix half full), the
-    planned splits against the plan before 2026-12-06; CUDA events around `calls` back-to-back calls, rounds
-    alternating, the best round of each. None off CUDA."""
-    if device.type != "cuda":
+    """The decode attention alone at this bench's decode shape (one layer's K/V, suffix half full; the engine's
+    call, with the rotary and the K/V write in the kernels), the planned splits against the plan before
+    2026-12-06; CUDA events around `calls` back-to-back calls, rounds alternating, the best round of each. None
+    off CUDA (under TRITON_INTERPRET=1 each plan runs once there and both must agree: the GPU run's call, checked)."""
+    interpreted = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
         return None
     from strive_kernels import decode_attention as da
 
@@ -293,15 +301,24 @@ def prefix_plans(policy, prompts, G: int, T: int, device, calls: int = 200, roun
     Hq, Hkv = c.num_attention_heads, c.num_key_value_heads
     D = getattr(c, "head_dim", None) or c.hidden_size // Hq
     dt = policy.hf.dtype
-    q = torch.randn(R, G, Hq, D, device=device, dtype=dt)
+    M = R * G  # the engine's call: q, k, v strided views of one q/k/v projection, the rotary in the kernels
+    q, k, v = torch.randn(M, (Hq + 2 * Hkv) * D, device=device, dtype=dt).split([Hq * D, Hkv * D, Hkv * D], 1)
+    q, k, v = q.view(M, Hq, D), k.view(M, Hkv, D), v.view(M, Hkv, D)
     kp, vp = (torch.randn(R, Hkv, Lp, D, device=device, dtype=dt) for _ in range(2))
     ks, vs = (torch.randn(R, G, Hkv, T, D, device=device, dtype=dt) for _ in range(2))
     start = (Lp - prompts.attention_mask.sum(1)).to(dtype=torch.int32, device=device)
-    n = torch.tensor([T // 2], device=device, dtype=torch.long)  # the engine passes t + 1 as int64
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    pos = (prompts.attention_mask.sum(1) + 1).to(device=device, dtype=torch.long)
+    t = torch.tensor([T // 2], device=device, dtype=torch.long)
+    inv = policy.hf.model.language_model.rotary_emb.inv_freq
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     plans = {"planned": da.plan_splits(R, Hkv, Lp, 64, sms), "before": _plan_before_2026_12_06(R, Hkv, Lp, 64, sms)}
-    best = best_us({name: functools.partial(da.shared_prefix_attention_triton, q, kp, vp, start, ks, vs, n,
-                                            splits=plan) for name, plan in plans.items()}, calls, rounds)
+    fns = {name: functools.partial(da.rope_shared_prefix_attention_triton, q, k, v, pos, t, inv, 1.0, kp, vp, start,
+                                   ks, vs, splits=plan) for name, plan in plans.items()}
+    if interpreted:
+        a, b = (fn() for fn in fns.values())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        return None
+    best = best_us(fns, calls, rounds)
     kv_bytes = 2 * int(prompts.attention_mask.sum()) * Hkv * D * kp.element_size()
     return {name: {"splits": list(plans[name]), "us": best[name], "prompt_kv_GBps": kv_bytes / best[name] / 1e3}
             for name in plans} | {"speedup": best["before"] / best["planned"]}

@@ -391,7 +391,9 @@ def test_gpu_table_lists_metrics_sweeps_and_errors(tmp_path):
 def test_vision_and_rollout_benches_run_tiny(tmp_path):
     """bench_vision.py and bench_rollout.py --tiny as users run them: the segmented vision attention makes fewer
     SDPA calls than transformers' loop for the same (bitwise, on the CPU) output, and the rollout bench's JSON
-    carries both vision timings next to the native engine's and HF's."""
+    carries both vision timings next to the native engine's and HF's. Under the interpreter the rollout bench also
+    runs, untimed, the GPU-only micro-benches' calls (the decode attention with both split plans, the sampler's
+    checks), so that a mistake in them shows here and not in a GPU lease."""
     _script("bench/bench_vision.py", ["--width", "16", "--heads", "2", "--videos", "2", "--grid", "2,20,12",
                                       "--reps", "1", "--backward", "--out", str(tmp_path / "v.json")])
     v = json.loads((tmp_path / "v.json").read_text())
