@@ -335,60 +335,40 @@ def test_build_tiny_config_rejects_bad_head_dim(tiny):
 # ------------------------------------------------------------------------------------------ FSDP2
 
 
-def _fsdp_worker(rank, world, port, tok_dir, out_path):
-    import os
-
-    import torch.distributed as dist
+def _fsdp_worker(rank, out_dir, tok_dir):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, _ = build_model(ModelConfig(tokenizer_dir=tok_dir, **TINY), "cpu", meta=True)
-        pol = Policy(model)
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh("cpu", (world,))  # gloo on CPU even where CUDA exists (fully_shard's default)
-        for layer in model.model.language_model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model.model.visual, mesh=mesh)
-        fully_shard(pol, mesh=mesh)          # the root: embeddings, final norm, lm_head
-        pol.to_empty(device="cpu")
-        init_weights(model, seed=7)
-        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        inp, _ = make_batch(model, SPECS, seed=3)
-        tgt = inp.targets()
-        loss = pol(inp, lambda h, w, b: -torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None]).mean())
-        loss.backward()
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-        if rank == 0:
-            torch.save({"sd": full, "loss": loss.detach(), "grads": grads}, out_path)
-        dist.barrier()  # both ranks done before either tears down (see parallel.destroy_distributed)
-    finally:
-        dist.destroy_process_group()
+    model, _ = build_model(ModelConfig(tokenizer_dir=tok_dir, **TINY), "cpu", meta=True)
+    pol = Policy(model)
+    mesh = init_device_mesh("cpu", (2,))  # gloo on CPU even where CUDA exists (fully_shard's default)
+    for layer in model.model.language_model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model.model.visual, mesh=mesh)
+    fully_shard(pol, mesh=mesh)          # the root: embeddings, final norm, lm_head
+    pol.to_empty(device="cpu")
+    init_weights(model, seed=7)
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    inp, _ = make_batch(model, SPECS, seed=3)
+    tgt = inp.targets()
+    loss = pol(inp, lambda h, w, b: -torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None]).mean())
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    return {"sd": full, "loss": loss.detach(), "grads": grads} if rank == 0 else {}
 
 
 @pytest.mark.slow
 def test_fsdp2_sharded_init_forward_backward_match_unsharded(tok_dir, tmp_path):
     """2 gloo ranks: meta build -> fully_shard -> to_empty -> init_weights gives the unsharded weights, and
-    Policy as the FSDP2 root gives the same loss and gradients (vision tower included)."""
-    import socket
+    Policy as the FSDP2 root gives the same loss and gradients (vision tower included). The ranks run in
+    tests/sharded.py's harness, with a file store: here rank 0 hosted a TCP store before, and rank 1 aborted at its
+    teardown ("terminate called without an active exception") in two fresh-clone CI runs, most likely when rank 0
+    had already exited with the store (torchrun's workers are the store's clients, as the ranks are here now)."""
+    import functools
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = tmp_path / "rank0.pt"
-    procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, port, tok_dir, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
-    got = torch.load(out)
+    from sharded import run_ranks
+
+    got = run_ranks(functools.partial(_fsdp_worker, tok_dir=tok_dir), tmp_path)[0]
     ref, _ = build_model(ModelConfig(tokenizer_dir=tok_dir, **TINY), "cpu")
     init_weights(ref, seed=7)
     sd = ref.state_dict()
