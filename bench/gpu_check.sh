@@ -5,7 +5,8 @@
 #   GPU_CHECK_ONLY="decode rollout throughput" bash bench/gpu_check.sh [OUTDIR]
 #   stages:  build      build the C++/CUDA extension (sm_90 only) in the foreground
 #            build_bg   start that build in the background (niced); later stages that need it wait for it
-#            decode     GPU tests of the native decode engine and its kernels, the visual-token reuse
+#            decode     GPU tests of the native decode engine and its kernels, the visual-token reuse, liger's
+#                       patches (RMSNorm, SwiGLU and the text rotary: patched forward == plain forward)
 #            vision     bench/bench_vision.py: the 3B vision tower (16 videos of 8x30x26 patches), its attention
 #                       batched by segment length vs transformers' per-window loop; forward + backward on 2 videos
 #            rollout    bench/kernel_resources.py --only decode (compile-only occupancy of the decode kernels with
@@ -121,7 +122,7 @@ for s in $STAGES; do
       tests/kernels/test_sampling.py tests/test_decode.py tests/test_policy.py tests/test_positions.py \
       tests/test_vision_attention.py tests/test_prompt_sharing.py tests/test_recompute.py \
       tests/test_split_attention.py tests/test_parallel.py tests/test_optim.py tests/test_micro_batches.py \
-      tests/test_accumulation.py::test_cuda_bf16_gathering_once_trains_like_the_default \
+      tests/test_accumulation.py::test_cuda_bf16_gathering_once_trains_like_the_default tests/test_liger.py \
       -k "not evaluate_agrees and not fsdp and not rl_step" ;;
   vision)
     run_py bench_vision 60 bench/bench_vision.py --out "$OUTDIR/vision.json"
