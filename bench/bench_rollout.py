@@ -244,12 +244,17 @@ def best_us(fns: dict, calls: int, rounds: int) -> dict[str, float]:
     return best
 
 
+def _interpreted(device) -> bool:
+    """A CPU run under TRITON_INTERPRET=1: the GPU-only micro-benches run their calls once, untimed, as a check."""
+    return device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def sampler(M: int, V: int, device, calls: int = 200, rounds: int = 3) -> dict | None:
     """The decode step's sampling at M rows x V: the one-pass Triton sampler (strive_kernels.sample_tokens)
     against the torch chain it replaced (its twin: fp32 copy, / T, log-softmax, exponential noise, log, argmax;
     eight kernels), sampled and greedy, with the GB/s of the bf16 logits read once. None off CUDA (under
     TRITON_INTERPRET=1 the answers are checked there, untimed: the GPU run's calls, exercised)."""
-    interpreted = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = _interpreted(device)
     if device.type != "cuda" and not interpreted:
         return None
     from strive_kernels.reference.sampling import sample_tokens_reference
@@ -291,7 +296,7 @@ def prefix_plans(policy, prompts, G: int, T: int, device, calls: int = 200, roun
     call, with the rotary and the K/V write in the kernels), the planned splits against the plan before
     2026-12-06; CUDA events around `calls` back-to-back calls, rounds alternating, the best round of each. None
     off CUDA (under TRITON_INTERPRET=1 each plan runs once there and both must agree: the GPU run's call, checked)."""
-    interpreted = device.type != "cuda" and os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = _interpreted(device)
     if device.type != "cuda" and not interpreted:
         return None
     from strive_kernels import decode_attention as da
