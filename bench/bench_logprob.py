@@ -209,13 +209,22 @@ def chunk_matmuls(x, c, warmup, reps, dev):
         r = timed(fn, warmup, reps, dev)
         res[name] = {"ms": r["ms"], "TFLOPs": round(fl / r["ms"] / 1e9, 1)}
     res["sum_ms_x_chunks"] = round(sum(v["ms"] for v in res.values()) * x.T / c, 2)
-    # A candidate for a follow-up, measured alone: split-K grad_hidden (8 vocabulary slices, bf16 partials
-    # summed in fp32). (grad_hidden and grad_weight on two streams gave nothing at 256 tokens: bench/TUNING.md.)
-    if x.V % 8 == 0:
-        parts = torch.empty(8, c, x.H, device=dev, dtype=h.dtype)
-        lg8, w8 = lg.view(c, 8, x.V // 8).transpose(0, 1), w.view(8, x.V // 8, x.H)
-        r = timed(lambda: torch.sum(torch.bmm(lg8, w8, out=parts), 0, dtype=torch.float32), warmup, reps, dev)
-        res["grad_hidden_splitk8_bmm"] = {"ms": r["ms"], "TFLOPs": round(fl / r["ms"] / 1e9, 1)}
+    # A candidate for a follow-up, measured alone: grad_hidden as split-K over S vocabulary slices. bf16 partials
+    # (S = 8, measured 1.51 vs 1.80 ms at C = 1,024 on the H200) break the op's fp32-reduction rule; fp32 partials
+    # (cuBLAS's bf16 x bf16 -> fp32 bmm, torch >= 2.8 on CUDA) keep it, at S * C * H * 4 bytes more ("extra_MiB":
+    # at C = 1,024, H = 3,584 S = 4 fits the 1.45 GiB cap, S = 8 does not). The sum is written to bf16 as the op would.
+    # (grad_hidden and grad_weight on two streams gave nothing at 256 tokens: bench/TUNING.md.)
+    for n_split, fp32 in ((8, False), (2, True), (4, True), (8, True)):
+        if x.V % n_split:
+            continue
+        parts = torch.empty(n_split, c, x.H, device=dev, dtype=torch.float32 if fp32 else h.dtype)
+        lgs, ws = lg.view(c, n_split, x.V // n_split).transpose(0, 1), w.view(n_split, x.V // n_split, x.H)
+        mm = (lambda: torch.bmm(lgs, ws, out_dtype=torch.float32, out=parts)) if fp32 else \
+            (lambda: torch.bmm(lgs, ws, out=parts))
+        r = timed(lambda: gh.copy_(torch.sum(mm(), 0, dtype=torch.float32)), warmup, reps, dev)
+        res[f"grad_hidden_splitk{n_split}_{'fp32' if fp32 else 'bf16'}_partials"] = {
+            "ms": r["ms"], "TFLOPs": round(fl / r["ms"] / 1e9, 1), "extra_MiB": round(parts.nbytes / 2**20, 1)}
+        del parts
     return res
 
 
@@ -286,12 +295,16 @@ def compiled_variants() -> dict:
 
 def ragged_calls(x: "Inputs", dev: str, backend: str) -> dict:
     """One fwd+bwd and one no-grad call per micro-batch of RAGGED (scaled to x.T), each timed alone: a Triton
-    compile for a new token count would show as a call of 100s of ms."""
+    compile for a new token count would show as a call of 100s of ms. On CUDA, the compiled variants are
+    counted after the first micro-batch (which compiles these calls' own constexpr settings: entropy on,
+    the LossSpec default) and after the last, so a difference is a compile for a token count alone."""
     def sync():
         if dev == "cuda":
             torch.cuda.synchronize()
-    loss_ms, lp_ms = [], []
-    for n, s in RAGGED:
+    loss_ms, lp_ms, counts = [], [], []
+    for i, (n, s) in enumerate(RAGGED):
+        if i == 1 and dev == "cuda" and backend != "reference":
+            counts.append(compiled_variants())
         n, s = max(1, n * x.T // 2048), max(1, min(s, n * x.T // 2048))
         h = x.h.detach()[:n].clone().requires_grad_()
         seq = torch.arange(n, device=dev) * s // n  # s sequences of ~n/s tokens, sorted
@@ -308,7 +321,10 @@ def ragged_calls(x: "Inputs", dev: str, backend: str) -> dict:
         loss_ms.append(round((t1 - t0) * 1e3, 3))
         lp_ms.append(round((time.perf_counter() - t1) * 1e3, 3))
         x.zero()
-    return {"fwd_bwd_ms": loss_ms, "no_grad_ms": lp_ms}
+    out = {"fwd_bwd_ms": loss_ms, "no_grad_ms": lp_ms}
+    if counts:
+        out["compiled_variants_after_first_and_last"] = counts + [compiled_variants()]
+    return out
 
 
 def engine_shapes(dev: str, quick: bool, trace_dir: str = "") -> dict:
@@ -338,11 +354,10 @@ def engine_shapes(dev: str, quick: bool, trace_dir: str = "") -> dict:
                     sk.fused_logprobs(x.h, x.w, x.ids, backend=be)
             guarded(ng, case, lambda: timed(nograd, warmup, reps, dev))
         if name == "gpu_small":
-            before = compiled_variants() if dev == "cuda" else None
             guarded(res, "ragged_fast", lambda: ragged_calls(x, dev, "auto"))
             guarded(res, "ragged_reference_twin", lambda: ragged_calls(x, dev, "reference"))
-            if dev == "cuda":
-                res["compiled_variants_before_after"] = [before, compiled_variants()]
+        if name == "head_7b" and dev == "cuda":  # what bounds the 1,024-token point, and the split-K candidates
+            guarded(res, "chunk_matmuls_1024", lambda: chunk_matmuls(x, 1024, warmup, reps, dev))
         if name == "head_7b" and trace_dir and dev == "cuda":
             guarded(res, "memory_trace_chunk1024", lambda: memory_trace(
                 x, f"{trace_dir}/logprob_memory_chunk1024.pickle", max_chunk_bytes=1024 * v * x.h.element_size()))
@@ -365,9 +380,13 @@ def print_engine(res: dict) -> None:
             rag = r.get("ragged_" + case, {}).get("fwd_bwd_ms")
             print(f"{name:<10} {case:<16} {f.get('ms', float('nan')):>11.3f} {f.get('peak_extra_GiB', '-'):>7} "
                   f"{g.get('ms', float('nan')):>11.3f} {max(rag) if rag else '':>22}")
-        if "compiled_variants_before_after" in r:
-            print(f"{name:<10} compiled Triton variants before / after the ragged calls: "
-                  f"{r['compiled_variants_before_after']}")
+        if "compiled_variants_after_first_and_last" in r.get("ragged_fast", {}):
+            print(f"{name:<10} compiled Triton variants after the first / the last ragged call: "
+                  f"{r['ragged_fast']['compiled_variants_after_first_and_last']}")
+        for k, m in r.get("chunk_matmuls_1024", {}).items():
+            if isinstance(m, dict):
+                print(f"{name:<10} one 1,024-token chunk: {k:<34} {m['ms']:>7.3f} ms {m['TFLOPs']:>7} TFLOP/s"
+                      + (f"  +{m['extra_MiB']} MiB" if "extra_MiB" in m else ""))
         for a in r.get("memory_trace_chunk1024", {}).get("live_at_peak", []):
             print(f"{name:<10} alive at the backward peak: {a['MiB']:>9.1f} MiB  " + " <- ".join(a["where"][:3]))
 

@@ -61,3 +61,29 @@ def test_logprob_engine_shapes_on_cpu(monkeypatch, capsys):
         assert set(rec[name]["no_grad"]) == {"fast", "reference_twin"}
     for path in ("ragged_fast", "ragged_reference_twin"):
         assert len(rec["gpu_small"][path]["fwd_bwd_ms"]) == 3 and len(rec["gpu_small"][path]["no_grad_ms"]) == 3
+
+
+
+def test_logprob_chunk_matmuls_measure_the_split_k_candidates(monkeypatch):
+    """bench_logprob.chunk_matmuls (run by --engine at the 7B head's 1,024-token point on CUDA) on the CPU, with
+    torch.bmm's CUDA-only fp32-output overload stood in by an fp32 bmm: every split-K candidate runs (the vocabulary
+    in S slices of the (C, V) dlogits), with the partial buffer it reports."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+    mod = importlib.import_module("bench_logprob")
+    real_bmm, seen = torch.bmm, []
+
+    def bmm(a, b, *, out_dtype=None, out=None):
+        seen.append((tuple(a.shape), tuple(b.shape), out_dtype, out.dtype))
+        if out_dtype is None:
+            return real_bmm(a, b, out=out)
+        return out.copy_(real_bmm(a.to(out_dtype), b.to(out_dtype)))
+    monkeypatch.setattr(torch, "bmm", bmm)
+    x = mod.Inputs(64, 24, 96, torch.bfloat16, "cpu", seqs=2)
+    res = mod.chunk_matmuls(x, 48, 0, 1, "cpu")
+    assert {k for k in res if k.startswith("grad_hidden_splitk")} == {
+        "grad_hidden_splitk8_bf16_partials", "grad_hidden_splitk2_fp32_partials", "grad_hidden_splitk4_fp32_partials",
+        "grad_hidden_splitk8_fp32_partials"}
+    assert res["grad_hidden_splitk4_fp32_partials"]["extra_MiB"] == round(4 * 48 * 24 * 4 / 2**20, 1)
+    assert set(seen) == {((s, 48, 96 // s), (s, 96 // s, 24), dt, dt or torch.bfloat16)
+                         for s, dt in ((8, None), (2, torch.float32), (4, torch.float32), (8, torch.float32))}
