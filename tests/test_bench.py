@@ -102,10 +102,17 @@ def test_throughput_compare_with_kl_reference():
         prof = r["profile"]  # --profile: the profiled step's stages, its ops attributed to them
         assert {"rollout", "old_logp", "update", "optimizer"} <= set(prof)
         assert prof["update"]["host_ops"] > prof["optimizer"]["host_ops"] > 0 and prof["update"]["wall_ms"] > 0
+        # peak memory: per stage it is the CUDA allocator's (BenchTimer), so on the CPU no stage claims one (not a 0
+        # that reads as measured) and the record has the process's peak RSS instead, in GiB
+        assert [s for s, st in r["stages"].items() if "peak_gib" in st] == []
+        mem = r["memory"]
+        assert not {"peak_gib", "reserved_gib", "allocator", "state_gib"} & set(mem), mem
+        assert 0.05 < mem["peak_rss_gib"] < 64, mem
     assert rec["speedup_step"] == pytest.approx(rec["reference"]["step_s"] / rec["fast"]["step_s"])
     assert {"torch", "git_sha", "date", "cpu_count"} <= set(rec)
     assert "ref_logp" in res.stdout and "speed-up" in res.stdout and "rollout backend:" in res.stdout
     assert "rollout parts (ms): prefill" in res.stdout
+    assert "peak GiB" in res.stdout and "memory: peak_rss_gib" in res.stdout  # the column, blank here, and the RSS
     assert "ATen ops (not views)" in res.stdout and "profiled step:" in res.stdout and "update most frequent" in res.stdout
     # the record and the traces went to runs/bench, which git ignores; no tracked file changed
     written = [Path(p) for p in rec["written_to"]]
@@ -141,6 +148,39 @@ def test_op_counter_counts_launches_and_host_reads_per_stage(monkeypatch):
         torch.zeros(1)                             # outside any stage
     assert counter.record() == {"keyframes": {"ops": 4, "host_reads": 1}, "update": {"ops": 2, "host_reads": 1},
                                 "other": {"ops": 1, "host_reads": 0}}
+
+
+def test_bench_timer_keeps_each_stages_peak_cuda_memory(monkeypatch):
+    """BenchTimer's per-stage peak (the record's stages[s]["peak_gib"] on CUDA), with the allocator's counters
+    faked (no GPU here): reset on entering a stage, read on leaving it, the largest over a stage's entries kept;
+    the reserved peak is the largest of all."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+
+    tp = importlib.import_module("throughput")
+    mem = {"now": 0, "peak": 0, "reserved": 0}
+
+    def use(nbytes):  # allocate then free nbytes: only the peak keeps it
+        mem["peak"] = max(mem["peak"], mem["now"] + nbytes)
+        mem["reserved"] = max(mem["reserved"], mem["now"] + nbytes + 512)
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: mem.update(peak=mem["now"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: mem["peak"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: mem["reserved"])
+    timer = tp.BenchTimer(sync=False)
+    timer.cuda = True
+    mem["now"] = 1000                                  # held across stages (weights)
+    with timer("rollout"):
+        use(5000)
+    with timer("update"):
+        use(3000)
+    with timer("rollout"):                             # a later, smaller entry keeps the larger peak
+        use(100)
+    assert dict(timer.peak_bytes) == {"rollout": 6000, "update": 4000} and timer.peak_reserved == 6512
+    mem["now"] = 0
+    with timer("optimizer"):                           # without the reset it would read the rollout's 6000
+        use(10)
+    assert timer.peak_bytes["optimizer"] == 10
 
 
 def test_stage_profile_attributes_host_ops_and_device_time_per_stage(monkeypatch):

@@ -350,28 +350,77 @@ def test_bad_requests_fail_before_compute(tiny, monkeypatch):
         RolloutConfig(backend="vllm")
 
 
+def test_caches_are_freed_when_generate_returns(tiny, monkeypatch):
+    """The prefix caches (prefill's K/V) and the suffix caches (allocated per call by new_state from the batch's
+    sizes) are freed when generate returns, while the engine lives on, and the rollout batch keeps none of them:
+    the update's memory is not shared with dead K/V. Checked with weak references to every cache tensor of each
+    call, with the cyclic garbage collector off (on CUDA a cycle would hold the memory until it ran)."""
+    import gc
+    import weakref
+
+    pol, tok = tiny
+    ids = special_token_ids(tok)
+    made = []
+    real = DecodeEngine.new_state
+
+    def tracked(self, prefix, *args, **kwargs):
+        st = real(self, prefix, *args, **kwargs)
+        caches = [*st.k_suffix, *st.v_suffix, *st.prefix.keys, *st.prefix.values]
+        made.append([weakref.ref(c if c._base is None else c._base) for c in caches])   # a view's owner
+        return st
+
+    monkeypatch.setattr(DecodeEngine, "new_state", tracked)
+    engine = DecodeEngine(pol)
+    reqs = _requests("qwen2_5_vl")[:2]
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            out = engine.generate(_prompts(pol, tok, reqs), 2, SamplingSpec(temperature=1.3), 4,
+                                  [ids["eos_token_id"]], ids["pad_token_id"])
+            assert len(made) == 1 and len(made[0]) == 4 * len(engine.layers)
+            assert [r for r in made[0] if r() is not None] == []             # freed, the engine still alive
+            cfg = RolloutConfig(num_generations=2, max_new_tokens=4, prompt="short", max_batch=2)
+            b = generate_rollouts(pol, tok, reqs, cfg, 0)                    # one generate call per request
+        assert len(made) == 3
+        assert [r for refs in made[1:] for r in refs if r() is not None] == []
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert out.tokens.shape == (4, 4) and b.completion_ids.shape[0] == 4   # the outputs themselves survive
+
+
 # ------------------------------------------------------------------------------------------- compile
 
 
-def test_decode_step_compiles_fullgraph(tiny):
+@pytest.mark.parametrize("spec", [SamplingSpec(greedy=True), SamplingSpec(temperature=1.3, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_decode_step_compiles_fullgraph(tiny, spec):
     """No graph break and no host sync inside the step: torch.compile(fullgraph=True) traces it, and the
-    compiled steps give the eager steps' tokens and log-probs."""
+    compiled steps give the eager steps' tokens and log-probs. Also for a sampled spec with temperature, top-k
+    and top-p (the filtering's topk / sort / scatter and the exponential race inside the graph), from the same
+    seeds: the compiled step draws the eager step's noise."""
     pol, tok = tiny
     ids = special_token_ids(tok)
     prompts = _prompts(pol, tok, _requests("qwen2_5_vl")[:2])
     engine = DecodeEngine(pol)
-    spec = SamplingSpec(greedy=True)
     with torch.no_grad():
         prefix = engine.prefill(prompts)
-        states = [engine.new_state(prefix, 2, 6, spec, [ids["eos_token_id"]], ids["pad_token_id"]) for _ in range(2)]
+        states = []
+        for _ in range(2):
+            torch.manual_seed(3)                                               # token 0: the same draw
+            states.append(engine.new_state(prefix, 2, 6, spec, [ids["eos_token_id"]], ids["pad_token_id"]))
         torch._dynamo.reset()
         compiled = torch.compile(engine.step, fullgraph=True, backend="aot_eager")
-        for _ in range(5):
-            engine.step(states[0])
-            compiled(states[1])
+        for st, step in ((states[0], engine.step), (states[1], compiled)):
+            torch.manual_seed(4)
+            for _ in range(5):
+                step(st)
     assert torch.equal(states[0].tokens, states[1].tokens)
     torch.testing.assert_close(states[0].logprobs, states[1].logprobs)
     assert int(states[1].t) == 5
+    if not spec.greedy:  # the draws vary: equality is not that of a constant token
+        assert len(set(states[0].tokens.flatten().tolist())) > 3
 
 
 def test_step_computes_its_counter_once_whatever_the_depth(tiny):

@@ -79,10 +79,14 @@ def test_update_with_frozen_vision_reuses_tokens_exactly(tmp_path, monkeypatch):
         torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("kl", [False, True], ids=["on_policy", "kl_old_logp"])
 @pytest.mark.parametrize("freeze", [False, True])
-def test_rl_step_runs_the_tower_only_where_needed(tmp_path, monkeypatch, freeze):
+def test_rl_step_runs_the_tower_only_where_needed(tmp_path, monkeypatch, freeze, kl):
     """One RL step in-process (FSDP2, world of one): the tower runs once for the rollout and, unless frozen,
-    once per update micro-batch (gradients must reach it); never for the old log-probs."""
+    once per update micro-batch (gradients must reach it); never for the old log-probs. With the KL term and a
+    separate old-log-prob forward (beta > 0, old_logp_forward), the old log-probs reuse the rollout's merged
+    visual tokens, and so does the reference when the tower is frozen (then it is the policy's); an unfrozen
+    tower differs from the reference's, which then runs once per reference micro-batch."""
     from test_train import SMALL
 
     from strive_engine.config import load_config
@@ -91,11 +95,13 @@ def test_rl_step_runs_the_tower_only_where_needed(tmp_path, monkeypatch, freeze)
     from strive_engine.step import rl_step
     from strive_engine.trainer import build_trainer
 
+    extra = ["--algorithm.beta=0.05", "--algorithm.old_logp_forward=true"] if kl else []
     cfg = load_config([*SMALL, f"--data.synthetic_dir={tmp_path / 'syn'}", f"--run.output_dir={tmp_path / 'run'}",
-                       f"--model.freeze_vision={str(freeze).lower()}", "--parallel.micro_batch_size=2"])
+                       f"--model.freeze_vision={str(freeze).lower()}", "--parallel.micro_batch_size=2", *extra])
     env = init_distributed("gloo")
     try:
         t = build_trainer(cfg, env)
+        assert (t.reference is not None) == kl
 
         class Tracking(StageTimer):
             current = None
@@ -108,14 +114,20 @@ def test_rl_step_runs_the_tower_only_where_needed(tmp_path, monkeypatch, freeze)
                 self.current = prev
 
         t.timer = Tracking()
-        stages = []
-        real = t.policy.video_features
-        monkeypatch.setattr(t.policy, "video_features", lambda *a: stages.append(t.timer.current) or real(*a))
+        stages = []                                                          # (whose tower, stage) per call
+        for who, pol in [("policy", t.policy)] + ([("reference", t.reference.policy)] if kl else []):
+            real = pol.video_features
+            monkeypatch.setattr(pol, "video_features",
+                                lambda *a, who=who, real=real: stages.append((who, t.timer.current)) or real(*a))
         m = rl_step(t, 0)
         assert m["data/valid_samples"] > 0
         assert 0 <= m["rollout/logp_mismatch_max"] < 1e-4                    # rollout = trainer (fp32, same weights)
+        assert ("time/old_logp" in m) == kl and ("time/ref_logp" in m) == kl  # the stages checked below ran
         rows = cfg.data.batch_size * cfg.variants.num_variants * cfg.rollout.num_generations
-        assert stages == ["rollout"] + ([] if freeze else ["update"] * (rows // 2)), stages
+        micro = rows // 2                                                    # micro-batches of 2 rows
+        ref = [] if freeze or not kl else [("reference", "ref_logp")] * micro
+        update = [] if freeze else [("policy", "update")] * micro
+        assert stages == [("policy", "rollout")] + ref + update, stages      # never in "old_logp"
         trained = {n for n, p in t.root.named_parameters() if p.requires_grad}
         assert any(".language_model." in n for n in trained)
         assert any(".visual." in n for n in trained) != freeze               # a frozen tower has no Adam state

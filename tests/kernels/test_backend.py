@@ -1,5 +1,7 @@
 """One backend vocabulary for every kernel, one resolver (strive_kernels._backend.resolve), one override
 (STRIVE_KERNELS_BACKEND=reference sends every backend="auto" call to the pure-torch twin)."""
+import re
+
 import pytest
 import torch
 
@@ -126,3 +128,54 @@ def test_host_launch_arithmetic_equals_triton():
         assert next_pow2(n) == triton.next_power_of_2(n), n
         for d in (1, 3, 16, 64, 1000):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def test_check_values_default_host_on_device_off_unless_debug(monkeypatch):
+    """check_values(requested, on_device), the switch of the checks that read device data: by default (None)
+    on for host data (free) and off on a device (a sync each) unless STRIVE_KERNELS_DEBUG is set to anything but
+    "" / "0"; an explicit True / False wins either way; anything else is a TypeError naming it."""
+    from strive_kernels._backend import DEBUG_ENV, check_values, debug_checks
+
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert not debug_checks()
+    assert check_values(None, False) is True and check_values(None, True) is False
+    for off in ("", "0"):
+        monkeypatch.setenv(DEBUG_ENV, off)
+        assert not debug_checks() and check_values(None, True) is False and check_values(None, False) is True
+    for on in ("1", "yes"):
+        monkeypatch.setenv(DEBUG_ENV, on)
+        assert debug_checks() and check_values(None, True) is True and check_values(None, False) is True
+    for debug in ("0", "1"):
+        monkeypatch.setenv(DEBUG_ENV, debug)
+        for on_device in (False, True):
+            assert check_values(True, on_device) is True and check_values(False, on_device) is False
+    for bad in (1, 0, "yes", 1.0):
+        with pytest.raises(TypeError, match=re.escape(f"True, False or None, got {bad!r}")):
+            check_values(bad, False)
+
+
+def test_public_calls_say_where_their_data_is(device, monkeypatch):
+    """keyframe_sample and group_advantages ask check_values with on_device from their input tensors' device
+    (False on host tensors, True on CUDA ones) and the caller's switch as given: recorded by wrapping the
+    function in each module, at tiny shapes (the Triton keyframe path: the twin checks its inputs itself)."""
+    import strive_kernels.advantage as adv_mod
+    import strive_kernels.keyframe as kf_mod
+
+    calls = []
+    for mod in (kf_mod, adv_mod):
+        real = mod.check_values
+        monkeypatch.setattr(mod, "check_values", lambda requested, on_device, mod=mod, real=real:
+                            calls.append((mod.__name__.rsplit(".", 1)[1], requested, on_device)) or
+                            real(requested, on_device))
+    on = device == "cuda"
+    g = torch.Generator().manual_seed(0)
+    fe, qe = torch.randn(7, 8, generator=g).to(device), torch.randn(2, 8, generator=g).to(device)
+    off = torch.tensor([0, 3, 7])
+    for switch in (None, True, False):
+        kf_mod.keyframe_sample(fe, qe, off, 2, 2, backend="triton", check_finite=switch)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0]).to(device)
+    groups, variants = torch.tensor([0, 0, 1, 1]).to(device), torch.zeros(4, dtype=torch.long).to(device)
+    for switch in (None, True):
+        adv_mod.group_advantages(rewards, groups, variants, validate=switch)
+    assert calls == [("keyframe", None, on), ("keyframe", True, on), ("keyframe", False, on),
+                     ("advantage", None, on), ("advantage", True, on)], calls
