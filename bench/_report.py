@@ -49,8 +49,11 @@ def table(fast: dict, ref: dict | None, stable: float) -> str:
         lines.append("rollout parts (ms): " + ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in e.items()
                                                         if k.endswith("_ms")) +
                      f"; {e.get('decode_steps', 0):.0f} decode steps at {per:.3f} ms")
-    lines.append(f"rollout spread {100 * ro.get('spread', 0):.1f}% over {fast['steps']} steps: "
-                 f"{'ok' if fast['rollout_repeatable'] else f'noisy (> {100 * stable:.0f}%): use more --steps'}"
+    halves = " / ".join(f"{x:.4f}" for x in fast.get("rollout_halves_s", []))
+    lines.append(f"rollout over {fast['steps']} steps: spread {100 * ro.get('spread', 0):.1f}%, medians of the two "
+                 f"halves {halves or '-'} s: " +
+                 ("ok" if fast["rollout_repeatable"] else
+                  f"noisy (the halves > {100 * stable:.0f}% apart, or < 4 steps): use more --steps or --max-steps")
                  + (f"; reference's rollout {ref['stages_s'].get('rollout', 0):.4f} s" if ref else ""))
     mem = fast["memory"]
     lines.append("memory: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, (int, float)) else f"{k} {v}"

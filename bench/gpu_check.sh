@@ -147,7 +147,7 @@ for s in $STAGES; do
     [ "$s" != throughput_more ] && {
     # 240 s: on 2026-12-04 the fast run alone took ~120-170 s after other stages had warmed the caches; it prints its
     # record before the reference run starts, so a cut reference run does not take the fast column with it
-    run_py bench_throughput 240 bench/throughput.py --recipe gpu_small --steps 6 --warmup 2 --compare \
+    run_py bench_throughput 240 bench/throughput.py --recipe gpu_small --steps 6 --max-steps 12 --warmup 2 --compare \
       --out "$OUTDIR/throughput"
     grep -E "^(rollout|update|old_logp|step|backend)" "$OUTDIR/bench_throughput.log" | head -14; }
     [ "$s" = throughput_main ] && continue

@@ -20,8 +20,10 @@ step, what bounds it (FLOPs or bytes by the models below; or the host), the achi
 fraction of the ceiling (floor time at the ceilings / measured time), and the peak device memory inside the
 stage. Also: the update's MFU as 6 x parameters x tokens forwarded /
 time / matmul ceiling and old log-probs' as 2 x ..., the same from the FLOP model, the rollout backend that
-ran (printed), questions/s, rollouts/s, generated and trained tokens/s. The rollout's spread says whether the
-steps were enough: its median should repeat within 10% (printed as ok / noisy).
+ran (printed), questions/s, rollouts/s, generated and trained tokens/s. Whether the steps were enough: the
+rollout's median should repeat within 10%, read as the medians of the first and the second half of the timed
+steps agreeing within 10% of the whole's (printed as ok / noisy); with `--max-steps M` the run adds timed steps,
+up to M, until they do.
 
 `--count-ops` runs one more step under a dispatch mode and reports, per stage, the ATen ops that are not views
 (each one kernel launch on a GPU, unless a CUDA graph replays it) and the device->host reads (a `.item()`,
@@ -110,7 +112,7 @@ from strive_engine.prompt_sharing import prompt_groups  # noqa: E402
 
 HOST_BOUND = {"decode": "host: video decoder", "reward": "host: Python", "advantage": "launch latency",
               "checkpoint": "disk"}
-STABLE = 0.10  # the rollout's (max - min) / median over the timed steps that counts as repeatable
+STABLE = 0.10  # how far apart the medians of the timed steps' two halves may be, over the whole's: repeatable
 GiB = 2 ** 30
 
 
@@ -270,10 +272,21 @@ def step_work(shape, calls: list[CallRecord], vision, cfg, elem: int) -> dict[st
 # ---------------------------------------------------------------------------------------------- measure
 
 
+def repeats(xs: list[float], tol: float = STABLE) -> bool:
+    """A median that repeats: the medians of the first and the second half of xs within tol of the median of all
+    (at least 4 values; an odd middle one goes to the second half). Unlike (max - min) / median, which only grows
+    with more steps, this settles as steps are added when the stage's time is stationary."""
+    if len(xs) < 4:
+        return False
+    half, med = len(xs) // 2, statistics.median(xs)
+    return med > 0 and abs(statistics.median(xs[:half]) - statistics.median(xs[half:])) <= tol * med
+
+
 def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path | None, batches,
-                       count_ops: bool = False):
-    """Warm-up steps, timed steps (one row and one work record each), then optionally one profiled step and one
-    step under the op counter (its record in t.op_counts)."""
+                       count_ops: bool = False, max_steps: int = 0):
+    """Warm-up steps, timed steps (one row and one work record each; after `steps` of them more, up to
+    `max_steps`, until the rollout's median repeats), then optionally one profiled step and one step under the
+    op counter (its record in t.op_counts)."""
     from strive_engine.step import rl_step
 
     rec = WorkRecorder([t.policy] + ([t.reference.policy] if t.reference is not None else []), t.timer)
@@ -282,10 +295,11 @@ def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path 
         rec.collect()
     rows, works = [], []
     t0 = time.perf_counter()
-    for step in range(warmup, warmup + steps):
-        rows.append(rl_step(t, step, batches))
+    while len(rows) < steps or (len(rows) < max_steps and not repeats([r["time/rollout"] for r in rows])):
+        rows.append(rl_step(t, warmup + len(rows), batches))
         works.append(rec.collect())
     wall = time.perf_counter() - t0
+    steps = len(rows)
     if profile_path is not None:
         from torch.profiler import ProfilerActivity, profile
 
@@ -326,8 +340,9 @@ def _checkpoint_seconds(t, cfg, env, step: int) -> dict:
 
 
 def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = False,
-            profile_path: Path | None = None, count_ops: bool = False) -> dict:
-    """Build the trainer from the config in argv, time `steps` RL steps after `warmup` ones, explain them."""
+            profile_path: Path | None = None, count_ops: bool = False, max_steps: int = 0) -> dict:
+    """Build the trainer from the config in argv, time `steps` RL steps after `warmup` ones (more, up to
+    `max_steps`, until the rollout's median repeats), explain them."""
     import functools
 
     from strive_engine.config import load_config
@@ -349,7 +364,9 @@ def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = Fa
                                                      pool_frames=cfg.video.pool_frames, device=env.device),
                          depth=cfg.video.prefetch_batches)
     try:
-        rows, works, wall = _trainer_step_loop(t, cfg, env, warmup, steps, profile_path, batches, count_ops)
+        rows, works, wall = _trainer_step_loop(t, cfg, env, warmup, steps, profile_path, batches, count_ops,
+                                               max_steps)
+        steps = len(rows)
         ckpt = None if skip_checkpoint else _checkpoint_seconds(t, cfg, env, warmup + steps)
     finally:
         batches.close()
@@ -376,6 +393,11 @@ def measure(argv: list[str], steps: int, warmup: int, skip_checkpoint: bool = Fa
 def _spread(xs: list[float]) -> float:
     med = statistics.median(xs)
     return (max(xs) - min(xs)) / med if med > 0 else 0.0
+
+
+def _halves(xs: list[float]) -> list[float]:
+    """The medians of the first and the second half of xs (what `repeats` compares), [] under 2 values."""
+    return [statistics.median(xs[: len(xs) // 2]), statistics.median(xs[len(xs) // 2:])] if len(xs) >= 2 else []
 
 
 def _stage_row(stage: str, secs: list[float], work: list[dict], ceilings: dict, step_s: float) -> dict:
@@ -444,7 +466,7 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
     gen = sum(r["rollout/gen_tokens"] for r in rows)
     trained = sum(r.get("loss/num_tokens", 0.0) for r in rows) * cfg.algorithm.ppo_epochs
     forwarded = sum(r.get("rollout/seq_tokens", 0) for r in rows) * cfg.algorithm.ppo_epochs
-    ro_spread = stages.get("rollout", {}).get("spread", 0.0)
+    ro_secs = [r.get("time/rollout", 0.0) for r in rows]
     out = {"recipe_args": argv, "steps": steps, "step_s": step_s, "step_s_mean": wall / steps,
            "step_spread": _spread(step_times), "build_s": build_s,
            "backend": {"kernels": os.environ.get("STRIVE_KERNELS_BACKEND", "auto"),
@@ -455,7 +477,7 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
            "gen_tokens_per_s": gen / wall, "train_tokens_per_s": trained / wall,
            "update_seq_tokens_per_s": forwarded / wall,
            "stages_s": {s: v["s"] for s, v in stages.items()}, "stages": stages, "mfu": mfu,
-           "rollout_repeatable": ro_spread <= STABLE, "ceilings": ceilings,
+           "rollout_repeatable": repeats(ro_secs), "rollout_halves_s": _halves(ro_secs), "ceilings": ceilings,
            "model": {"params": shape.params, "trainable": shape.trainable, "vision_trained": shape.vision_trained},
            "shape": {"B": B, "K": K, "G": G, "F": cfg.keyframes.num_frames, "P": cfg.video.pool_frames,
                      "max_new_tokens": cfg.rollout.max_new_tokens, "device": str(env.device)},
@@ -478,7 +500,8 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
 
 def _child(argv: list[str], args, backend: str, stamp: str) -> dict:
     env = {**os.environ, "STRIVE_KERNELS_BACKEND": backend}
-    cmd = [sys.executable, __file__, "--_child", "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, __file__, "--_child", "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--max-steps", str(args.max_steps)]
     if args.skip_checkpoint:
         cmd.append("--skip-checkpoint")
     if args.profile:
@@ -494,7 +517,9 @@ def _child(argv: list[str], args, backend: str, stamp: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="debug_cpu")
-    ap.add_argument("--steps", type=int, default=5, help="timed RL steps (the rollout's spread says if enough)")
+    ap.add_argument("--steps", type=int, default=5, help="timed RL steps (whether the rollout repeats says if enough)")
+    ap.add_argument("--max-steps", type=int, default=0,
+                    help="add timed steps, up to this many, until the rollout's median repeats within 10%%")
     ap.add_argument("--warmup", type=int, default=1, help="untimed RL steps first (compilation, caches)")
     ap.add_argument("--compare", action="store_true", help="also run with every kernel's pure-torch twin")
     ap.add_argument("--profile", action="store_true", help="write a torch.profiler trace of one more step to --out")
@@ -510,10 +535,13 @@ def main() -> None:
     args, rest = ap.parse_known_args()
     if args.steps < 1:
         ap.error("--steps must be >= 1")
+    if args.max_steps and args.max_steps < max(args.steps, 4):
+        ap.error(f"--max-steps must be 0 (off) or >= max(--steps, 4), got {args.max_steps}: whether a median "
+                 "repeats is read from two halves of at least 2 steps")
     if args._child:  # the parent already added the output folder
         trace = Path(args._trace) if args._trace else None
         rec = measure(["--recipe", args.recipe, *rest], args.steps, args.warmup, args.skip_checkpoint, trace,
-                      args.count_ops)
+                      args.count_ops, args.max_steps)
         print(json.dumps({**rec, **({"trace": str(trace)} if trace else {})}))
         return
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")

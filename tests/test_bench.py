@@ -130,6 +130,61 @@ def test_throughput_compare_with_kl_reference():
         assert ignored == 0
 
 
+def test_timed_steps_are_added_until_the_rollout_median_repeats(monkeypatch):
+    """--max-steps: after --steps timed steps the loop adds steps, up to the cap, until the medians of the two
+    halves of the rollout's times agree within 10 % of the whole's median (a spread, max - min, would only grow);
+    stationary times stop it at --steps, a drifting stage runs to the cap, a cap of 0 keeps --steps exactly, and
+    the step indices run on without a gap. rl_step and the shape recorder are stand-ins."""
+    import types
+
+    import strive_engine.step
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import importlib
+
+    tp = importlib.import_module("throughput")
+    assert tp.repeats([1.0, 1.05, 0.98, 1.02]) and not tp.repeats([1.0, 1.0, 1.2, 1.2])
+    assert not tp.repeats([1.0, 1.0, 1.0])                                # fewer than 4: no two halves of 2
+    assert tp.repeats([1.0, 5.0, 1.0, 1.0, 1.0, 1.0])                     # one outlier: the medians still agree
+    assert tp._halves([1.0, 2.0, 3.0, 4.0, 5.0]) == [1.5, 4.0]
+
+    class Recorder:
+        def __init__(self, policies, timer):
+            pass
+
+        def collect(self):
+            return [], []
+    monkeypatch.setattr(tp, "WorkRecorder", Recorder)
+    t = types.SimpleNamespace(policy=None, reference=None, timer=None)
+
+    def run(times, steps, max_steps):
+        seen = []
+
+        def rl_step(trainer, step, batches):
+            seen.append(step)
+            return {"time/rollout": times[step - 2] if step >= 2 else 50.0}  # 2 warm-up steps: not timed
+        monkeypatch.setattr(strive_engine.step, "rl_step", rl_step)
+        rows, works, _ = tp._trainer_step_loop(t, None, None, 2, steps, None, iter(()), max_steps=max_steps)
+        assert len(works) == len(rows) and seen == list(range(2 + len(rows)))
+        return [r["time/rollout"] for r in rows]
+
+    steady = [1.0, 1.02, 0.99, 1.01, 1.0, 1.03, 0.98, 1.0, 1.01, 1.0]
+    drift = [1.0 + 0.1 * i for i in range(10)]                            # every half later than the first
+    noisy_start = [2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert len(run(steady, 4, 10)) == 4
+    assert len(run(drift, 4, 10)) == 10
+    assert len(run(drift, 4, 0)) == 4                                     # off: exactly --steps
+    got = run(noisy_start, 4, 10)                                         # stops at the first count that repeats
+    assert tp.repeats(got) and not any(tp.repeats(noisy_start[:n]) for n in range(4, len(got)))
+
+
+def test_throughput_refuses_a_max_steps_without_two_halves():
+    """--max-steps under 4 (or under --steps) is refused with a message naming it, before anything is built."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench/throughput.py"), "--steps", "2", "--max-steps", "3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--max-steps must be 0 (off) or >= max(--steps, 4), got 3" in res.stderr
+
+
 def test_op_counter_counts_launches_and_host_reads_per_stage(monkeypatch):
     """--count-ops' counter: non-view ATen ops and host reads, attributed to the timer's current stage."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
