@@ -295,7 +295,7 @@ def _trainer_step_loop(t, cfg, env, warmup: int, steps: int, profile_path: Path 
         rec.collect()
     rows, works = [], []
     t0 = time.perf_counter()
-    while len(rows) < steps or (len(rows) < max_steps and not repeats([r["time/rollout"] for r in rows])):
+    while len(rows) < steps or (len(rows) < max_steps and not repeats([r.get("time/rollout", 0.0) for r in rows])):
         rows.append(rl_step(t, warmup + len(rows), batches))
         works.append(rec.collect())
     wall = time.perf_counter() - t0
