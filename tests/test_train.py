@@ -163,9 +163,11 @@ def test_two_process_fsdp_run_killed_and_resumed_matches_uninterrupted(tmp_path,
     _finish(_torchrun([*common, f"--run.output_dir={cut}", "--checkpoint.resume=true"]))
     got = _rl_rows(cut)
     assert sorted(got) == list(range(6)), sorted(got)  # rows logged after the checkpoint were recomputed
-    for step in range(done[-1], 6):
-        for key in ("loss", "reward/mean", "reward/accuracy", "rollout/gen_tokens", "grad_norm", "lr"):
-            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-7), (step, key)
+    timing = ("time/", "rollout/engine_", "perf/")                   # wall-clock readings, not the run's state
+    for step in range(done[-1], 6):                                  # every other value bitwise the uncut run's
+        keys = {k for k in ref[step] if not k.startswith(timing)}
+        assert {k for k in got[step] if not k.startswith(timing)} == keys and {"loss", "grad_norm", "lr"} <= keys
+        assert {k: got[step][k] for k in keys} == {k: ref[step][k] for k in keys}, step
     assert json.loads((cut / "config.json").read_text())["checkpoint"]["resume"] == "false"  # the first one
 
     # A resume with another model layout or variant count is refused, listing the fields; nothing is touched.
