@@ -63,7 +63,6 @@ def test_logprob_engine_shapes_on_cpu(monkeypatch, capsys):
         assert len(rec["gpu_small"][path]["fwd_bwd_ms"]) == 3 and len(rec["gpu_small"][path]["no_grad_ms"]) == 3
 
 
-
 def test_logprob_chunk_matmuls_measure_the_split_k_candidates(monkeypatch):
     """bench_logprob.chunk_matmuls (run by --engine at the 7B head's 1,024-token point on CUDA) on the CPU, with
     torch.bmm's CUDA-only fp32-output overload stood in by an fp32 bmm: every split-K candidate runs (the vocabulary
