@@ -40,16 +40,18 @@ Measured on an H200: ~28 ms per decode step for a 0.17 B model whose weights are
    ones were 0.42 ms of a 5.02 ms step at the 3B shape on an H200, `pack_qkv=False` keeps them); it is captured
    and freed inside the call, during which the caller keeps the parameters unsharded, so it can never replay
    against moved or freed memory (the parameter addresses are also checked before every window). The
-   capture costs a few ms against a rollout of seconds.
+   capture costs a few ms against a rollout of seconds (`capture_graph`: unlike torch.cuda.graph it flushes no
+   cache; a capture that fails leaves the caller's stream in place and the process decodes eagerly from then on).
 7. Memory: the prefix and suffix caches are allocated per call from the batch's sizes and freed on return.
 
 On the CPU the same step runs eagerly (and compiles with torch.compile(fullgraph=True): no host sync inside).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -354,16 +356,18 @@ class DecodeEngine:
         self._mark("warmup_step")
         if steps == 1:
             return 1
-        graph = torch.cuda.CUDAGraph()
+        if _CAPTURE["failed"]:
+            return 1 + self._run(st, steps - 1, False, check_every)
+        side.wait_stream(cur)
         try:
-            # thread_local: other threads' CUDA work (the prefetcher's NVDEC decodes) must not void this capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.step(st)
+            graph = capture_graph(lambda: self.step(st), side)
         except RuntimeError as err:  # a capture records and runs nothing: the state is still after the warm-up step
-            del graph
             torch.cuda.synchronize()
-            log.warning("decode: CUDA graph capture failed (%s); this generate call decodes eagerly",
-                        str(err).splitlines()[0][:300])
+            # torch's allocator may keep the failed capture's pool open (capture_end raised before closing it), and
+            # what fails once (an op that cannot be captured) fails every time: no more captures in this process
+            _CAPTURE["failed"] = True
+            log.error("decode: CUDA graph capture failed (%s); this process decodes eagerly from now on",
+                      str(err).splitlines()[0][:300])
             self._mark("capture_failed")
             return 1 + self._run(st, steps - 1, False, check_every)
         self._mark("capture")
@@ -396,6 +400,29 @@ class DecodeEngine:
             torch.cuda.current_stream().synchronize()
             del graph
         return done_steps
+
+
+_CAPTURE = {"failed": False}  # set by the first capture that fails: the process decodes eagerly afterwards
+
+
+def capture_graph(fn: Callable[[], Any], stream: Any) -> Any:
+    """fn's CUDA work recorded (not run) as a torch.cuda.CUDAGraph on `stream`, which must already wait for the
+    work fn reads. Not `torch.cuda.graph`: that context empties the caching allocator and the pinned-host cache on
+    entry (once per generate call: the update after every rollout would allocate its working set anew), and it
+    leaves the thread on its capture stream when capture_begin or capture_end raises (torch 2.11 / 2.13). Here
+    the caller's stream is back whatever fails, and fn's own error is the one raised. thread_local: other
+    threads' CUDA work (the prefetcher's NVDEC decodes) does not void the capture."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            fn()
+        except BaseException:
+            with contextlib.suppress(RuntimeError):
+                graph.capture_end()  # ends the (invalidated) capture
+            raise
+        graph.capture_end()
+    return graph
 
 
 def _cache_tensors(cache: Any, num_layers: int) -> tuple[list[Tensor], list[Tensor]]:

@@ -546,8 +546,12 @@ def test_cuda_graph_decode_matches_hf(tmp_path, dtype):
 
     with torch.no_grad(), sharpened(pol), pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda.CUDAGraph, "capture_begin", refuse)
+        mp.setitem(decode_mod._CAPTURE, "failed", False)             # restored on exit: later tests capture again
         torch.manual_seed(0)
         eager = engine.generate(prompts, 3, SamplingSpec(temperature=1.2), 24, eos, pad, check_every=4)
+        assert torch.cuda.current_stream() == torch.cuda.default_stream()     # not left on a capture stream
+        again = engine.generate(prompts, 3, SamplingSpec(temperature=1.2), 8, eos, pad, check_every=4)
+        assert "capture_failed" not in again.timings_ms and "capture" not in again.timings_ms   # no retry
     assert "capture_failed" in eager.timings_ms and "capture" not in eager.timings_ms
     assert torch.equal(eager.tokens, out.tokens)
     torch.testing.assert_close(eager.logprobs, out.logprobs, rtol=0, atol=1e-5)
