@@ -36,6 +36,8 @@ def table(fast: dict, ref: dict | None, stable: float) -> str:
             r = ref["stages_s"].get(s, 0.0)
             row += f" {r:>8.4f} " + (f"{r / v['s']:>5.2f}x" if v["s"] > 0 else f"{'-':>6}")
         lines.append(row)
+    if "error" in fast.get("checkpoint", {}):
+        lines.append(f"checkpoint save FAILED (not timed): {fast['checkpoint']['error']}")
     for k, v in fast["mfu"].items():
         lines.append(f"MFU {k:<22} {100 * v:>6.1f}%")
     run = {s: v for s, v in fast["stages"].items() if v.get("row_tokens")}
@@ -45,10 +47,12 @@ def table(fast: dict, ref: dict | None, stable: float) -> str:
     ro = fast["stages"].get("rollout", {})
     if ro.get("engine_ms"):
         e = ro["engine_ms"]
-        per = e.get("decode_ms", 0.0) / max(e.get("decode_steps", 0.0), 1.0)
+        # decode_ms times the steps after the warm-up one (on CUDA that step is timed apart, as warmup_step_ms)
+        timed = e.get("decode_timed_steps", e.get("decode_steps", 0.0))
+        per = e.get("decode_ms", 0.0) / max(timed, 1.0)
         lines.append("rollout parts (ms): " + ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in e.items()
                                                         if k.endswith("_ms")) +
-                     f"; {e.get('decode_steps', 0):.0f} decode steps at {per:.3f} ms")
+                     f"; {e.get('decode_steps', 0):.0f} decode steps, {timed:.0f} of them in decode at {per:.3f} ms")
     halves = " / ".join(f"{x:.4f}" for x in fast.get("rollout_halves_s", []))
     lines.append(f"rollout over {fast['steps']} steps: spread {100 * ro.get('spread', 0):.1f}%, medians of the two "
                  f"halves {halves or '-'} s: " +

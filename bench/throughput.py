@@ -93,6 +93,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -326,16 +327,21 @@ def _checkpoint_seconds(t, cfg, env, step: int) -> dict:
     params = inspect.signature(Checkpointer).parameters
     kw = {"async_save": cfg.checkpoint.async_save} if "async_save" in params and hasattr(cfg.checkpoint,
                                                                                          "async_save") else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        ck = Checkpointer(tmp, env, keep=1, **kw)
-        t0 = time.perf_counter()
-        with t.timer("checkpoint"):
-            ck.save_trainer(step, t, t.loader.state_dict())
-        blocking = time.perf_counter() - t0
-        if hasattr(ck, "close"):
-            ck.close()
-        total = time.perf_counter() - t0
-    t.timer.reset()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ck = Checkpointer(tmp, env, keep=1, **kw)
+            t0 = time.perf_counter()
+            with t.timer("checkpoint"):
+                ck.save_trainer(step, t, t.loader.state_dict())
+            blocking = time.perf_counter() - t0
+            if hasattr(ck, "close"):
+                ck.close()
+            total = time.perf_counter() - t0
+    except Exception as err:  # a failed save is reported, and does not take the timed steps' numbers with it
+        traceback.print_exc()
+        return {"error": f"{type(err).__name__}: {err}"[:600]}
+    finally:
+        t.timer.reset()
     return {"blocking_s": blocking, "on_disk_s": total}
 
 
@@ -428,7 +434,8 @@ def engine_parts(rows: list[dict]) -> dict[str, float]:
     found = {k.removeprefix("rollout/engine_") for r in rows for k in r if k.startswith("rollout/engine_")}
     if not found:
         return {}
-    order = ["prefill_ms", "first_token_ms", "warmup_step_ms", "capture_ms", "decode_ms", "decode_steps"]
+    order = ["prefill_ms", "first_token_ms", "warmup_step_ms", "capture_ms", "decode_ms", "decode_steps",
+             "decode_timed_steps"]
     keys = [k for k in order if k in found] + sorted(found - set(order))
     out = {k: statistics.median(r.get(f"rollout/engine_{k}", 0.0) for r in rows) for k in keys}
     device = sum(v for k, v in out.items() if k.endswith("_ms"))
@@ -483,7 +490,8 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
                      "max_new_tokens": cfg.rollout.max_new_tokens, "device": str(env.device)},
            "accuracy_mean": sum(r["reward/accuracy"] for r in rows) / steps}
     if ckpt is not None:
-        out["stages_s"]["checkpoint"] = ckpt["blocking_s"]
+        if "blocking_s" in ckpt:
+            out["stages_s"]["checkpoint"] = ckpt["blocking_s"]
         out["checkpoint"] = ckpt
     if env.device.type == "cuda":
         out["memory"] = {"peak_gib": max(peak.values(), default=0.0),
@@ -552,6 +560,7 @@ def main() -> None:
             # (gpu_check.sh's stages) cannot take it along; the full record below repeats it
             print(json.dumps({"bench": "throughput", "partial": "fast column only", **_versions(), "fast": fast}),
                   flush=True)
+            print(table(fast, None, STABLE), flush=True)  # readable even if the reference run is cut
         ref = _child(argv, args, "reference", stamp) if args.compare else None
     print(table(fast, ref, STABLE))
     record = {"bench": "throughput", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

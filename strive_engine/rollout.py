@@ -82,7 +82,8 @@ class RolloutBatch:
     distribution (native: always; hf: with return_logprobs=True) — a diagnostic (rollout/trainer mismatch),
     never the old log-probs (the trainer computes those with Policy.forward). `inputs` lives on the policy's device, the other
     tensors on CPU. engine_ms (native backend): where the rollout's device time went, summed over the engine's
-    calls: prefill_ms, first_token_ms, warmup_step_ms, capture_ms (CUDA graph), decode_ms and decode_steps.
+    calls: prefill_ms, first_token_ms, warmup_step_ms, capture_ms (CUDA graph), decode_ms, decode_steps (every step
+    after the first token) and decode_timed_steps (those inside decode_ms: on CUDA the warm-up step is timed apart).
     """
 
     inputs: PolicyInputs
@@ -264,6 +265,7 @@ def _generate_native(policy: Policy, prompts: PolicyInputs, cfg: Any, eos_ids: l
         vis.append(out.visual)
         parts.update({f"{k}_ms": v for k, v in (out.timings_ms or {}).items()})
         parts["decode_steps"] += out.steps
+        parts["decode_timed_steps"] += out.steps - ("warmup_step" in (out.timings_ms or {}))
     comp, logprobs = torch.cat(toks), torch.cat(lps)                             # (M, T)
     # HF generate's width: it stops once every row has an EOS, so Lc = the longest row (its EOS included)
     ended = torch.isin(comp, torch.tensor(eos_ids))

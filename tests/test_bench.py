@@ -64,6 +64,7 @@ def test_throughput_compare_with_kl_reference():
     # the reference run keeps it)
     first = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("{")))
     assert first["partial"] == "fast column only" and first["fast"] == rec["fast"]
+    assert res.stdout.count("rollout backend:") == 2                      # its table too, then both columns'
     for side in ("fast", "reference"):
         r = rec[side]
         assert set(r["stages_s"]) >= {"decode", "keyframes", "variants", "rollout", "old_logp", "ref_logp", "update",
@@ -92,6 +93,7 @@ def test_throughput_compare_with_kl_reference():
         # detokenising) is what remains
         e = r["stages"]["rollout"]["engine_ms"]
         assert list(e)[:2] == ["prefill_ms", "first_token_ms"] and e["decode_steps"] >= 1 and e["decode_ms"] > 0
+        assert e["decode_timed_steps"] == e["decode_steps"]   # no warm-up step timed apart off CUDA
         assert 0 < e["host_ms"] < 1e3 * r["stages"]["rollout"]["s"]
         assert r["mfu"]["update_PT"] > 0 and r["mfu"]["update_model"] == r["stages"]["update"]["fraction"]
         assert r["backend"]["kernels"] == ("auto" if side == "fast" else "reference")
@@ -176,6 +178,31 @@ def test_timed_steps_are_added_until_the_rollout_median_repeats(monkeypatch):
     assert len(run(drift, 4, 0)) == 4                                     # off: exactly --steps
     got = run(noisy_start, 4, 10)                                         # stops at the first count that repeats
     assert tp.repeats(got) and not any(tp.repeats(noisy_start[:n]) for n in range(4, len(got)))
+
+
+def test_a_failed_checkpoint_save_keeps_the_timed_steps(monkeypatch):
+    """The checkpoint save is timed after the steps: if it raises (async DCP on CUDA did on 2026-12-04), the record
+    names the error and keeps everything else; the stage table says the save failed."""
+    import importlib
+    import types
+
+    import strive_engine.checkpoint as ckm
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    tp = importlib.import_module("throughput")
+
+    class Broken:
+        def __init__(self, folder, env, keep=1, async_save=True):
+            pass
+
+        def save_trainer(self, step, trainer, loader_state):
+            raise AttributeError("'NoneType' object has no attribute 'values'")
+    monkeypatch.setattr(ckm, "Checkpointer", Broken)
+    t = types.SimpleNamespace(timer=tp.BenchTimer(sync=False), loader=types.SimpleNamespace(state_dict=dict))
+    cfg = types.SimpleNamespace(checkpoint=types.SimpleNamespace(async_save=True))
+    got = tp._checkpoint_seconds(t, cfg, None, 3)
+    assert got == {"error": "AttributeError: 'NoneType' object has no attribute 'values'"}
+    assert not t.timer.seconds and not t.timer.stack                      # the timer was reset all the same
 
 
 def test_throughput_refuses_a_max_steps_without_two_halves():
