@@ -277,10 +277,11 @@ def memory_trace(x, path: str, min_mib: float = 64.0, **kw) -> dict:
 # ------------------------------------------------------------------------------------------ engine shapes
 
 
-# (T, H, V, sequences): gpu_small's update micro-batch (32 rollouts x 64 tokens, 1,028-token vocabulary) and
-# the Qwen2.5-VL-7B head of ../shared/anchors. CPU: the same vocabularies at toy T and H (wiring only).
-ENGINE_SHAPES = {"gpu_small": ((2048, 1024, 1028, 32), (256, 64, 1028, 8)),
-                 "head_7b": ((8192, 3584, 152064, 8), (256, 64, 8192, 8))}
+# (T, H, V, sequences): the Qwen2.5-VL-7B head of ../shared/anchors (first: issue 14's targets, when a time limit
+# cuts the run) and gpu_small's update micro-batch (32 rollouts x 64 tokens, 1,028-token vocabulary). CPU: the
+# same vocabularies at toy T and H (wiring only).
+ENGINE_SHAPES = {"head_7b": ((8192, 3584, 152064, 8), (256, 64, 8192, 8)),
+                 "gpu_small": ((2048, 1024, 1028, 32), (256, 64, 1028, 8))}
 # micro-batches the engine hands the op in one step: (tokens, sequences), ragged as rollouts are
 RAGGED = ((1900, 32), (2048, 32), (1377, 21), (64, 1), (2011, 31), (1024, 16), (1999, 32), (512, 7))
 

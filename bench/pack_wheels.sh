@@ -22,10 +22,12 @@ for p in $PACKAGES; do
   [ -n "$line" ] || { echo "error: $p is not pinned in requirements.lock" >&2; exit 1; }
   pins+=("$line")
 done
-rm -rf .whl && mkdir -p .whl
+# into a new folder, swapped in on success: a failed download (no registry) keeps the wheels already there
+rm -rf .whl.new && mkdir -p .whl.new
 $PY -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 -d .whl "${pins[@]}"
+  --platform manylinux2014_x86_64 -d .whl.new "${pins[@]}"
+rm -rf .whl && mv .whl.new .whl
 ls -l .whl | tail -n +2
 total=$(du -cb .whl/*.whl | tail -1 | cut -f1)
 echo "total $((total / 1048576)) MiB of wheels; with the repo each device call carries at most 64 MiB"

@@ -226,8 +226,10 @@ def test_two_ranks_gathering_once_reduce_once_and_train_the_same(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_bf16_gathering_once_trains_like_the_default(tmp_path):
     """On CUDA (NCCL, a world of one, bf16 gathers and fp32 reduces as the engine runs): three micro-batches'
-    gradients on the shards equal FSDP2's default to fp32 rounding (on the CPU they are bitwise equal), and every
-    group is sharded again after the window."""
+    gradients on the shards equal FSDP2's default (on the CPU bitwise), and every group is sharded again after the
+    window. The bound is relative to each gradient's norm, 1e-3: SDPA's flash and memory-efficient backward add
+    into dq with atomics, so two bf16 runs of the same mode may differ in a last bit (~1e-4 of a weight's gradient),
+    while a micro-batch lost or counted twice moves it by about a third."""
     from sharded import tiny_sharded_policy
     from strive_engine.parallel import accumulation, destroy_distributed, init_distributed
     from test_prompt_sharing import rollout_batch
@@ -247,6 +249,6 @@ def test_cuda_bf16_gathering_once_trains_like_the_default(tmp_path):
         assert len(grads[True]) == len(grads[False]) > 10
         for a, b in zip(grads[True], grads[False]):
             assert a.dtype == torch.float32
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+            assert float((a - b).norm()) <= 1e-3 * float(b.norm()) + 1e-7, (a - b).norm() / b.norm()
     finally:
         destroy_distributed()

@@ -123,8 +123,11 @@ def test_the_text_rotary_is_fused_on_cuda_and_transformers_own_elsewhere(tok_dir
         rotary = family.apply_rotary_pos_emb
         assert rotary._strive_hf is hf_rotary and "apply_multimodal_rotary_pos_emb" not in vars(family)
         q, k, cos, sin = _rotary_inputs()
-        for got, ref in zip(rotary._strive_on_cuda(q.clone(), k.clone(), cos, sin), hf_rotary(q, k, cos, sin)):
-            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)               # liger's kernel, interpreted
+        dev = "cuda" if torch.cuda.is_available() else "cpu"   # liger's kernel: compiled on a GPU, interpreted here
+        on = [t.to(dev) for t in (q, k, cos, sin)]
+        for got, ref in zip(rotary._strive_on_cuda(on[0].clone(), on[1].clone(), on[2], on[3]),
+                            hf_rotary(q, k, cos, sin)):
+            torch.testing.assert_close(got.cpu(), ref, rtol=1e-6, atol=1e-6)         # liger's kernel
         for got, ref in zip(rotary(q, k, cos, sin), hf_rotary(q, k, cos, sin)):     # CPU tensors: transformers'
             assert torch.equal(got, ref)
         if kind == "qwen3_vl":  # liger's vision rotary too
