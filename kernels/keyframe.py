@@ -83,10 +83,12 @@ def _keyframe_kernel(f_ptr, q_ptr, off_ptr, scores_ptr, imp_ptr, idx_ptr, ticket
     norm = tl.sqrt_rn(tl.sum(acc_ff, axis=1)) * tl.sqrt_rn(tl.sum(acc_qq, axis=0))
     score = tl.div_rn(dot, tl.maximum(norm, _COS_EPS))
     tl.store(scores_ptr + start + rows, score, mask=rmask)
+    # every thread's score stores precede what follows: the release below (several programs), or this program's
+    # own reload in phase 2 (one program: Triton lets one warp store a replicated tensor, and every warp reloads it)
+    tl.debug_barrier()
 
     # ---- the last program of the pool continues (ticket), the others are done
     if S > 1:
-        tl.debug_barrier()  # every thread's score stores precede the release below
         ticket = tl.atomic_add(ticket_ptr + b, 1, sem="acq_rel", scope="gpu")
         is_last = ticket == S - 1
     else:

@@ -231,3 +231,43 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, capture_output=True, text=True, timeout=280)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 with a stand-in driver: a CPU check")
+def test_one_program_pools_sync_the_score_stores_before_reloading_them():
+    """A pool of <= 64 frames is one program: phase 1 stores its scores (Triton lets one warp store a tensor
+    replicated across warps) and phase 2 reloads them in every warp. The interpreter runs threads one after
+    another, so only the compiled kernel can show the race: for an H100 / H200 (sm_90, through the engine's
+    launch code, bench/kernel_resources.py's stand-in driver) the PTX must hold a barrier between the first
+    global store and the first reload; it had none before 2026-12-07, while the several-programs path did."""
+    pytest.importorskip("triton.backends.nvidia")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(root / "bench")!r})
+import kernel_resources as kr
+from strive_kernels import _backend
+from strive_kernels.keyframe import keyframe_sample_forward
+B, P = 4, 32
+fe, qe = torch.empty(B * P, 1152, dtype=torch.bfloat16), torch.empty(B, 1152, dtype=torch.bfloat16)
+record = []
+with kr.compile_only(90, record), kr._patched(_backend, "sm_count", lambda device: 132):
+    keyframe_sample_forward(fe, qe, torch.arange(0, B * P + 1, P), [P] * B, 4, 16, 1.0, 0.1, 0, True)
+(name, grid, kernel, _, _), = record
+assert grid == (B, 1, 1), grid
+print(kernel.asm["ptx"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    body = [ln.strip() for ln in res.stdout.splitlines()]
+    store = next(i for i, ln in enumerate(body) if ln.startswith(("st.global", "@%p")) and "st.global" in ln)
+    reload = next(i for i, ln in enumerate(body) if "ld.global.cg" in ln)
+    assert store < reload
+    assert any(ln.startswith(("bar.sync", "barrier.sync")) for ln in body[store:reload]), body[store:reload]
