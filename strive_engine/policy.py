@@ -227,6 +227,11 @@ class Policy(nn.Module):
         return int(self.hf.config.vision_config.spatial_merge_size)
 
     def generate(self, **kw: Any) -> Any:
+        """HF generate on the (unsharded) model. synced_gpus off: transformers turns it on for any module FSDP2
+        manages in a world of several ranks, and then all-reduces on every token so that every rank runs as many
+        forwards as the longest; the engine unshards before generating, so nothing inside needs the ranks in step
+        (and an error on one rank would leave the others waiting in that all-reduce)."""
+        kw.setdefault("synced_gpus", False)
         return self.hf.generate(**kw)
 
     def mm_token_type_ids(self, input_ids: Tensor, video_slots: Tensor | None = None) -> Tensor:

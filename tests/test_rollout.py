@@ -360,3 +360,57 @@ def test_generated_vision_tokens_are_text_like_in_generate(tiny):
     with torch.no_grad():
         lp = pol(b.inputs, lambda h, w, bias: torch.log_softmax(h @ w.T, -1).gather(1, tgt[:, None]).squeeze(1))
     torch.testing.assert_close(lp, b.sampling_logprobs[b.completion_mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def _hf_rollout_collectives(rank, out_dir):
+    """One rank of test_hf_rollout_runs_no_collective_per_token: a tiny FSDP2 policy, the HF backend inside the
+    root's forward with the weights unsharded, answers of different lengths per rank."""
+    import torch.distributed as dist
+    from sharded import tiny_sharded_policy
+
+    from strive_engine.parallel import unsharded
+
+    model, tok, policy, root = tiny_sharded_policy(out_dir)
+    vc = model.config.vision_config
+    dim = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
+    q = types.SimpleNamespace(question="What?", options=(), problem_type="free-form")
+    req = RolloutRequest(q, torch.randn(4, dim), torch.tensor([1, 2, 2]), 1.0)
+    cfg = RolloutConfig(num_generations=2, max_new_tokens=4 + 6 * rank, prompt="short", backend="hf")
+    calls, real = [], dist.all_reduce
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    def fn():
+        with unsharded(root), torch.no_grad():
+            dist.all_reduce = counting
+            try:
+                return generate_rollouts(policy, tok, [req], cfg, generator_seed=rank)
+            finally:
+                dist.all_reduce = real
+    root(fn)
+    return {"all_reduce_calls": len(calls)}
+
+
+def test_hf_rollout_runs_no_collective_per_token(tmp_path):
+    """rollout.backend=hf under FSDP2 with two ranks (gloo): transformers would turn synced_gpus on for a module
+    FSDP2 manages and all-reduce on every token, holding the ranks in step; Policy.generate turns it off, so a
+    rank whose answers end sooner stops, and no collective runs inside generate."""
+    from sharded import run_ranks
+
+    assert [r["all_reduce_calls"] for r in run_ranks(_hf_rollout_collectives, tmp_path)] == [0, 0]
+
+
+def test_tgrpo_seeds_are_no_other_ranks_seed():
+    """T-GRPO's permutation and sampling seeds, derived from a per-(step, rank) seed, are none of the step seeds
+    of 8 ranks over 50 steps (they were seed + 1 and seed + 2: ranks r + 1's and r + 2's own), differ from each
+    other, and repeat exactly (resume)."""
+    from strive_engine.rollout import sub_seed
+    from strive_engine.step import step_seed
+
+    own = {step_seed(0, s, r) for s in range(50) for r in range(8)}
+    derived = [sub_seed(x, p) for x in sorted(own) for p in ("tgrpo/permutation", "tgrpo/sampling")]
+    assert not own & set(derived) and len(set(derived)) == len(derived)
+    assert all(0 <= d < 2**31 - 1 for d in derived)
+    assert sub_seed(12345, "tgrpo/sampling") == sub_seed(12345, "tgrpo/sampling")
