@@ -31,6 +31,7 @@ temporal patch covers, which equals qwen_vl_utils' value when the frames are eve
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections import Counter
 from collections.abc import Sequence
@@ -137,13 +138,21 @@ def shuffle_frames(pixel_values: Tensor, grid_thw: Tensor | Sequence[int], gener
 def shuffled_rollouts(policy: Policy, tokenizer: Any, requests: Sequence[RolloutRequest], cfg: Any, seed: int,
                       temporal_patch: int = 2) -> RolloutBatch:
     """T-GRPO (Video-R1): G answers to each request with its frames in a random order (`shuffle_frames`, one
-    permutation per request from a generator seeded `seed + 1`; sampling seeded `seed + 2`). The trainer passes
-    the canonical view of each question; rewards.step_rewards compares the answers' accuracy with the ordered
-    views' (the temporal bonus)."""
-    gen = torch.Generator().manual_seed(seed + 1)
+    permutation per request), each draw from a seed of its own derived from `seed` (`sub_seed`). The trainer
+    passes the canonical view of each question; rewards.step_rewards compares the answers' accuracy with the
+    ordered views' (the temporal bonus)."""
+    gen = torch.Generator().manual_seed(sub_seed(seed, "tgrpo/permutation"))
     shuffled = [replace(r, pixel_values=shuffle_frames(r.pixel_values, r.grid_thw, gen, temporal_patch)[0])
                 for r in requests]
-    return generate_rollouts(policy, tokenizer, shuffled, cfg, seed + 2)
+    return generate_rollouts(policy, tokenizer, shuffled, cfg, sub_seed(seed, "tgrpo/sampling"))
+
+
+def sub_seed(seed: int, purpose: str) -> int:
+    """A seed for a second use of a per-(step, rank) seed, hashed with the purpose: not another rank's or step's
+    own seed (T-GRPO's sampling seed was seed + 2, rank r + 2's: rank r's shuffled answers drew the sampling noise
+    of rank r + 2's ordered ones at the same step)."""
+    digest = hashlib.blake2b(f"{seed}/{purpose}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31 - 1)
 
 
 def _generation_config(cfg: Any, eos_ids: list[int], pad_id: int, output_logits: bool) -> Any:
