@@ -126,6 +126,12 @@ def all_reduce(value: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return value
 
 
+def all_agree(flag: bool) -> bool:
+    """True when `flag` is true on every rank: one choice for all ranks where each decides from numbers of its own
+    (uneven shards' sizes), for what changes the collectives every rank must run alike."""
+    return bool(all_reduce(torch.tensor([float(flag)]), "min").item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

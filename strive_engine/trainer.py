@@ -28,7 +28,8 @@ from strive_engine.keyframes import FrameScorer, build_scorer
 from strive_engine.metrics import StageTimer
 from strive_engine.model import build_model
 from strive_engine.optim import LRSchedule, TrainOptimizer
-from strive_engine.parallel import DistEnv, Root, apply_fsdp, gathers_once, reshard_all, unsharded_extra_bytes
+from strive_engine.parallel import (DistEnv, Root, all_agree, apply_fsdp, gathers_once, reshard_all,
+                                    unsharded_extra_bytes)
 from strive_engine.policy import Policy
 from strive_engine.recompute import Recompute
 from strive_engine.synthetic import ensure_synthetic
@@ -155,7 +156,8 @@ def build_trainer(cfg: Config, env: DistEnv) -> Trainer:
     # ---- the update's micro-batches: every weight gathered once per optimizer step where memory allows
     rec = policy.recompute
     extra = unsharded_extra_bytes(optim.params, env.world_size, rec.compute_bytes)
-    gather_once = gathers_once(cfg.parallel.accumulate_unsharded, env.world_size, extra, rec.budget)
+    # one choice for all ranks (uneven shards give them slightly different `extra`): the update's collectives differ
+    gather_once = all_agree(gathers_once(cfg.parallel.accumulate_unsharded, env.world_size, extra, rec.budget))
     log.info("update: %s (parallel.accumulate_unsharded=%s; whole weights and gradients %.2f GiB more per rank%s)",
              "weights gathered once per optimizer step" if gather_once else "FSDP2 gathers per micro-batch",
              cfg.parallel.accumulate_unsharded, extra / 2**30,

@@ -127,3 +127,16 @@ def test_recomputed_blocks_see_the_forwards_inputs_under_bf16(tmp_path, gloo_wor
     assert grads["true"].keys() == grads["false"].keys() and any("visual.blocks" in n for n in grads["true"])
     differ = [n for n in grads["false"] if not torch.equal(grads["false"][n], grads["true"][n])]
     assert not differ, differ
+
+
+def _agree(rank, out_dir):
+    return {"mixed": parallel.all_agree(rank == 0), "all": parallel.all_agree(True), "none": parallel.all_agree(False)}
+
+
+def test_ranks_agree_on_a_choice_only_when_every_rank_makes_it(tmp_path):
+    """all_agree (gloo, two ranks): the update's gather-once choice, made per rank from its own shard sizes, is one
+    choice for all ranks: true only where every rank says true."""
+    from sharded import run_ranks
+
+    got = run_ranks(_agree, tmp_path)
+    assert got == [{"mixed": False, "all": True, "none": False}] * 2

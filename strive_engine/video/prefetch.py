@@ -26,7 +26,11 @@ the worker inside `decode_fn` (it is a daemon thread and exits when that call re
 
 CUDA. With CUDA initialised, `decode_fn` runs on the stream that was current when the Prefetcher was built
 (the trainer's stream), so the device work it queues (DALI's DLPack waits, host-to-device copies) is ordered
-before everything the trainer later issues on that stream: no cross-stream hazards on the frames.
+before everything the trainer later issues on that stream: no cross-stream hazards on the frames. Sources that
+decode in threads of their own (PyAV with workers > 1, NVDEC, the router's PyAV share) queue their copies and
+allocate their frames on the device's default stream, a new thread's current one: that is safe while the trainer
+runs on the default stream, as `strive_engine.train` does. A trainer on a side stream would need those threads to
+adopt its stream (or the frames' `record_stream`): not done.
 """
 from __future__ import annotations
 
