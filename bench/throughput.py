@@ -471,7 +471,7 @@ def explain(cfg, env, rows, stage_work, wall, steps, shape, ceilings, peak, ckpt
             mfu[f"{s}_PT"] = factor * shape.params * tok / sec / peak_flops
             mfu[f"{s}_model"] = stages[s].get("fraction", 0.0)
     gen = sum(r["rollout/gen_tokens"] for r in rows)
-    trained = sum(r.get("loss/num_tokens", 0.0) for r in rows) * cfg.algorithm.ppo_epochs
+    trained = sum(r.get("update/tokens", 0.0) for r in rows)  # every update of the step, every rank
     forwarded = sum(r.get("rollout/seq_tokens", 0) for r in rows) * cfg.algorithm.ppo_epochs
     ro_secs = [r.get("time/rollout", 0.0) for r in rows]
     out = {"recipe_args": argv, "steps": steps, "step_s": step_s, "step_s_mean": wall / steps,

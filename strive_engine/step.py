@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from strive_engine.advantage import compute_advantages, dynamic_sampling_keep
+from strive_engine.advantage import (advantage_sums, compute_advantages, dynamic_sampling_keep, empty_advantage_sums,
+                                     metrics_from_sums)
 from strive_engine.config import AlgorithmConfig
 from strive_engine.parallel import all_reduce, unsharded
 from strive_engine.pipeline import DecodedBatch, decode_batch, prepare_batch
@@ -69,23 +70,29 @@ def _ref_phase(t: Trainer, rb: RolloutBatch) -> torch.Tensor:
 def _advantages(rew: RewardOutput, valid: torch.Tensor, algo: AlgorithmConfig
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """(B, K, G) advantages over the valid questions (0 elsewhere), (B, K, G) rows kept for the update (valid,
-    minus DAPO's dynamically dropped groups), and the advantage metrics."""
+    minus DAPO's dynamically dropped groups), and the advantage metrics, global over ranks: every key of
+    advantage.py's metrics on every step, from the counts and sums of every rank's valid questions
+    (`advantage_sums`, one all-reduce: a collective, so every rank calls this each step), 0 where no rank has
+    a valid question. Advantages themselves stay per rank (groups never span ranks)."""
     B, K, G = rew.reward.shape
     adv = torch.zeros(B, K, G)
     keep = valid.view(B, 1, 1).expand(B, K, G).clone()
-    metrics: dict[str, float] = {}
+    sums = empty_advantage_sums(rew.reward.device)
     if bool(valid.any()):
         res = compute_advantages(rew.reward[valid], algo.advantage_mode, algo.adv_eps)
         adv[valid] = res.advantages.float()
-        metrics = res.metrics
+        sums = advantage_sums(rew.reward[valid], res)
         if algo.dynamic_sampling:
             keep[valid] = dynamic_sampling_keep(rew.accuracy[valid], algo.advantage_mode)
-    return adv, keep, metrics
+    return adv, keep, metrics_from_sums(all_reduce(sums))
 
 
 def rl_step(t: Trainer, step: int, batches: Prefetcher | None = None) -> dict[str, Any]:
     """One step on the next batch of `batches` (the run's prefetcher over t.loader; None: the loader's next batch,
-    decoded here). Returns the step's metrics, global over ranks."""
+    decoded here). Returns the step's metrics, global over ranks (the same numbers on every rank) except time/*,
+    rollout/engine_* and memory/*, which are this rank's: reward/*, rollout/*, data/* (`_global_stats`); adv/*
+    (every key of advantage.py's metrics on every step, over every rank's valid questions: `_advantages`); loss,
+    loss/*, grad_norm, update/micro_batches (update.policy_update says what each means)."""
     cfg, env = t.cfg, t.env
     K, G = cfg.variants.num_variants, cfg.rollout.num_generations
     t0 = time.perf_counter()

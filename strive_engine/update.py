@@ -6,7 +6,8 @@
 N is the number of scored completion tokens, packed row-major as `PolicyInputs.targets()` packs them. Call both
 inside the FSDP2 root (`t.root(fn)`, or through `t.root(policy, ...)` as the update does). Every rank makes the same
 sequence of calls into the sharded policy whatever its data: micro-batch counts are agreed with an all-reduce(max),
-and a rank with nothing to train on runs a zero-weight micro-batch instead of skipping it.
+and a rank with nothing to train on runs a zero-weight micro-batch instead of skipping it (left out of the loss/*
+statistics, which are token-weighted over every rank: `LossStats`).
 """
 from __future__ import annotations
 
@@ -106,12 +107,67 @@ def _micro_batches(t: Trainer, rb: RolloutBatch, rows: Tensor) -> list[Tensor]:
     return parts if parts is not None else [rows] if rows.numel() else []
 
 
+class LossStats:
+    """The update's loss/* statistics, global over ranks. `add` takes each micro-batch's `policy_loss` stats
+    (0-d device tensors; padding passes, which have no rows or no scored token, are left out) and keeps, on the
+    device with no host sync, per key of `keys` (a fixed order: every rank's vector lines up) the token-weighted
+    sum stat x num_tokens, and the token count; the host counts the real micro-batches. `sums()` is this rank's
+    vector, to all-reduce; `metrics(summed, loss)` the logged values:
+        loss/clip_frac, clip_frac_low, clip_frac_high, entropy, kl (kl with a reference policy only): means over
+            every scored token of every real micro-batch of every update on every rank (token-weighted)
+        loss/num_tokens   scored tokens per real micro-batch, over every rank
+        update/tokens     scored tokens trained in this step: every update (epochs x mini-batches), every rank
+        loss/loss         the update's loss as `policy_update`'s "loss" (a micro-batch's own loss is a share of
+                          its mini-batch's, whose mean says nothing)
+    A key without any token anywhere is 0.0 (a rank without any real micro-batch adds zeros)."""
+
+    MEANS = ("clip_frac", "clip_frac_low", "clip_frac_high", "entropy")
+
+    def __init__(self, with_kl: bool):
+        self.keys = tuple(sorted(self.MEANS + (("kl",) if with_kl else ())))
+        self._acc: Tensor | None = None  # (len(keys) + 1,) float64 on the stats' device: sums x tokens, tokens
+        self.micro_batches = 0
+
+    def add(self, stats: dict[str, Tensor], real: bool) -> None:
+        if not real:
+            return
+        n = stats["num_tokens"].detach().double()
+        v = torch.stack([stats[k].detach().double() * n for k in self.keys] + [n])
+        self._acc = v if self._acc is None else self._acc + v
+        self.micro_batches += 1
+
+    def sums(self) -> Tensor:
+        """(len(keys) + 2,) float64 on the host: this rank's sum of stat x tokens per key, tokens, real
+        micro-batches."""
+        acc = self._acc.cpu() if self._acc is not None else torch.zeros(len(self.keys) + 1, dtype=torch.float64)
+        return torch.cat([acc, torch.tensor([float(self.micro_batches)], dtype=torch.float64)])
+
+    def metrics(self, summed: Tensor, loss: float) -> dict[str, float]:
+        """loss/* from `sums()` summed over the ranks, and the update's global loss."""
+        s = summed.tolist()
+        tokens, micro = s[-2], s[-1]
+        means = {k: (v / tokens if tokens > 0 else 0.0) for k, v in zip(self.keys, s)}
+        out = {"loss/loss": loss, **{f"loss/{k}": means[k] for k in self.MEANS},
+               "loss/num_tokens": tokens / micro if micro > 0 else 0.0, "update/tokens": tokens}
+        if "kl" in means:
+            out["loss/kl"] = means["kl"]
+        return out
+
+
 def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv: Tensor, row_keep: Tensor,
                   ref_logp: Tensor | None = None) -> dict:
     """algorithm.ppo_epochs x algorithm.minibatches optimizer steps over the kept rows (row_keep (M,) bool) with
     per-row advantages row_adv (M,), each mini-batch in micro-batches (`_micro_batches`: parallel.micro_batch_size
-    rows, or sized by memory). Times "update" (forward + backward) and "optimizer"; returns the update's metrics
-    (global over ranks).
+    rows, or sized by memory). Times "update" (forward + backward) and "optimizer"; returns the update's metrics,
+    global over ranks (the same on every rank):
+        loss                  the mini-batch loss over all ranks, averaged over the optimizer steps
+        loss/*                `LossStats`: token-weighted over every rank's real micro-batches (padding passes,
+                              which a rank with fewer micro-batches than its peers runs, are left out)
+        grad_norm             the global gradient norm, averaged over the optimizer steps
+        update/micro_batches  micro-batches per optimizer step (the all-reduced max: padding passes included)
+        rollout/logp_mismatch_*  on-policy only (`logp_mismatch`)
+    and memory/* (this rank's recompute plan, if any). The per-update losses and the loss statistics are summed
+    over ranks in one all-reduce at the end.
     old_logp None (`on_policy`): each micro-batch's old log-probs are its own forward's, detached (the log-prob
     head once more without grad, instead of a whole forward of the model); the rollout/trainer mismatch is then
     measured here, over the trained rows."""
@@ -122,7 +178,8 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
     samp_all = rb.sampling_logprobs[rb.completion_mask.bool()] \
         if old_logp is None and rb.sampling_logprobs is not None else None      # (N,) packed as old_logp
     gaps: list[Tensor] = []
-    update_losses, stats_acc, grad_norms, skipped, micro_counts = [], {}, [], 0, []
+    update_losses, grad_norms, skipped, micro_counts = [], [], 0, []
+    loss_stats = LossStats(with_kl=ref_logp is not None)  # kl: the same on every rank (config)
     recompute = getattr(t.policy, "recompute", None)      # strive_engine.recompute: which layers are recomputed
     if recompute is not None:
         recompute.reset()                                  # its metrics: this update's forwards only
@@ -153,22 +210,23 @@ def policy_update(t: Trainer, rb: RolloutBatch, old_logp: Tensor | None, row_adv
                     if gap is not None:
                         gaps.append(gap)
                     micro_losses.append(loss.detach())
-                    for k, v in stats.items():
-                        stats_acc.setdefault(k, []).append(v.detach().float())
+                    loss_stats.add(stats, real=rows.numel() > 0 and int(counts[rows].sum()) > 0)  # host counts
             with t.timer("optimizer"):
                 loss_sum = torch.stack(micro_losses).sum()  # this rank's (scaled) share of the mini-batch loss
                 gn, ok = t.optim.step(loss_sum)
             update_losses.append(loss_sum)
             skipped += 0 if ok else 1
             grad_norms.append(float(gn))
-    # loss.py's convention: a rank's loss is world_size x its share, so the global loss is the mean over ranks.
-    per_update = all_reduce(torch.stack(update_losses).float()) / t.env.world_size  # (updates,)
+    # One all-reduce: the per-update losses, then the loss statistics' sums. loss.py's convention: a rank's loss
+    # is world_size x its share, so the global loss is the mean over ranks.
+    n_up = len(update_losses)
+    summed = all_reduce(torch.cat([torch.stack(update_losses).double().cpu(), loss_stats.sums()]))
+    per_update = summed[:n_up].float() / t.env.world_size  # (updates,)
     out = {"loss": float(per_update.mean()),
            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
            "nonfinite_skipped_updates": skipped, "nonfinite_skipped_total": t.optim.nonfinite_skips,
            "update/micro_batches": sum(micro_counts) / max(len(micro_counts), 1)}
-    for k, v in stats_acc.items():
-        out[f"loss/{k}"] = float(torch.stack(v).mean())
+    out.update(loss_stats.metrics(summed[n_up:], out["loss"]))
     if samp_all is not None:
         out.update(logp_mismatch(torch.cat(gaps) if gaps else samp_all[:0]))
     if recompute is not None:
