@@ -5,8 +5,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_failed_checkpoint_save_keeps_the_timed_steps(monkeypatch):
-    """The checkpoint save is timed after the steps: if it raises (async DCP on CUDA did on 2026-12-04), the record
-    names the error and keeps everything else; the stage table says the save failed."""
+    """The checkpoint save is timed after the steps: if it raises (async DCP on CUDA did on 2026-12-04), the save's
+    entry names the error instead of the exception ending the run (and taking the timed steps with it)."""
     import importlib
     import types
 
